@@ -99,7 +99,7 @@ def check_view(view: str) -> str:
 
 
 def resize_image(image: np.ndarray | torch.Tensor, geometry: Geometry) -> torch.Tensor:
-    """Resize an HxWx3 uint8 RGB image to the geometry's size; returns float32 (3, h, w) in [0, 255].
+    """Resize an HxWx3 uint8 RGB image to the geometry size: float32 (3, h, w) in [0, 255].
 
     Bilinear, ``align_corners=False``, no antialiasing (like cv2.INTER_LINEAR in MMDetection).
     """
