@@ -6,7 +6,6 @@ their commands with ``@app.command()``; they stay thin wrappers over library fun
 
 from __future__ import annotations
 
-import json
 import os
 import tomllib
 from pathlib import Path
@@ -84,25 +83,9 @@ ConfigOption = typer.Option(
 
 def write_config(out_dir: Path, options: dict[str, Any], command: str) -> Path:
     """Write the resolved options of ``command`` to ``out_dir/config.json`` (atomically)."""
-    from dfmsd_cli.utils.io import atomic_write_text
+    from dfmsd_cli.engine.rundir import write_config as _write
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    payload = {"command": command, "options": _jsonable(options)}
-    path = out_dir / "config.json"
-    atomic_write_text(path, json.dumps(payload, indent=2) + "\n")
-    return path
-
-
-def _jsonable(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, Path):
-        return str(obj)
-    if isinstance(obj, (str, int, float, bool)) or obj is None:
-        return obj
-    return str(obj)
+    return _write(out_dir, options, command)
 
 
 def parse_int_list(text: str, what: str) -> list[int]:

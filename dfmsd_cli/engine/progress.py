@@ -1,0 +1,83 @@
+"""Rich progress bars with ETA and live loss parts, and the ``metrics.jsonl`` log."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+
+console = Console(stderr=True)
+
+
+def make_progress(disable: bool = False) -> Progress:
+    """A progress bar showing done/total, elapsed, ETA and a ``{task.fields[info]}`` text."""
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("eta"),
+        TimeRemainingColumn(),
+        TextColumn("{task.fields[info]}"),
+        console=console,
+        disable=disable,
+        transient=False,
+    )
+
+
+def format_losses(values: dict[str, float], limit: int = 6) -> str:
+    parts = [f"{k.removeprefix('loss_')}={v:.3f}" for k, v in list(values.items())[:limit]]
+    return " ".join(parts)
+
+
+class MetricsLog:
+    """Append-only JSON-lines log; each record gets a wall-clock timestamp."""
+
+    def __init__(self, path: Path, enabled: bool = True) -> None:
+        self.path = Path(path)
+        self.enabled = enabled
+
+    def write(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        rec = {"time": round(time.time(), 3), **record}
+        with self.path.open("a") as f:
+            f.write(json.dumps(rec, default=_json_default) + "\n")
+
+    def read(self) -> list[dict[str, Any]]:
+        if not self.path.exists():
+            return []
+        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return str(obj)
+    return str(obj)
+
+
+class RunningMean:
+    """Smoothed loss values for the progress bar (mean over the last ``window`` updates)."""
+
+    def __init__(self, window: int = 20) -> None:
+        self.window = window
+        self.values: dict[str, list[float]] = {}
+
+    def update(self, values: dict[str, float]) -> dict[str, float]:
+        for k, v in values.items():
+            buf = self.values.setdefault(k, [])
+            buf.append(v)
+            del buf[: -self.window]
+        return {k: sum(v) / len(v) for k, v in self.values.items()}

@@ -1,0 +1,95 @@
+"""Output folders: never silently mix two runs in one folder."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+from dfmsd_cli.errors import UserError
+
+RUN_FILES = ("config.json", "last.pth", "metrics.jsonl")
+
+
+def prepare_run_dir(
+    out: Path, command: str, identity: dict[str, Any], resume: bool, overwrite: bool
+) -> bool:
+    """Check ``out`` before a run writes into it; returns True when a checkpoint will be resumed.
+
+    ``identity`` holds the options that define the run (model, data, ...). A folder that
+    already holds a run is refused unless ``resume`` (same identity) or ``overwrite``.
+    """
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file: pass a folder path")
+    cfg_path = out / "config.json"
+    has_run = out.is_dir() and any((out / f).exists() for f in RUN_FILES)
+    if not has_run:
+        return False
+    if overwrite:
+        for child in out.iterdir():
+            if child.is_dir():
+                shutil.rmtree(child)
+            else:
+                child.unlink()
+        return False
+    if not resume:
+        raise UserError(
+            f"{out} already holds a run: pass --resume to continue it, --overwrite to replace it, "
+            "or choose another --out"
+        )
+    if cfg_path.is_file():
+        try:
+            old = json.loads(cfg_path.read_text())
+        except json.JSONDecodeError:
+            old = {}
+        if old.get("command") not in (None, command):
+            raise UserError(
+                f"{out} holds a '{old.get('command')}' run, not '{command}': "
+                "choose another --out or pass --overwrite"
+            )
+        old_opts = old.get("options", {})
+        diffs = [
+            f"{k}={old_opts.get(k)!r} (now {v!r})"
+            for k, v in identity.items()
+            if k in old_opts and _norm(old_opts[k]) != _norm(v)
+        ]
+        if diffs:
+            raise UserError(
+                f"{out} holds a different run ({'; '.join(diffs)}): "
+                "choose another --out or pass --overwrite"
+            )
+    return (out / "last.pth").is_file()
+
+
+def _norm(v: Any) -> Any:
+    if isinstance(v, (list, tuple)):
+        return [_norm(x) for x in v]
+    if isinstance(v, Path):
+        return str(v)
+    return v
+
+
+def write_config(out: Path, options: dict[str, Any], command: str) -> Path:
+    """Write the resolved options of ``command`` to ``out/config.json`` (atomically)."""
+    from dfmsd_cli.utils.io import atomic_write_text
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "config.json"
+    payload = {"command": command, "options": _jsonable(options)}
+    atomic_write_text(path, json.dumps(payload, indent=2) + "\n")
+    return path
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, Path):
+        return str(obj)
+    if isinstance(obj, (str, int, float, bool)) or obj is None:
+        return obj
+    return str(obj)
