@@ -1,0 +1,40 @@
+"""Feature-distillation losses on FPN maps ``{stride: (B, C, H, W)}`` (see docs/method.md)."""
+
+from dfmsd_cli.distill.losses.common import (
+    MASK_RULES,
+    GenerationBlock,
+    SEBlock,
+    channel_attention,
+    generation_loss,
+    match_levels,
+    raw_statistics,
+    select_fraction,
+    spatial_attention,
+)
+from dfmsd_cli.distill.losses.dual_masking import DualMaskingLevel, DualMaskingLoss, dual_masks
+from dfmsd_cli.distill.losses.fgd import FGDLevel, FGDLoss, foreground_background_masks
+from dfmsd_cli.distill.losses.mgd import MGDLevel, MGDLoss
+from dfmsd_cli.distill.losses.sfa import SFALevel, SFALoss, pkd_level_loss
+
+__all__ = [
+    "MASK_RULES",
+    "DualMaskingLevel",
+    "DualMaskingLoss",
+    "FGDLevel",
+    "FGDLoss",
+    "GenerationBlock",
+    "MGDLevel",
+    "MGDLoss",
+    "SEBlock",
+    "SFALevel",
+    "SFALoss",
+    "channel_attention",
+    "dual_masks",
+    "foreground_background_masks",
+    "generation_loss",
+    "match_levels",
+    "pkd_level_loss",
+    "raw_statistics",
+    "select_fraction",
+    "spatial_attention",
+]
