@@ -1,0 +1,84 @@
+"""Store quantisation: float16 with a range check, uint8 per-image per-channel affine.
+
+float16 (default): values are cast; |x| > 65504 (float16 max) or a non-finite value raises
+``FeatureRangeError`` instead of silently writing inf (FPN outputs of real detectors stay far
+below it, but a diverged teacher does not).
+
+uint8: for one image and channel c, over the valid positions,
+``lo_c = min x``, ``scale_c = (max x - lo_c) / 255`` and ``q = round((x - lo_c) / scale_c)``;
+decoding is ``x ≈ q * scale_c + lo_c`` with error ≤ scale_c / 2 (RMSE ≈ scale_c / sqrt(12) for a
+uniform residual). A per-channel scale avoids the 4 % error of one global scale measured in
+``notes/feature-store.md``; a per-image scale follows each image's activation range.
+A constant channel gets scale 0 and decodes exactly to lo_c.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from dfmsd_cli.errors import UserError
+
+FLOAT16_MAX = 65504.0
+
+
+class FeatureRangeError(UserError):
+    """Teacher features cannot be stored in the requested dtype (overflow or NaN/inf)."""
+
+
+def check_finite_range(x: torch.Tensor, what: str, limit: float | None = FLOAT16_MAX) -> None:
+    """Raise FeatureRangeError if ``x`` holds NaN/inf or, with ``limit``, values beyond ±limit."""
+    if not torch.isfinite(x).all():
+        raise FeatureRangeError(
+            f"teacher features of {what} contain NaN or inf: check the teacher weights "
+            "(dfmsd eval) before precomputing"
+        )
+    if limit is not None and x.numel():
+        peak = float(x.abs().max())
+        if peak > limit:
+            raise FeatureRangeError(
+                f"teacher features of {what} reach |x| = {peak:.4g}, beyond float16's {limit:g}: "
+                "use --dtype uint8 (per-channel affine scales) for this teacher"
+            )
+
+
+def to_float16(x: torch.Tensor, what: str = "an image") -> np.ndarray:
+    """Cast a float32 map to float16 after the range check (never writes inf)."""
+    check_finite_range(x, what)
+    return x.to(torch.float16).cpu().numpy()
+
+
+def quantize_uint8(x: torch.Tensor, what: str = "an image") -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel affine uint8 of a (C, h, w) map: returns (q uint8 (C,h,w), params (C,2)).
+
+    ``params[:, 0]`` is the scale, ``params[:, 1]`` the offset (channel minimum), float32.
+    """
+    check_finite_range(x, what, limit=None)
+    x = x.float()
+    flat = x.reshape(x.shape[0], -1)
+    lo = flat.min(dim=1).values
+    hi = flat.max(dim=1).values
+    scale = (hi - lo) / 255.0
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    q = torch.round((x - lo[:, None, None]) / safe[:, None, None]).clamp_(0, 255)
+    q = torch.where(scale[:, None, None] > 0, q, torch.zeros_like(q)).to(torch.uint8)
+    params = torch.stack([scale, lo], dim=1).to(torch.float32)
+    return q.cpu().numpy(), params.cpu().numpy()
+
+
+def dequantize_uint8(
+    q: np.ndarray | torch.Tensor, params: np.ndarray | torch.Tensor
+) -> torch.Tensor:
+    """Inverse of ``quantize_uint8``: float32 ``q * scale + offset`` per channel (C first)."""
+    q = torch.as_tensor(q)
+    p = torch.as_tensor(params, dtype=torch.float32)
+    shape = (-1,) + (1,) * (q.ndim - 1)
+    return q.to(torch.float32) * p[:, 0].view(shape) + p[:, 1].view(shape)
+
+
+def relative_rmse(approx: torch.Tensor, exact: torch.Tensor) -> float:
+    """RMSE(approx - exact) / RMS(exact), the store's reported quantisation error."""
+    exact = exact.double()
+    err = (approx.double() - exact).pow(2).mean().sqrt()
+    ref = exact.pow(2).mean().sqrt()
+    return float(err / ref) if float(ref) > 0 else float(err)

@@ -1,0 +1,322 @@
+"""Reading the teacher-feature store: ``TeacherStore`` and ``collate_teacher`` (the distill API).
+
+::
+
+    store = TeacherStore.open("cache/retina_r50/train2017.zarr")
+    store.meta.teacher, store.meta.strides, store.meta.views, store.meta.image_ids, ...
+    t = store.get(index, "orig")          # one image, one view
+    t["features"][8]     -> float32 (C, h_8, w_8)   un-transposed, the image's own padded size
+    t["valid"][8]        -> (h_8, w_8) = (ceil(H/8), ceil(W/8)), (H, W) = own padded size
+    t["att_spatial"][8]  -> float32 (h_8, w_8)  mean_c |F|       (raw, no softmax/temperature)
+    t["att_channel"][8]  -> float32 (C,)        mean_{h,w} |F|   over the valid positions
+    t["boxes"] (k,4) xyxy, t["scores"] (k,), t["labels"] (k,) 1..K: top-K teacher detections
+    t["area_ratio"]      -> float, t["enhance"] -> dict for the "me" view, else None
+    batch = collate_teacher([t0, t1, ...], batch_hw=(H, W))   # the student's padded batch size
+    batch["features"][8] -> (B, C, ceil(H/8), ceil(W/8)) zero-padded; batch["valid"][8] -> bool
+
+Exactness: each image's maps are the teacher's output at the image's own padded size (precompute
+batches only images of equal padded shape). In a student batch padded to a larger (H, W) the
+teacher maps are zero-padded and ``valid`` marks where teacher features exist; losses should
+only count valid positions.
+
+The store opens lazily: a ``TeacherStore`` pickles as its path, so DataLoader workers (fork,
+spawn or forkserver) each open their own handle on first use; fsspec URLs work where the
+backend (e.g. s3fs) is installed.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import zarr
+
+from dfmsd_cli.data.geometry import Geometry
+from dfmsd_cli.errors import UserError, suggest
+from dfmsd_cli.store import schema
+from dfmsd_cli.store.quantize import dequantize_uint8
+
+ENHANCE_KINDS = {0: "none", 1: "noise", 2: "crop"}
+
+
+@dataclass
+class StoreMeta:
+    """The store's attributes, typed. ``attrs`` is the raw attribute dict."""
+
+    path: str
+    teacher: str
+    split: str
+    num_images: int
+    geometry: Geometry
+    strides: tuple[int, ...]
+    channels: int
+    views: tuple[str, ...]
+    dtype: str
+    topk: int
+    score_thr: float
+    block: int
+    enhance: dict | None
+    num_classes: int
+    fingerprints: dict[str, str]
+    image_ids: list[int] = field(repr=False)
+    attrs: dict = field(repr=False)
+
+
+def open_group(path: str | os.PathLike, mode: str = "r") -> zarr.Group:
+    """Open a store group with a clear error when ``path`` holds none."""
+    path = str(path)
+    try:
+        group = zarr.open_group(path, mode=mode)
+    except (FileNotFoundError, zarr.errors.GroupNotFoundError) as exc:
+        raise UserError(
+            f"no teacher store at {path}: run 'dfmsd precompute' for this teacher and split first"
+        ) from exc
+    if schema.ATTR_KEY not in dict(group.attrs):
+        raise UserError(f"{path} is not a dfmsd teacher store (no '{schema.ATTR_KEY}' attribute)")
+    return group
+
+
+class TeacherStore:
+    """Read access to one teacher's store (one split). Pickles as its path (lazy reopen)."""
+
+    def __init__(self, path: str | os.PathLike, mode: str = "r"):
+        self.path = str(path)
+        self.mode = mode
+        self._group: zarr.Group | None = None
+        self._arrays: dict[str, zarr.Array] = {}
+        self._small: dict[str, np.ndarray] | None = None
+        a = dict(self.group.attrs)[schema.ATTR_KEY]
+        if a.get("schema_version") != schema.SCHEMA_VERSION:
+            raise UserError(
+                f"store {self.path} has schema version {a.get('schema_version')}, this dfmsd "
+                f"reads {schema.SCHEMA_VERSION}: precompute it again with this version"
+            )
+        self.meta = StoreMeta(
+            path=self.path,
+            teacher=a["teacher"],
+            split=a["dataset"]["split"],
+            num_images=int(a["dataset"]["num_images"]),
+            geometry=Geometry.from_dict(a["geometry"]),
+            strides=tuple(int(s) for s in a["strides"]),
+            channels=int(a["channels"]),
+            views=tuple(a["views"]),
+            dtype=a["dtype"],
+            topk=int(a["topk"]),
+            score_thr=float(a["score_thr"]),
+            block=int(a["block"]),
+            enhance=a.get("enhance"),
+            num_classes=int(a.get("num_classes", 0)),
+            fingerprints={
+                "weights_sha256": a["weights"]["sha256"],
+                "ann_sha256": a["dataset"]["ann_sha256"],
+                "image_ids_sha256": a["dataset"]["image_ids_sha256"],
+            },
+            image_ids=[int(x) for x in self._array("image_ids")[:]],
+            attrs=a,
+        )
+
+    @classmethod
+    def open(cls, path: str | os.PathLike, mode: str = "r") -> TeacherStore:
+        return cls(path, mode)
+
+    # -- lazy handles (re-created in each worker process after unpickling)
+    @property
+    def group(self) -> zarr.Group:
+        if self._group is None:
+            self._group = open_group(self.path, self.mode)
+        return self._group
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state.update(_group=None, _arrays={}, _small=None)
+        return state
+
+    def _array(self, name: str) -> zarr.Array:
+        if name not in self._arrays:
+            self._arrays[name] = self.group[name]
+        return self._arrays[name]
+
+    def __len__(self) -> int:
+        return self.meta.num_images
+
+    # -- small per-image arrays, loaded once per process
+    def small(self) -> dict[str, np.ndarray]:
+        if self._small is None:
+            names = ["done", "pad_size", "size", "transposed"] + [
+                f"valid/{s}" for s in self.meta.strides
+            ]
+            self._small = {n: np.asarray(self._array(n)[:]) for n in names}
+        return self._small
+
+    def refresh(self) -> None:
+        """Forget cached markers and sizes (another process may have written more images)."""
+        self._small = None
+
+    def done(self) -> np.ndarray:
+        """(N,) uint8 completion markers: 0 pending, 1 complete, 2 unreadable image."""
+        return self.small()["done"]
+
+    def complete_indices(self) -> np.ndarray:
+        return np.flatnonzero(self.done() == schema.DONE_OK)
+
+    def check(self, **wanted: Any) -> None:
+        """Raise a UserError naming every difference between the store and what a caller needs.
+
+        Keys: ``image_ids``, ``ann_sha256``, ``geometry`` (Geometry or dict), ``weights_sha256``,
+        ``strides`` (the store must hold all of them), ``views`` (likewise), ``split``, ``teacher``.
+        """
+        diffs: list[str] = []
+        exp: dict = {}
+        if "image_ids" in wanted:
+            exp.setdefault("dataset", {})["image_ids_sha256"] = schema.image_ids_sha256(
+                wanted["image_ids"]
+            )
+            exp["dataset"]["num_images"] = len(wanted["image_ids"])
+        if "ann_sha256" in wanted:
+            exp.setdefault("dataset", {})["ann_sha256"] = wanted["ann_sha256"]
+        if "split" in wanted:
+            exp.setdefault("dataset", {})["split"] = wanted["split"]
+        if "geometry" in wanted:
+            g = wanted["geometry"]
+            exp["geometry"] = g.to_dict() if isinstance(g, Geometry) else dict(g)
+        if "weights_sha256" in wanted:
+            exp["weights"] = {"sha256": wanted["weights_sha256"]}
+        if "teacher" in wanted:
+            exp["teacher"] = wanted["teacher"]
+        diffs += schema.diff_attrs(self.meta.attrs, exp)
+        for key, have in (("strides", self.meta.strides), ("views", self.meta.views)):
+            missing = [x for x in wanted.get(key, ()) if x not in have]
+            if missing:
+                diffs.append(f"{key} {missing} not in the store (it has {list(have)})")
+        if diffs:
+            raise UserError(
+                f"teacher store {self.path} does not match ({'; '.join(diffs)}): precompute "
+                "the teacher for this dataset/geometry/weights, or point --cache at the right store"
+            )
+
+    # -- one image
+    def get(
+        self, index: int, view: str = "orig", strides: tuple[int, ...] | None = None
+    ) -> dict[str, Any]:
+        """Everything the store holds for image ``index`` and ``view`` (see the module doc)."""
+        m = self.meta
+        if view not in m.views:
+            raise UserError(
+                f"view '{view}' is not in store {self.path} (views: {', '.join(m.views)})"
+                f"{suggest(view, m.views)}: precompute it with --views"
+            )
+        sm = self.small()
+        if sm["done"][index] != schema.DONE_OK:
+            self.refresh()
+            sm = self.small()
+            if sm["done"][index] != schema.DONE_OK:
+                raise UserError(
+                    f"image {m.image_ids[index]} (index {index}) is not complete in store "
+                    f"{self.path}: finish it with 'dfmsd precompute' (it resumes)"
+                )
+        transposed = bool(sm["transposed"][index])
+        feats, att_s, att_c, valid = {}, {}, {}, {}
+        for s in strides or m.strides:
+            h, w = (int(x) for x in sm[f"valid/{s}"][index])
+            sh, sw = (w, h) if transposed else (h, w)
+            raw = np.asarray(self._array(f"feat/{view}/{s}")[index, :, :sh, :sw])
+            if m.dtype == "uint8":
+                f = dequantize_uint8(raw, self._array(f"qparams/{view}/{s}")[index])
+            else:
+                f = torch.from_numpy(raw.astype(np.float32))
+            sp = torch.from_numpy(np.asarray(self._array(f"att_s/{view}/{s}")[index, :sh, :sw]))
+            if transposed:
+                f, sp = f.transpose(-1, -2), sp.transpose(-1, -2)
+            feats[s], att_s[s], valid[s] = f.contiguous(), sp.contiguous(), (h, w)
+            att_c[s] = torch.from_numpy(np.asarray(self._array(f"att_c/{view}/{s}")[index]))
+        n = int(self._array(f"det/{view}/count")[index])
+        out: dict[str, Any] = {
+            "index": int(index),
+            "image_id": m.image_ids[index],
+            "view": view,
+            "size": tuple(int(x) for x in sm["size"][index]),
+            "pad_size": tuple(int(x) for x in sm["pad_size"][index]),
+            "features": feats,
+            "valid": valid,
+            "att_spatial": att_s,
+            "att_channel": att_c,
+            "boxes": torch.from_numpy(np.asarray(self._array(f"det/{view}/boxes")[index, :n])),
+            "scores": torch.from_numpy(np.asarray(self._array(f"det/{view}/scores")[index, :n])),
+            "labels": torch.from_numpy(
+                np.asarray(self._array(f"det/{view}/labels")[index, :n]).astype(np.int64)
+            ),
+            "area_ratio": float(self._array(f"area_ratio/{view}")[index]),
+            "enhance": self.enhance_params(index) if view == "me" else None,
+        }
+        return out
+
+    def enhance_params(self, index: int) -> dict:
+        """The stored ME choice of image ``index`` (see ``dfmsd_cli.data.enhance``)."""
+        from dfmsd_cli.data.enhance import EnhanceParams
+
+        p = np.asarray(self._array("enhance/params")[index], dtype=np.float64)
+        checksum = int(self._array("enhance/checksum")[index])
+        return EnhanceParams.from_array(p, checksum).to_dict()
+
+    def area_ratios(self, view: str = "orig") -> np.ndarray:
+        """(N,) candidate-box area ratios of every image (what ``--enhance-from`` reads)."""
+        return np.asarray(self._array(f"area_ratio/{view}")[:], dtype=np.float32)
+
+
+def collate_teacher(samples: list[dict], batch_hw: tuple[int, int]) -> dict[str, Any]:
+    """Batch ``TeacherStore.get`` results for a student batch of padded size ``batch_hw``.
+
+    For each stride s the maps are zero-padded to ``(ceil(H/s), ceil(W/s))`` — the size of the
+    student's FPN map of that batch — and ``valid[s]`` is True where the teacher map exists.
+    Returns ``features``, ``valid``, ``att_spatial`` ({s: (B, ...)}), ``att_channel``
+    ({s: (B, C)}), and per-image lists ``boxes``, ``scores``, ``labels``, ``enhance``, plus
+    ``area_ratio`` (B,), ``index``, ``image_id``, ``view``.
+    """
+    H, W = batch_hw
+    B = len(samples)
+    out: dict[str, Any] = {"features": {}, "valid": {}, "att_spatial": {}, "att_channel": {}}
+    for s in samples[0]["features"]:
+        hs, ws = math.ceil(H / s), math.ceil(W / s)
+        c = samples[0]["features"][s].shape[0]
+        feat = torch.zeros(B, c, hs, ws)
+        att = torch.zeros(B, hs, ws)
+        valid = torch.zeros(B, hs, ws, dtype=torch.bool)
+        for b, t in enumerate(samples):
+            h, w = t["valid"][s]
+            if h > hs or w > ws:
+                raise ValueError(
+                    f"teacher map {h}x{w} at stride {s} is larger than the batch map {hs}x{ws}: "
+                    "batch_hw must be the student's padded batch size"
+                )
+            feat[b, :, :h, :w] = t["features"][s]
+            att[b, :h, :w] = t["att_spatial"][s]
+            valid[b, :h, :w] = True
+        out["features"][s], out["att_spatial"][s], out["valid"][s] = feat, att, valid
+        out["att_channel"][s] = torch.stack([t["att_channel"][s] for t in samples])
+    for key in ("boxes", "scores", "labels", "enhance", "index", "image_id", "view"):
+        out[key] = [t[key] for t in samples]
+    out["area_ratio"] = torch.tensor([t["area_ratio"] for t in samples], dtype=torch.float32)
+    return out
+
+
+class StoreDataset(torch.utils.data.Dataset):
+    """(index, view) pairs of complete images read from a store, e.g. for a read benchmark.
+
+    Item k is image ``indices[k // len(views)]`` in view ``views[k % len(views)]``.
+    """
+
+    def __init__(self, store: TeacherStore | str, views: tuple[str, ...] = ("orig",), indices=None):
+        self.store = store if isinstance(store, TeacherStore) else TeacherStore.open(store)
+        self.views = tuple(views)
+        self.indices = np.asarray(indices) if indices is not None else self.store.complete_indices()
+
+    def __len__(self) -> int:
+        return len(self.indices) * len(self.views)
+
+    def __getitem__(self, k: int) -> dict:
+        i = int(self.indices[k // len(self.views)])
+        return self.store.get(i, self.views[k % len(self.views)])

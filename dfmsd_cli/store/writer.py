@@ -1,0 +1,372 @@
+"""Writing the teacher store: creation (once, atomically), per-image writes, a background writer.
+
+Creation pre-allocates every array at its final size N and writes the attributes once; writers
+never resize or rewrite metadata, so several processes (``--shard I/N``, torchrun ranks) can
+write disjoint block-aligned index ranges of one store concurrently. A local store is built in
+a temporary folder and renamed into place, so two processes starting together agree on one
+store (the loser opens the winner's and checks its fingerprints).
+
+Per image, ``StoreWriter.write`` stores every view and level, the attention statistics, the
+top-K detections, the area ratio and (ME view) the enhancement parameters, and only then the
+completion marker ``done[i] = 1``: a process killed at any moment leaves that image pending,
+never half-complete (zarr's local store writes each chunk to a temporary file and renames it).
+
+``BackgroundWriter`` runs ``StoreWriter.write`` in a thread fed by a bounded queue so the
+teacher's next forward pass overlaps quantisation, compression and IO (Zstd and numpy release
+the GIL); the queue bound keeps memory flat if the disk is slower than the teacher.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import queue
+import shutil
+import threading
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import zarr
+from zarr.codecs import ZstdCodec
+
+from dfmsd_cli.errors import UserError
+from dfmsd_cli.store import schema
+from dfmsd_cli.store.quantize import quantize_uint8, to_float16
+
+ZSTD_LEVEL = 3
+
+
+@dataclass
+class StoreSpec:
+    """Everything that defines a store; ``attrs()`` turns it into the group attribute."""
+
+    teacher: str
+    num_classes: int
+    weights_sha256: str
+    split: str
+    ann_sha256: str
+    image_ids: list[int]
+    geometry: dict
+    strides: list[int]
+    channels: int
+    dtype: str = "float16"
+    views: list[str] = field(default_factory=lambda: ["orig"])
+    block: int = 64
+    topk: int = 100
+    score_thr: float = 0.3
+    enhance: dict | None = None
+    weights_path: str | None = None
+    categories: list[dict] | None = None
+
+    def attrs(self) -> dict:
+        from dfmsd_cli import __version__
+
+        g = self.geometry
+        long_max, short_max = g["img_scale"]
+        div = g["pad_divisor"]
+        canvas = [-(-long_max // div) * div, -(-short_max // div) * div]
+        quant = (
+            {"kind": "float16", "note": "cast after a |x| <= 65504 and finiteness check"}
+            if self.dtype == "float16"
+            else {
+                "kind": "uint8-affine",
+                "per": "image,channel",
+                "params": "qparams (scale, offset)",
+            }
+        )
+        return {
+            "schema_version": schema.SCHEMA_VERSION,
+            "teacher": self.teacher,
+            "num_classes": int(self.num_classes),
+            "categories": self.categories,
+            "weights": {"path": self.weights_path, "sha256": self.weights_sha256},
+            "dataset": {
+                "split": self.split,
+                "ann_sha256": self.ann_sha256,
+                "image_ids_sha256": schema.image_ids_sha256(self.image_ids),
+                "num_images": len(self.image_ids),
+            },
+            "geometry": g,
+            "canvas": canvas,
+            "strides": [int(s) for s in self.strides],
+            "channels": int(self.channels),
+            "level_shapes": {
+                str(s): list(schema.level_shape((canvas[0], canvas[1]), s)) for s in self.strides
+            },
+            "dtype": self.dtype,
+            "quantization": quant,
+            "codec": {"name": "zstd", "level": ZSTD_LEVEL},
+            "views": list(self.views),
+            "block": int(self.block),
+            "topk": int(self.topk),
+            "score_thr": float(self.score_thr),
+            "enhance": self.enhance,
+            "dfmsd_version": __version__,
+            "torch": torch.__version__,
+            "zarr": zarr.__version__,
+            "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+        }
+
+
+def _is_remote(path: str) -> bool:
+    return "://" in str(path)
+
+
+def store_exists(path: str | os.PathLike) -> bool:
+    if _is_remote(str(path)):
+        try:
+            zarr.open_group(str(path), mode="r")
+            return True
+        except Exception:  # noqa: BLE001 - any backend error means "not there"
+            return False
+    return (Path(path) / "zarr.json").is_file()
+
+
+def _allocate(group: zarr.Group, a: dict, image_ids: list[int]) -> None:
+    """Create every array at its final size; write image_ids."""
+    n, c, b, k = len(image_ids), a["channels"], a["block"], a["topk"]
+    zstd = ZstdCodec(level=ZSTD_LEVEL)
+
+    def arr(name: str, shape: tuple, chunks: tuple, dtype: str) -> zarr.Array:
+        return group.create_array(
+            name, shape=shape, chunks=chunks, dtype=dtype, compressors=zstd, fill_value=0
+        )
+
+    ids = arr("image_ids", (n,), (max(1, min(n, 1 << 16)),), "int64")
+    ids[:] = np.asarray(image_ids, dtype=np.int64)
+    arr("done", (n,), (b,), "uint8")
+    arr("pad_size", (n, 2), (b, 2), "int32")
+    arr("size", (n, 2), (b, 2), "int32")
+    arr("transposed", (n,), (b,), "bool")
+    for s in a["strides"]:
+        hc, wc = a["level_shapes"][str(s)]
+        arr(f"valid/{s}", (n, 2), (b, 2), "int32")
+        for v in a["views"]:
+            arr(f"feat/{v}/{s}", (n, c, hc, wc), (1, c, hc, wc), a["dtype"])
+            if a["dtype"] == "uint8":
+                arr(f"qparams/{v}/{s}", (n, c, 2), (b, c, 2), "float32")
+            arr(f"att_s/{v}/{s}", (n, hc, wc), (1, hc, wc), "float32")
+            arr(f"att_c/{v}/{s}", (n, c), (b, c), "float32")
+    for v in a["views"]:
+        arr(f"det/{v}/boxes", (n, k, 4), (b, k, 4), "float32")
+        arr(f"det/{v}/scores", (n, k), (b, k), "float32")
+        arr(f"det/{v}/labels", (n, k), (b, k), "int32")
+        arr(f"det/{v}/count", (n,), (b,), "int32")
+        arr(f"area_ratio/{v}", (n,), (b,), "float32")
+    if "me" in a["views"]:
+        arr("enhance/params", (n, 7), (b, 7), "float64")
+        arr("enhance/checksum", (n,), (b,), "uint64")
+    group.attrs[schema.ATTR_KEY] = a
+
+
+def create_or_open(path: str | os.PathLike, spec: StoreSpec, fix: str) -> zarr.Group:
+    """Open the store at ``path`` (checking its fingerprints against ``spec``) or create it.
+
+    Creation of a local store is atomic (build in a temporary folder, then rename), so
+    concurrent shard processes end with one store. ``fix`` completes the mismatch message.
+    """
+    path = str(path)
+    wanted = spec.attrs()
+    if not store_exists(path):
+        if _is_remote(path):
+            group = zarr.open_group(path, mode="w-")
+            _allocate(group, wanted, spec.image_ids)
+        else:
+            target = Path(path)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tmp = target.parent / f".{target.name}.creating-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+            try:
+                _allocate(zarr.open_group(str(tmp), mode="w-"), wanted, spec.image_ids)
+                try:
+                    os.rename(tmp, target)
+                except OSError:  # another process created it first: use theirs
+                    pass
+            finally:
+                if tmp.exists():
+                    shutil.rmtree(tmp, ignore_errors=True)
+    group = zarr.open_group(path, mode="r+")
+    stored = dict(group.attrs).get(schema.ATTR_KEY)
+    if not isinstance(stored, dict):
+        raise UserError(f"{path} is not a dfmsd teacher store: choose another --cache folder")
+    schema.check_attrs(path, stored, wanted, fix)
+    return group
+
+
+# ---------------------------------------------------------------------------------- per image
+
+
+@dataclass
+class ViewResult:
+    """The teacher's output for one image and view, at the image's own padded size."""
+
+    features: dict[int, torch.Tensor]  # {stride: (C, h_s, w_s) float32}
+    boxes: torch.Tensor  # (n, 4) xyxy in resized + view coordinates
+    scores: torch.Tensor  # (n,)
+    labels: torch.Tensor  # (n,) 1..K
+
+
+@dataclass
+class ImageResult:
+    index: int
+    size: tuple[int, int]  # resized (h, w)
+    pad_size: tuple[int, int]  # own padded (H, W)
+    views: dict[str, ViewResult]
+    enhance: dict | None = None  # {"params": float64 (7,), "checksum": int}
+
+
+def attention_stats(f: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Raw attention statistics of a (C, h, w) map (FGD, yzd-v/FGD fgd.py, before softmax/T):
+    spatial ``mean_c |F|`` -> (h, w) and channel ``mean_{h,w} |F|`` -> (C,)."""
+    a = f.float().abs()
+    return a.mean(dim=0), a.mean(dim=(1, 2))
+
+
+def area_ratio(
+    boxes: torch.Tensor, scores: torch.Tensor, size: tuple[int, int], thr: float
+) -> float:
+    """DFMSD's candidate-box area ratio: sum of areas of boxes with score >= thr (clipped to the
+    image) divided by the image area h*w. Overlaps count twice, as a plain sum does."""
+    h, w = size
+    keep = scores >= thr
+    if not bool(keep.any()):
+        return 0.0
+    b = boxes[keep].float()
+    x1, x2 = b[:, 0].clamp(0, w), b[:, 2].clamp(0, w)
+    y1, y2 = b[:, 1].clamp(0, h), b[:, 3].clamp(0, h)
+    area = ((x2 - x1).clamp(min=0) * (y2 - y1).clamp(min=0)).sum()
+    return float(area / float(h * w))
+
+
+def _place(x: np.ndarray, hc: int, wc: int, transposed: bool) -> np.ndarray:
+    """Put a (..., h, w) map (transposed if asked) into the top-left of a zero (..., hc, wc)."""
+    if transposed:
+        x = np.swapaxes(x, -1, -2)
+    h, w = x.shape[-2:]
+    if h > hc or w > wc:
+        raise ValueError(f"map {h}x{w} does not fit the store canvas {hc}x{wc}")
+    out = np.zeros(x.shape[:-2] + (hc, wc), dtype=x.dtype)
+    out[..., :h, :w] = x
+    return out
+
+
+class StoreWriter:
+    """Synchronous per-image writer for an open store group (one per process)."""
+
+    def __init__(self, group: zarr.Group):
+        self.group = group
+        self.attrs = dict(group.attrs)[schema.ATTR_KEY]
+        self._arrays: dict[str, zarr.Array] = {}
+
+    def _a(self, name: str) -> zarr.Array:
+        if name not in self._arrays:
+            self._arrays[name] = self.group[name]
+        return self._arrays[name]
+
+    def done(self) -> np.ndarray:
+        return np.asarray(self._a("done")[:])
+
+    def mark_unreadable(self, index: int) -> None:
+        self._a("done")[index] = schema.DONE_UNREADABLE
+
+    def write(self, r: ImageResult) -> None:
+        """Write everything for one image, then its completion marker."""
+        a, i = self.attrs, r.index
+        hp, wp = r.pad_size
+        transposed = hp > wp
+        self._a("pad_size")[i] = np.asarray(r.pad_size, dtype=np.int32)
+        self._a("size")[i] = np.asarray(r.size, dtype=np.int32)
+        self._a("transposed")[i] = transposed
+        k, thr = a["topk"], a["score_thr"]
+        for s in a["strides"]:
+            hc, wc = a["level_shapes"][str(s)]
+            shape = None
+            for v in a["views"]:
+                f = r.views[v].features[s]
+                shape = tuple(f.shape[-2:])
+                what = f"image {i} view {v} stride {s}"
+                if a["dtype"] == "float16":
+                    data = to_float16(f, what)
+                else:
+                    data, qp = quantize_uint8(f, what)
+                    self._a(f"qparams/{v}/{s}")[i] = qp
+                self._a(f"feat/{v}/{s}")[i] = _place(data, hc, wc, transposed)
+                sp, ch = attention_stats(f)
+                self._a(f"att_s/{v}/{s}")[i] = _place(sp.numpy(), hc, wc, transposed)
+                self._a(f"att_c/{v}/{s}")[i] = ch.numpy()
+            self._a(f"valid/{s}")[i] = np.asarray(shape, dtype=np.int32)
+        for v in a["views"]:
+            vr = r.views[v]
+            order = torch.argsort(vr.scores, descending=True, stable=True)[:k]
+            n = int(order.numel())
+            boxes = np.zeros((k, 4), np.float32)
+            scores = np.zeros((k,), np.float32)
+            labels = np.zeros((k,), np.int32)
+            boxes[:n] = vr.boxes[order].float().numpy()
+            scores[:n] = vr.scores[order].float().numpy()
+            labels[:n] = vr.labels[order].numpy()
+            self._a(f"det/{v}/boxes")[i] = boxes
+            self._a(f"det/{v}/scores")[i] = scores
+            self._a(f"det/{v}/labels")[i] = labels
+            self._a(f"det/{v}/count")[i] = n
+            self._a(f"area_ratio/{v}")[i] = area_ratio(vr.boxes, vr.scores, r.size, thr)
+        if "me" in a["views"]:
+            if r.enhance is None:
+                raise ValueError(f"image {i}: the store has an 'me' view but no enhancement params")
+            self._a("enhance/params")[i] = np.asarray(r.enhance["params"], dtype=np.float64)
+            self._a("enhance/checksum")[i] = np.uint64(r.enhance["checksum"])
+        self._a("done")[i] = schema.DONE_OK  # last: the image is complete only now
+
+
+class BackgroundWriter:
+    """A thread that drains a bounded queue of ImageResults into a StoreWriter.
+
+    ``submit`` blocks only when ``maxsize`` results are waiting; an exception in the thread is
+    re-raised in the caller at the next ``submit`` or at ``close``.
+    """
+
+    def __init__(self, writer: StoreWriter, maxsize: int = 8, on_written: Any = None):
+        self.writer = writer
+        self.on_written = on_written
+        self._q: queue.Queue = queue.Queue(maxsize=maxsize)
+        self._error: BaseException | None = None
+        self._raised = False
+        self._thread = threading.Thread(target=self._run, name="dfmsd-store-writer", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            item = self._q.get()
+            try:
+                if item is None:
+                    return
+                if self._error is None:
+                    if isinstance(item, int):
+                        self.writer.mark_unreadable(item)
+                    else:
+                        self.writer.write(item)
+                    if self.on_written is not None:
+                        self.on_written(item)
+            except BaseException as exc:  # noqa: BLE001 - handed to the caller
+                self._error = exc
+            finally:
+                self._q.task_done()
+
+    def _raise(self) -> None:
+        if self._error is not None and not self._raised:
+            self._raised = True
+            raise self._error
+
+    def submit(self, item: ImageResult | int) -> None:
+        """Queue an ImageResult, or an int index to mark as an unreadable image."""
+        self._raise()
+        self._q.put(item)
+
+    def close(self) -> None:
+        """Wait for every queued write, stop the thread, re-raise a writer error."""
+        self._q.put(None)
+        self._thread.join()
+        self._raise()

@@ -1,0 +1,212 @@
+"""Store layer with random tensors: round trip, quantisation, markers, fingerprints, enhancement."""
+
+from __future__ import annotations
+
+import math
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from dfmsd_cli.data.enhance import (
+    EnhanceConfig,
+    EnhanceParams,
+    apply_enhance,
+    choose,
+    input_checksum,
+    regenerate,
+)
+from dfmsd_cli.data.geometry import Geometry
+from dfmsd_cli.errors import UserError
+from dfmsd_cli.store.quantize import FeatureRangeError, dequantize_uint8, quantize_uint8
+from dfmsd_cli.store.reader import StoreDataset, TeacherStore, collate_teacher
+from dfmsd_cli.store.schema import shard_range
+from dfmsd_cli.store.writer import ImageResult, StoreSpec, StoreWriter, ViewResult, create_or_open
+
+GEOM = Geometry(img_scale=(128, 96))
+STRIDES = [8, 16, 32]
+C = 6
+# (h, w) resized sizes: landscape, portrait (stored transposed), square, small
+SIZES = [(96, 128), (128, 90), (64, 64), (40, 100)]
+
+
+def spec(**kw) -> StoreSpec:
+    base = dict(
+        teacher="retina_tiny",
+        num_classes=3,
+        weights_sha256="a" * 64,
+        split="train2017",
+        ann_sha256="b" * 64,
+        image_ids=[11, 12, 13, 14],
+        geometry=GEOM.to_dict(),
+        strides=STRIDES,
+        channels=C,
+        views=["orig", "hflip"],
+        block=2,
+        topk=5,
+    )
+    base.update(kw)
+    return StoreSpec(**base)
+
+
+def result(i: int, views=("orig", "hflip"), scale: float = 1.0) -> ImageResult:
+    g = torch.Generator().manual_seed(i)
+    h, w = SIZES[i]
+    H, W = math.ceil(h / 32) * 32, math.ceil(w / 32) * 32
+    vr = {}
+    for v in views:
+        feats = {
+            s: torch.randn(C, math.ceil(H / s), math.ceil(W / s), generator=g) * scale
+            for s in STRIDES
+        }
+        n = 3 + i
+        boxes = torch.rand(n, 4, generator=g) * 50
+        boxes[:, 2:] += boxes[:, :2]
+        vr[v] = ViewResult(
+            feats, boxes, torch.rand(n, generator=g), torch.randint(1, 4, (n,), generator=g)
+        )
+    return ImageResult(i, (h, w), (H, W), vr)
+
+
+@pytest.mark.parametrize("dtype,tol", [("float16", 2e-3), ("uint8", 2.5e-2)])
+def test_round_trip(tmp_path, dtype, tol):
+    path = tmp_path / "s.zarr"
+    w = StoreWriter(create_or_open(path, spec(dtype=dtype), fix="x"))
+    results = [result(i) for i in range(4)]
+    for r in results[:3]:
+        w.write(r)
+    store = TeacherStore.open(path)
+    assert store.meta.image_ids == [11, 12, 13, 14] and store.meta.dtype == dtype
+    assert list(store.done()) == [1, 1, 1, 0]
+    assert bool(np.asarray(store.group["transposed"][:])[1])  # the portrait image
+    for r in results[:3]:
+        for v in ("orig", "hflip"):
+            t = store.get(r.index, v)
+            for s in STRIDES:
+                ref = r.views[v].features[s]
+                got = t["features"][s]
+                assert got.shape == ref.shape and t["valid"][s] == tuple(ref.shape[-2:])
+                rel = float((got - ref).pow(2).mean().sqrt() / ref.pow(2).mean().sqrt())
+                assert rel < tol
+                torch.testing.assert_close(t["att_spatial"][s], ref.abs().mean(0))
+                torch.testing.assert_close(t["att_channel"][s], ref.abs().mean((1, 2)))
+            order = torch.argsort(r.views[v].scores, descending=True)[:5]
+            torch.testing.assert_close(t["scores"], r.views[v].scores[order])
+            torch.testing.assert_close(t["boxes"], r.views[v].boxes[order])
+            assert t["labels"].dtype == torch.int64
+    with pytest.raises(UserError, match="not complete"):
+        store.get(3, "orig")
+    with pytest.raises(UserError, match="view 'me' is not in store"):
+        store.get(0, "me")
+
+
+def test_collate_teacher_pads_and_masks(tmp_path):
+    path = tmp_path / "s.zarr"
+    w = StoreWriter(create_or_open(path, spec(), fix="x"))
+    for i in range(3):
+        w.write(result(i))
+    store = TeacherStore.open(path)
+    samples = [store.get(i, "orig") for i in range(3)]
+    b = collate_teacher(samples, batch_hw=(128, 128))
+    for s in STRIDES:
+        hs = math.ceil(128 / s)
+        assert b["features"][s].shape == (3, C, hs, hs) and b["valid"][s].shape == (3, hs, hs)
+        for k, t in enumerate(samples):
+            h, w_ = t["valid"][s]
+            assert int(b["valid"][s][k].sum()) == h * w_
+            assert torch.equal(b["features"][s][k, :, :h, :w_], t["features"][s])
+            assert float(b["features"][s][k].abs().sum()) == pytest.approx(
+                float(t["features"][s].abs().sum()), rel=1e-5
+            )
+    assert b["area_ratio"].shape == (3,)
+
+
+def test_float16_overflow_refused_and_nothing_marked(tmp_path):
+    path = tmp_path / "s.zarr"
+    w = StoreWriter(create_or_open(path, spec(), fix="x"))
+    with pytest.raises(FeatureRangeError, match="--dtype uint8"):
+        w.write(result(0, scale=1e6))
+    assert TeacherStore.open(path).done()[0] == 0
+    # uint8 stores the same features without inf
+    w8 = StoreWriter(create_or_open(tmp_path / "u.zarr", spec(dtype="uint8"), fix="x"))
+    w8.write(result(0, scale=1e6))
+    t = TeacherStore.open(tmp_path / "u.zarr").get(0, "orig")
+    assert all(torch.isfinite(f).all() for f in t["features"].values())
+
+
+def test_uint8_constant_channel_exact():
+    x = torch.randn(3, 4, 5)
+    x[1] = 2.5
+    q, p = quantize_uint8(x)
+    y = dequantize_uint8(q, p)
+    assert torch.equal(y[1], x[1])
+    assert float((y - x).abs().max()) <= float(p[:, 0].max()) / 2 + 1e-6
+
+
+@pytest.mark.parametrize(
+    "change,what",
+    [
+        ({"weights_sha256": "c" * 64}, "teacher weights"),
+        ({"geometry": Geometry(img_scale=(160, 96)).to_dict()}, "geometry img_scale"),
+        ({"image_ids": [11, 12, 14, 13]}, "ordered image ids"),
+        ({"ann_sha256": "d" * 64}, "annotation file"),
+        ({"teacher": "frcnn_tiny"}, "teacher model"),
+        ({"dtype": "uint8"}, "dtype"),
+    ],
+)
+def test_reopen_mismatch_names_what_differs(tmp_path, change, what):
+    path = tmp_path / "s.zarr"
+    create_or_open(path, spec(), fix="use another --cache")
+    create_or_open(path, spec(), fix="use another --cache")  # same spec reopens fine
+    with pytest.raises(UserError, match=what) as exc:
+        create_or_open(path, spec(**change), fix="use another --cache")
+    assert "use another --cache" in str(exc.value) and "\n" not in str(exc.value)
+
+
+def test_reader_check_and_pickle(tmp_path):
+    path = tmp_path / "s.zarr"
+    StoreWriter(create_or_open(path, spec(), fix="x")).write(result(0))
+    store = TeacherStore.open(path)
+    store.check(image_ids=[11, 12, 13, 14], geometry=GEOM, strides=(8, 16), views=("orig",))
+    with pytest.raises(UserError, match="geometry img_scale"):
+        store.check(geometry=Geometry(img_scale=(1333, 800)))
+    with pytest.raises(UserError, match=r"strides \[64\] not in the store"):
+        store.check(strides=(8, 64))
+    with pytest.raises(UserError, match="ordered image ids"):
+        store.check(image_ids=[1, 2, 3, 4])
+    clone = pickle.loads(pickle.dumps(store))  # lazy: reopens on first use
+    assert clone._group is None
+    assert torch.equal(clone.get(0, "hflip")["features"][8], store.get(0, "hflip")["features"][8])
+    ds = StoreDataset(path, views=("orig", "hflip"))
+    assert len(ds) == 2 and ds[1]["view"] == "hflip"
+
+
+def test_missing_store_is_user_error(tmp_path):
+    with pytest.raises(UserError, match="no teacher store"):
+        TeacherStore.open(tmp_path / "nope.zarr")
+
+
+def test_shard_ranges_block_aligned_and_cover():
+    for n in (1, 7, 64, 130):
+        for k in (1, 2, 3, 5):
+            ranges = [shard_range(n, i, k, 4) for i in range(k)]
+            assert ranges[0][0] == 0 and ranges[-1][1] == n
+            for (_, a1), (b0, _) in zip(ranges, ranges[1:], strict=False):
+                assert a1 == b0 and a1 % 4 == 0 or a1 == n
+
+
+def test_enhance_regenerates_bit_identical():
+    raw = torch.rand(3, 40, 56, generator=torch.Generator().manual_seed(0)) * 255
+    cfg = EnhanceConfig(p=1.0)
+    for ratio, kind in ((0.1, "noise"), (0.9, "crop")):
+        p = choose(ratio, image_id=7, size=(40, 56), cfg=cfg)
+        assert p.kind == kind
+        x = apply_enhance(raw, p)
+        assert x.shape == raw.shape and not torch.equal(x, raw)
+        stored = EnhanceParams.from_array(p.to_array(), input_checksum(x))
+        y = regenerate(raw.clone(), stored.to_dict())
+        assert torch.equal(x, y)
+    assert choose(0.1, 7, (40, 56), EnhanceConfig(p=0.0)).kind == "none"
+    with pytest.raises(UserError, match="differs from the one the teacher saw"):
+        regenerate(raw + 1, stored)
