@@ -1,0 +1,250 @@
+"""Convert an MMDetection checkpoint into a dfmsd checkpoint for a registry model.
+
+``convert_state_dict(src, target)`` applies the key rules of :mod:`.mmdet_keys` and checks every
+tensor against the target model's state dict (built on the ``meta`` device, so even X101
+teachers cost no memory). The :class:`ConversionReport` lists source keys that map nowhere,
+target keys nothing maps to, and shape mismatches; a conversion with any of them is refused
+unless ``allow_partial`` (then the missing tensors keep the model's initial values, and the
+checkpoint records which ones).
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import types
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from dfmsd_cli.errors import UserError
+from dfmsd_cli.models.convert.coco import COCO_CATEGORIES
+from dfmsd_cli.models.convert.mmdet_keys import IGNORABLE, build_rules, fallback_key
+
+
+@dataclass
+class ConversionReport:
+    """What a conversion did. ``ok`` iff nothing is unmapped, missing or mismatched."""
+
+    model: str = ""
+    mapped: int = 0
+    unmapped: list[str] = field(default_factory=list)  # source keys with no target
+    missing: list[str] = field(default_factory=list)  # target keys nothing mapped to
+    mismatched: list[str] = field(default_factory=list)  # "src -> dst: (a) vs (b)"
+    ignored: list[str] = field(default_factory=list)  # derived buffers (num_batches_tracked...)
+
+    @property
+    def ok(self) -> bool:
+        return not (self.unmapped or self.missing or self.mismatched)
+
+    def summary(self, limit: int = 8) -> str:
+        parts = [f"{self.mapped} tensors mapped"]
+        for name in ("unmapped", "missing", "mismatched"):
+            items = getattr(self, name)
+            if items:
+                more = f" (+{len(items) - limit} more)" if len(items) > limit else ""
+                parts.append(f"{len(items)} {name}: {', '.join(items[:limit])}{more}")
+        return "; ".join(parts)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "ok": self.ok}
+
+
+# --------------------------------------------------------------------------------- loading
+class _Opaque:
+    """Stand-in for classes of packages we do not have (mmengine's message hub, ...)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def __setstate__(self, state: Any) -> None:
+        self.state = state
+
+
+_ALLOWED_MODULES = ("torch", "collections", "numpy", "_codecs", "builtins", "copyreg")
+
+
+class _Unpickler(pickle.Unpickler):
+    """Resolves torch/numpy/collections globals; anything else becomes :class:`_Opaque`, so a
+    checkpoint's ``meta`` (which may reference mmengine classes) never runs foreign code."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if module.split(".")[0] in _ALLOWED_MODULES:
+            return super().find_class(module, name)
+        return _Opaque
+
+
+_lenient_pickle = types.ModuleType("dfmsd_lenient_pickle")
+_lenient_pickle.Unpickler = _Unpickler  # type: ignore[attr-defined]
+_lenient_pickle.load = pickle.load  # type: ignore[attr-defined]
+_lenient_pickle.__name__ = "pickle"
+
+
+def load_mmdet_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """Read an MMDetection ``.pth``: returns (state_dict, meta). Accepts a bare state dict."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint {path} not found: pass the MMDetection .pth file")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:
+        try:
+            obj = torch.load(
+                path, map_location="cpu", weights_only=False, pickle_module=_lenient_pickle
+            )
+        except Exception as exc:
+            raise UserError(
+                f"cannot read {path} as a PyTorch checkpoint ({type(exc).__name__}: {exc}): "
+                "pass an MMDetection .pth file"
+            ) from exc
+    if not isinstance(obj, Mapping):
+        raise UserError(f"{path} holds a {type(obj).__name__}, not a checkpoint dict")
+    state = obj.get("state_dict", obj)
+    meta = obj.get("meta", {}) if "state_dict" in obj else {}
+    if not isinstance(state, Mapping) or not all(isinstance(v, Tensor) for v in state.values()):
+        raise UserError(f"{path} has no tensor state_dict: pass an MMDetection .pth file")
+    if state and all(k.startswith("module.") for k in state):
+        state = {k[len("module.") :]: v for k, v in state.items()}
+    if any(k.startswith("backbone.body.") for k in state):
+        raise UserError(
+            f"{path} is already in dfmsd/torchvision layout: load it with --weights directly"
+        )
+    return dict(state), dict(meta) if isinstance(meta, Mapping) else {}
+
+
+def class_names(meta: Mapping[str, Any]) -> list[str] | None:
+    """Class names from MMDetection 3.x ``meta['dataset_meta']['classes']`` or 2.x ``CLASSES``."""
+    ds = meta.get("dataset_meta")
+    names = ds.get("classes") if isinstance(ds, Mapping) else None
+    names = names or meta.get("CLASSES")
+    return [str(n) for n in names] if names else None
+
+
+def infer_num_classes(src: Mapping[str, Tensor]) -> int | None:
+    """K from the classifier shapes: softmax heads have K+1 rows; RetinaNet 9K; FCOS/GFL K."""
+    for key, t in src.items():
+        if key.endswith("fc_cls.weight"):
+            return t.shape[0] - 1
+        if key == "bbox_head.retina_cls.weight":
+            return t.shape[0] // 9
+        if key in ("bbox_head.conv_cls.weight", "bbox_head.gfl_cls.weight"):
+            return t.shape[0]
+    return None
+
+
+# ------------------------------------------------------------------------------ conversion
+def convert_state_dict(
+    src: Mapping[str, Tensor], target: Mapping[str, Tensor], model: str = ""
+) -> tuple[dict[str, Tensor], ConversionReport]:
+    """Map MMDetection ``src`` onto the keys/shapes of ``target`` (a model's state dict, may be
+    on the ``meta`` device). Returns the converted tensors (only mapped keys) and the report."""
+    num_laterals = len({k for k in src if k.startswith("neck.lateral_convs.")}) // 2 or 4
+    rules = build_rules(num_laterals)
+    out: dict[str, Tensor] = {}
+    report = ConversionReport(model=model)
+    for key, tensor in src.items():
+        dst, fn = None, None
+        for pattern, repl, transform in rules:
+            m = pattern.match(key)
+            if m:
+                dst, fn = repl(m), transform
+                break
+        if dst is not None and dst not in target:
+            alt = fallback_key(key)
+            if alt in target:
+                dst, fn = alt, None
+        if dst is None or dst not in target:
+            if IGNORABLE.search(key):
+                report.ignored.append(key)
+            else:
+                report.unmapped.append(key)
+            continue
+        want = tuple(target[dst].shape)
+        value = fn(tensor, want) if fn is not None else tensor
+        if tuple(value.shape) != want:
+            report.mismatched.append(f"{key} -> {dst}: {tuple(tensor.shape)} vs {want}")
+            continue
+        if dst in out:
+            report.mismatched.append(f"{key} -> {dst}: mapped twice")
+            continue
+        out[dst] = value.to(target[dst].dtype).clone()
+        report.mapped += 1
+    for dst in target:
+        if dst in out:
+            continue
+        if dst.endswith("num_batches_tracked") or IGNORABLE.search(dst):
+            continue  # buffers the model derives itself
+        report.missing.append(dst)
+    return out, report
+
+
+def convert_mmdet(
+    checkpoint: str | os.PathLike,
+    model: str,
+    *,
+    num_classes: int | None = None,
+    allow_partial: bool = False,
+    options: Mapping[str, Any] | None = None,
+) -> tuple[dict[str, Any], ConversionReport]:
+    """Convert an MMDetection ``checkpoint`` for registry ``model``.
+
+    Returns ``(dfmsd_checkpoint_dict, report)``. A partial conversion raises
+    :class:`UserError` unless ``allow_partial``.
+    """
+    from dfmsd_cli.data.geometry import Geometry
+    from dfmsd_cli.models.registry import build_model
+
+    src, meta = load_mmdet_checkpoint(checkpoint)
+    names = class_names(meta)
+    k = num_classes or (len(names) if names else None) or infer_num_classes(src)
+    if not k:
+        raise UserError(f"cannot tell the class count of {checkpoint}: pass --num-classes K")
+    opts = dict(options or {})
+    with torch.device("meta"):
+        shell = build_model(model, num_classes=k, **opts)
+    target = _full_state(shell)
+    converted, report = convert_state_dict(src, target, model)
+    if not report.ok and not allow_partial:
+        raise UserError(
+            f"{checkpoint} does not convert fully to {model} ({report.summary()}): check "
+            "--model matches the MMDetection config, or pass --allow-partial"
+        )
+    if report.missing:
+        fresh = _full_state(build_model(model, num_classes=k, **opts))
+        for key in report.missing:
+            converted[key] = fresh[key]
+    state = {key: converted[key] for key in target if key in converted}
+    ckpt = {
+        "format": "dfmsd",
+        "version": 1,
+        "model": model,
+        "num_classes": k,
+        "categories": _categories(k, names),
+        "geometry": Geometry().to_dict(),
+        "options": opts,
+        "state_dict": state,
+        "converted_from": {
+            "source": str(checkpoint),
+            "format": "mmdetection",
+            "report": report.to_dict(),
+            "partial": not report.ok,
+        },
+    }
+    return ckpt, report
+
+
+def _full_state(model: torch.nn.Module) -> dict[str, Tensor]:
+    return dict(model.state_dict(keep_vars=False))
+
+
+def _categories(k: int, names: list[str] | None) -> list[dict[str, Any]]:
+    """COCO ids/names when the checkpoint is a COCO model (80 classes), else 1..K."""
+    coco_names = [c["name"] for c in COCO_CATEGORIES]
+    if k == len(COCO_CATEGORIES) and (names is None or list(names) == coco_names):
+        return [dict(c) for c in COCO_CATEGORIES]
+    names = names or [f"class_{i}" for i in range(1, k + 1)]
+    return [{"id": i + 1, "name": n} for i, n in enumerate(names[:k])]
