@@ -79,10 +79,14 @@ class ModelSpec:
         return model
 
     def num_parameters(self, num_classes: int = 80) -> int:
-        """Parameter count, built on the ``meta`` device (no memory, no init cost), cached."""
+        """Parameter count with default options, built on the ``meta`` device (no memory, no
+        init cost) and cached; (head, backbone) models share one meta backbone per FPN layout."""
         if num_classes not in self._params:
             with torch.device("meta"):
-                model = self.build(num_classes)
+                if self.builder is not None and hasattr(self.builder, "with_backbone"):
+                    model = self.builder.with_backbone(num_classes)
+                else:
+                    model = self.build(num_classes)
             self._params[num_classes] = sum(p.numel() for p in model.parameters())
         return self._params[num_classes]
 
@@ -108,6 +112,7 @@ _BACKBONES: dict[str, BackboneEntry] = {}
 _MODELS: dict[str, ModelSpec] = {}  # one-off names
 _ANNOTATIONS: dict[str, dict[str, Any]] = {}
 _SPEC_CACHE: dict[str, ModelSpec] = {}
+_BACKBONE_CACHE: dict[tuple, nn.Module] = {}  # meta-device backbones, for parameter counts only
 _LOADED = False
 
 
@@ -219,6 +224,18 @@ def _combo_builder(head: HeadEntry, bb: BackboneEntry, name: str) -> Callable[..
         backbone = bb.builder(strides=head.strides, extra=head.extra, **bb_opts)
         return head.builder(backbone, num_classes, strides=head.strides, **head_opts, **head.fixed)
 
+    def with_backbone(num_classes: int) -> nn.Module:
+        """Default-options build reusing a cached backbone (for parameter counts on meta)."""
+        key = (bb.name, head.strides, head.extra)
+        if key not in _BACKBONE_CACHE:
+            _BACKBONE_CACHE[key] = bb.builder(strides=head.strides, extra=head.extra)
+        head_names, _ = _accepted(head.builder)
+        opts = {k: v for k, v in bb.head_defaults.items() if k in head_names}
+        return head.builder(
+            _BACKBONE_CACHE[key], num_classes, strides=head.strides, **opts, **head.fixed
+        )
+
+    build.with_backbone = with_backbone
     return build
 
 

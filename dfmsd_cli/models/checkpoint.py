@@ -1,0 +1,218 @@
+"""The dfmsd checkpoint: weights plus everything needed to rebuild and use the model.
+
+A checkpoint is a dict (docs/architecture.md)::
+
+    {"format": "dfmsd", "version": 1, "model": "retina_r50", "num_classes": K,
+     "model_options": {...}, "categories": [{"id", "name"}, ...], "geometry": {...},
+     "state_dict": {...}, ...training state (epoch, optimizer, ...)}
+
+``load_weights`` is strict: every key and shape must match, and a mismatch is a one-line
+UserError that names the checkpoint's architecture / class count and the first missing,
+unexpected and mis-shaped keys.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from dfmsd_cli.errors import UserError
+
+FORMAT = "dfmsd"
+VERSION = 1
+_SHOW = 3  # keys listed per category in mismatch messages
+
+
+def make_checkpoint(
+    model: nn.Module,
+    *,
+    categories: list[dict] | None = None,
+    geometry: Any = None,
+    **extra: Any,
+) -> dict[str, Any]:
+    """The checkpoint dict of ``model`` (weights on CPU); ``extra`` adds training state."""
+    if geometry is not None and hasattr(geometry, "to_dict"):
+        geometry = geometry.to_dict()
+    state = {k: v.detach().cpu() for k, v in unwrap(model).state_dict().items()}
+    m = unwrap(model)
+    return {
+        "format": FORMAT,
+        "version": VERSION,
+        "model": m.name,
+        "num_classes": int(m.num_classes),
+        "model_options": dict(getattr(m, "options", {})),
+        "categories": list(categories or []),
+        "geometry": geometry,
+        "state_dict": state,
+        **extra,
+    }
+
+
+def save_checkpoint(path: str | os.PathLike, model: nn.Module, **kwargs: Any) -> Path:
+    """Write ``make_checkpoint(model, **kwargs)`` atomically to ``path``."""
+    from dfmsd_cli.utils.io import atomic_torch_save
+
+    path = Path(path)
+    atomic_torch_save(make_checkpoint(model, **kwargs), path)
+    return path
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The detector inside a DDP / DataParallel wrapper."""
+    return getattr(model, "module", model)
+
+
+def read_checkpoint(path: str | os.PathLike) -> Any:
+    """``torch.load`` on CPU with a UserError for a missing or unreadable file.
+
+    Tries ``weights_only=True`` first; checkpoints holding other Python objects (e.g. numpy
+    RNG state of a training run) are the user's own files and load with the full unpickler.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"weights file {path} not found: pass an existing .pth checkpoint")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        pass
+    except Exception as exc:  # truncated or not a torch file
+        raise UserError(
+            f"cannot read {path} as a torch checkpoint ({exc}): check the file"
+        ) from exc
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:
+        raise UserError(
+            f"cannot read {path} as a torch checkpoint ({exc}): check the file"
+        ) from exc
+
+
+def is_dfmsd_checkpoint(obj: Any) -> bool:
+    return isinstance(obj, Mapping) and obj.get("format") == FORMAT and "state_dict" in obj
+
+
+def checkpoint_meta(obj: Mapping) -> dict[str, Any]:
+    """The checkpoint without its tensors (state_dict / optimizer ...)."""
+    skip = {"state_dict", "optimizer", "scaler", "scheduler", "rng"}
+    return {k: v for k, v in obj.items() if k not in skip}
+
+
+def _state_dict_of(obj: Any, source: str) -> dict[str, Tensor]:
+    """The state dict in a dfmsd checkpoint, a plain state dict, or a {"model": sd} file."""
+    if is_dfmsd_checkpoint(obj):
+        state = obj["state_dict"]
+    elif isinstance(obj, Mapping) and obj and all(isinstance(v, Tensor) for v in obj.values()):
+        state = obj
+    elif isinstance(obj, Mapping) and isinstance(obj.get("model"), Mapping):
+        state = obj["model"]  # torchvision reference-scripts checkpoint
+    elif isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
+        state = obj["state_dict"]
+        if any(k.startswith(("neck.", "roi_head.", "bbox_head.", "rpn_head.")) for k in state):
+            raise UserError(
+                f"{source} is an MMDetection checkpoint: convert it first with "
+                "'dfmsd convert mmdet CKPT --model NAME --out W.pth'"
+            )
+    else:
+        raise UserError(
+            f"{source} holds neither a dfmsd checkpoint nor a state dict: pass a file written "
+            "by dfmsd train/convert or torch.save(model.state_dict())"
+        )
+    if state and all(k.startswith("module.") for k in state):  # saved from a DDP wrapper
+        state = {k[len("module.") :]: v for k, v in state.items()}
+    return dict(state)
+
+
+def _short(keys: list[str]) -> str:
+    head = ", ".join(keys[:_SHOW])
+    return head + (f", ... (+{len(keys) - _SHOW})" if len(keys) > _SHOW else "")
+
+
+def load_state_strict(
+    model: nn.Module,
+    state: Mapping[str, Tensor],
+    source: str,
+    target: str | None = None,
+    hint: str | None = None,
+) -> None:
+    """``model.load_state_dict(state)`` with a one-line UserError on any key/shape mismatch.
+
+    ``target`` names the receiving model in the message (default: its name and class count).
+    """
+    m = unwrap(model)
+    if target is None:
+        target = f"{m.name} with {m.num_classes} classes"
+    own = m.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [
+        f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
+        for k in own
+        if k in state and tuple(state[k].shape) != tuple(own[k].shape)
+    ]
+    if missing or unexpected or shapes:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing keys ({_short(missing)})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected keys ({_short(unexpected)})")
+        if shapes:
+            parts.append(f"{len(shapes)} shape mismatches (file vs model: {_short(shapes)})")
+        fix = hint or (
+            "pass weights of the same model and class count (or convert them with 'dfmsd convert')"
+        )
+        raise UserError(f"{source} does not fit {target}: {'; '.join(parts)}: {fix}")
+    m.load_state_dict(dict(state), strict=True)
+
+
+def load_weights(
+    model: nn.Module, spec: str | os.PathLike, *, categories: list[dict] | None = None
+) -> dict[str, Any]:
+    """Load ``spec`` into ``model`` strictly and return the checkpoint's metadata.
+
+    ``spec``: a dfmsd checkpoint, a plain state dict file, or ``"torchvision"`` (pretrained
+    weights, see ``pretrained.py``; ``categories`` selects the COCO classes to keep).
+    """
+    if str(spec) == "torchvision":
+        from dfmsd_cli.models.pretrained import load_torchvision_weights
+
+        return load_torchvision_weights(model, categories=categories)
+    source = str(spec)
+    obj = read_checkpoint(spec)
+    m = unwrap(model)
+    if is_dfmsd_checkpoint(obj):
+        name, k = obj.get("model"), obj.get("num_classes")
+        if name != m.name or k != m.num_classes:
+            raise UserError(
+                f"{source} is a checkpoint of {name} with {k} classes, but the model is "
+                f"{m.name} with {m.num_classes} classes: use --model {name} (or omit --model "
+                "where the checkpoint is enough) or train a matching checkpoint"
+            )
+    load_state_strict(m, _state_dict_of(obj, source), source)
+    return checkpoint_meta(obj) if is_dfmsd_checkpoint(obj) else {"source": source}
+
+
+def build_from_checkpoint(
+    path: str | os.PathLike, device: str | torch.device = "cpu"
+) -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild the architecture recorded in a dfmsd checkpoint, load its weights strictly.
+
+    Returns ``(model in eval mode on device, metadata)`` where metadata holds ``model``,
+    ``num_classes``, ``categories``, ``geometry``, ``model_options`` and any training info.
+    """
+    from dfmsd_cli.models.registry import build_model
+
+    obj = read_checkpoint(path)
+    if not is_dfmsd_checkpoint(obj):
+        raise UserError(
+            f"{path} is a plain state dict without the model name: pass --model NAME "
+            f"--weights {path} instead"
+        )
+    model = build_model(obj["model"], int(obj["num_classes"]), **obj.get("model_options", {}))
+    load_state_strict(model, _state_dict_of(obj, str(path)), str(path))
+    return model.to(device).eval(), checkpoint_meta(obj)
