@@ -1,3 +1,168 @@
-"""CLI commands (distill_cmd)."""
+"""``dfmsd distill``: stage-wise distillation of a student from precomputed teacher stores."""
 
-from dfmsd_cli.cli.app import app  # noqa: F401
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import typer
+
+from dfmsd_cli.cli.app import ConfigOption, app, parse_int_list
+from dfmsd_cli.data.geometry import parse_img_scale
+from dfmsd_cli.engine.progress import console
+
+
+@app.command("distill")
+def distill_cmd(
+    student: str = typer.Option(..., "--student", "-s", help="Student zoo name, e.g. retina_r50."),
+    stages: str = typer.Option(
+        "",
+        "--stages",
+        help="Teachers weaker→stronger, e.g. cmr_r101,cmr_x101 (their stores must exist in "
+        "--cache; a path ending in .zarr names a store directly). Not needed for --method none.",
+    ),
+    data: Path | None = typer.Option(
+        None, "--data", help="COCO root: ROOT/annotations/instances_{split}.json and ROOT/{split}/."
+    ),
+    out: Path = typer.Option(
+        ...,
+        "--out",
+        "-o",
+        help="Run folder (config.json, metrics.jsonl, last.pth, stage*.pth, student.pth).",
+    ),
+    cache: str = typer.Option(
+        "cache", "--cache", help="Store root: CACHE/TEACHER/SPLIT.zarr (an fsspec URL works)."
+    ),
+    epochs: str = typer.Option(
+        "12", "--epochs", help="Epochs per stage, e.g. 12,12 (one value: the same for all)."
+    ),
+    method: str = typer.Option(
+        "dfmsd", "--method", help="dfmsd, dmkd, mgd, pkd, fgd or none (student alone)."
+    ),
+    no_sal: bool = typer.Option(False, "--no-sal", help="dfmsd: one stage, the last teacher."),
+    no_me: bool = typer.Option(False, "--no-me", help="dfmsd: no masking-enhancement loss."),
+    no_sfa: bool = typer.Option(False, "--no-sfa", help="dfmsd: no semantic feature alignment."),
+    me_stages: str = typer.Option(
+        "last", "--me-stages", help="dfmsd: stages with L_ME: last, all or none."
+    ),
+    alpha: float | None = typer.Option(
+        None, "--alpha", help="Weight of the stage loss (default per method and student family)."
+    ),
+    beta: float | None = typer.Option(None, "--beta", help="Weight of L_ME (dfmsd: 2.5e-5)."),
+    gamma: float | None = typer.Option(None, "--gamma", help="Weight of L_SFA (dfmsd: 6)."),
+    lambda_s: float | None = typer.Option(
+        None, "--lambda-s", help="Dual masking: fraction of valid cells masked (0.65)."
+    ),
+    lambda_c: float | None = typer.Option(
+        None, "--lambda-c", help="Dual masking: fraction of channels masked (0.5)."
+    ),
+    tau: float | None = typer.Option(None, "--tau", help="Attention temperature (0.5)."),
+    mask_rule: str | None = typer.Option(
+        None, "--mask-rule", help="Mask selection: sample (∝ attention), top, or random."
+    ),
+    split: str = typer.Option("train2017", "--split", help="Training split (the stores' split)."),
+    val_split: str = typer.Option("val2017", "--val-split", help="Split evaluated after stages."),
+    ann: Path | None = typer.Option(None, "--ann", help="Annotation file (overrides --data)."),
+    images: Path | None = typer.Option(None, "--images", help="Image folder (overrides --data)."),
+    batch_size: int = typer.Option(2, "--batch-size", "-b", help="Images per step (per process)."),
+    lr: float = typer.Option(0.01, "--lr", help="Base learning rate of SGD (each stage)."),
+    warmup_iters: int = typer.Option(500, "--warmup-iters", help="Linear warm-up iterations."),
+    grad_clip: float = typer.Option(
+        35.0, "--grad-clip", help="Gradient-norm clip (MGD/FGD configs: 35; 0 disables)."
+    ),
+    weights: str | None = typer.Option(
+        None, "--weights", help="Initial student weights: checkpoint, state dict or 'torchvision'."
+    ),
+    img_scale: str | None = typer.Option(
+        None, "--img-scale", help="LONG,SHORT resize bound (default: the stores' geometry)."
+    ),
+    flip: bool = typer.Option(
+        True, "--flip/--no-flip", help="Replay the stores' hflip view (augmentation replay)."
+    ),
+    seed: int = typer.Option(0, "--seed", help="Random seed (weights, order, views, masks)."),
+    num_workers: int = typer.Option(2, "--num-workers", help="DataLoader worker processes."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
+    no_eval: bool = typer.Option(False, "--no-eval", help="Skip evaluation after each stage."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from last.pth."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a run already in --out."),
+    save_interval: int = typer.Option(
+        0, "--save-interval", help="Also checkpoint every N steps (0: each epoch only)."
+    ),
+    max_steps: int | None = typer.Option(
+        None, "--max-steps", help="Stop after N steps in all (quick runs, benchmarks)."
+    ),
+    config: str | None = ConfigOption,
+) -> None:
+    """Distill a student stage by stage from teacher stores (never loads a teacher)."""
+    from dfmsd_cli.distill.engine import DistillOptions, distill
+
+    opts = DistillOptions(
+        student=student,
+        out=out,
+        stages=tuple(t.strip() for t in stages.split(",") if t.strip()),
+        data=data,
+        split=split,
+        val_split=val_split,
+        ann=ann,
+        images=images,
+        cache=cache,
+        epochs=tuple(parse_int_list(epochs, "--epochs")),
+        method=method,
+        sal=not no_sal,
+        me=not no_me,
+        sfa=not no_sfa,
+        me_stages=me_stages,
+        alpha=alpha,
+        beta=beta,
+        gamma=gamma,
+        lambda_s=lambda_s,
+        lambda_c=lambda_c,
+        tau=tau,
+        mask_rule=mask_rule,
+        batch_size=batch_size,
+        lr=lr,
+        warmup_iters=warmup_iters,
+        grad_clip=grad_clip or None,
+        weights=weights,
+        img_scale=parse_img_scale(img_scale) if img_scale else None,
+        flip=flip,
+        seed=seed,
+        num_workers=num_workers,
+        device=device,
+        evaluate=not no_eval,
+        resume=resume,
+        overwrite=overwrite,
+        save_interval=save_interval,
+        max_steps=max_steps,
+    )
+    summary = distill(opts)
+    if int(os.environ.get("RANK", "0")) == 0:
+        _print_summary(summary)
+        from dfmsd_cli.utils.io import atomic_write_text
+
+        if out.is_dir():
+            atomic_write_text(out / "summary.json", json.dumps(summary, indent=2, default=str))
+
+
+def _print_summary(summary: dict) -> None:
+    from rich.table import Table
+
+    table = Table(title="distill")
+    for col in ("stage", "teacher", "epochs", "iterations", "s/step", "mAP"):
+        table.add_column(col)
+    for st in summary["stages"]:
+        val = st.get("val") or {}
+        bbox = val.get("bbox", val) if isinstance(val, dict) else {}
+        m = bbox.get("mAP") if isinstance(bbox, dict) else None
+        table.add_row(
+            str(st["stage"]),
+            str(st["teacher"] or "-"),
+            str(st["epochs_done"]),
+            str(st["iterations"]),
+            f"{st['seconds_per_step']:.3f}",
+            f"{m:.3f}" if isinstance(m, float) else "-",
+        )
+    console.print(table)
+    if summary.get("student"):
+        console.print(f"student weights: {summary['student']}")

@@ -1,0 +1,108 @@
+"""Training samples joined with their teacher's stored output (augmentation replay + ME inputs).
+
+Item ``k`` of a :class:`DistillDataset` is image ``k // V`` in view ``k % V`` of the COCO dataset
+(``V`` = the views shared by the dataset and the store, e.g. orig/hflip), so the engine's
+:class:`~dfmsd_cli.engine.sampler.ViewSampler` draws one stored view per image and epoch and the
+sample gets exactly that view's teacher features. With ME the sample also carries the
+masking-enhancement input, regenerated bit-exactly from the stored parameters
+(:func:`dfmsd_cli.data.enhance.regenerate`, checksum-verified) on the *original* orientation, and
+the teacher's stored ``me``-view features.
+
+Runs inside DataLoader workers: the store pickles as its path and reopens lazily.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch.utils.data import Dataset
+
+from dfmsd_cli.data.geometry import normalize, pad_batch
+
+_TEACHER_KEYS = ("teacher", "teacher_me", "me_image")
+
+
+class DistillDataset(Dataset):
+    """``coco`` samples (views = ``coco.views``) plus ``teacher`` (and ``teacher_me`` /
+    ``me_image`` when ``me``) from ``store``; ``store_index[i]`` maps dataset image ``i`` to its
+    row in the store (matched by COCO image id). ``store=None`` gives plain samples."""
+
+    def __init__(
+        self,
+        coco,
+        store=None,
+        store_index: list[int] | None = None,
+        strides: tuple[int, ...] | None = None,
+        me: bool = False,
+        verify_me: bool = True,
+    ) -> None:
+        self.coco = coco
+        self.store = store
+        self.store_index = store_index
+        self.strides = tuple(strides) if strides else None
+        self.me = bool(me and store is not None)
+        self.verify_me = verify_me
+        if self.me:
+            coco.keep_raw = True
+
+    @property
+    def views(self) -> tuple[str, ...]:
+        return self.coco.views
+
+    @property
+    def image_ids(self) -> list[int]:
+        return self.coco.image_ids
+
+    def __len__(self) -> int:
+        return len(self.coco)
+
+    def __getitem__(self, k: int) -> dict[str, Any] | None:
+        sample = self.coco[k]
+        if sample is None or self.store is None:
+            if sample is not None:
+                sample.pop("raw", None)
+            return sample
+        row = self.store_index[sample["index"]]  # the dataset may have substituted an image
+        sample["teacher"] = self.store.get(row, sample["view"], strides=self.strides)
+        if self.me:
+            from dfmsd_cli.data.enhance import regenerate
+
+            raw = sample["raw"] if sample["view"] == "orig" else sample["raw"].flip(-1)
+            t_me = self.store.get(row, "me", strides=self.strides)
+            enhanced = regenerate(raw, t_me["enhance"], verify=self.verify_me)
+            sample["me_image"] = normalize(enhanced, self.coco.geometry)
+            sample["teacher_me"] = t_me
+        sample.pop("raw", None)
+        return sample
+
+
+def collate_distill(samples: list[dict | None], pad_divisor: int = 32) -> dict | None:
+    """:func:`dfmsd_cli.data.loader.collate` plus ``teacher`` (and ``teacher_me``, ``me_images``)
+    batched by :func:`dfmsd_cli.store.reader.collate_teacher` to the student's padded size."""
+    from dfmsd_cli.data.loader import collate
+    from dfmsd_cli.store.reader import collate_teacher
+
+    samples = [s for s in samples if s is not None]
+    if not samples:
+        return None
+    extra = [{k: s.pop(k) for k in _TEACHER_KEYS if k in s} for s in samples]
+    batch = collate(samples, pad_divisor)
+    hw = tuple(batch["images"].shape[-2:])
+    if "teacher" in extra[0]:
+        batch["teacher"] = collate_teacher([e["teacher"] for e in extra], hw)
+    if "teacher_me" in extra[0]:
+        batch["teacher_me"] = collate_teacher([e["teacher_me"] for e in extra], hw)
+        me_images = pad_batch([e["me_image"] for e in extra], pad_divisor)
+        if tuple(me_images.shape[-2:]) != hw:  # same sizes as the originals by construction
+            raise RuntimeError(f"ME batch {tuple(me_images.shape)} != image batch {hw}")
+        batch["me_images"] = me_images
+    return batch
+
+
+def teacher_to(t: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """Move the tensors the losses use (features, valid, attention statistics) to ``device``."""
+    out = dict(t)
+    for key in ("features", "valid", "att_spatial", "att_channel"):
+        out[key] = {s: v.to(device, non_blocking=True) for s, v in t[key].items()}
+    return out

@@ -1,0 +1,55 @@
+"""The student and one stage's distillation losses as one module (what DDP wraps)."""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from dfmsd_cli.distill.methods import MethodConfig
+
+
+class DistillModel(nn.Module):
+    """The student plus one stage's loss modules; ``forward`` returns every weighted loss term.
+
+    One module so DDP averages the gradients of the student and of the align/generation blocks
+    together (``find_unused_parameters`` covers levels a batch does not reach).
+    """
+
+    def __init__(self, student: nn.Module, losses: nn.ModuleDict, cfg: MethodConfig) -> None:
+        super().__init__()
+        self.student = student
+        self.losses = losses
+        self.cfg = cfg
+
+    def forward(
+        self,
+        images: Tensor,
+        image_sizes: list[tuple[int, int]],
+        targets: list[dict[str, Tensor]],
+        teacher: dict | None = None,
+        me_images: Tensor | None = None,
+        teacher_me: dict | None = None,
+    ) -> dict[str, Tensor]:
+        out = self.student(images, image_sizes, targets)
+        losses = dict(out.losses)
+        if teacher is None:
+            return losses
+        feats, cfg = out.features, self.cfg
+        if "stage" in self.losses:
+            term = self.losses["stage"](
+                feats, teacher["features"], teacher["valid"], _stats(teacher), targets
+            )
+            losses["loss_kd"] = cfg.alpha * term
+        if "sfa" in self.losses:
+            term = self.losses["sfa"](feats, teacher["features"], teacher["valid"])
+            losses["loss_sfa"] = cfg.gamma * term
+        if "me" in self.losses and me_images is not None and teacher_me is not None:
+            me_feats = self.student.extract_features(me_images)
+            term = self.losses["me"](
+                me_feats, teacher_me["features"], teacher_me["valid"], _stats(teacher_me)
+            )
+            losses["loss_me"] = cfg.beta * term
+        return losses
+
+
+def _stats(t: dict) -> dict:
+    return {"spatial": t["att_spatial"], "channel": t["att_channel"]}
