@@ -81,10 +81,10 @@ def identity_of(opts: TrainOptions) -> dict[str, Any]:
 
 def train(opts: TrainOptions) -> dict[str, Any]:
     """Train ``opts.model`` on the dataset; returns a summary (steps, time, final metrics)."""
-    from dfmsd_cli.data.coco import CocoDetection, collate
-    from dfmsd_cli.data.loader import resolve_split
+    from dfmsd_cli.data.coco import CocoDetection
+    from dfmsd_cli.data.loader import collate, resolve_data
     from dfmsd_cli.models import build_model
-    from dfmsd_cli.models.checkpoint import load_weights, model_checkpoint
+    from dfmsd_cli.models.checkpoint import load_weights, make_checkpoint
 
     device = resolve_device(opts.device)
     dist_info = init_distributed(device)
@@ -92,7 +92,7 @@ def train(opts: TrainOptions) -> dict[str, Any]:
         device = torch.device("cuda", dist_info.local_rank)
     out = Path(opts.out)
     geometry = Geometry(img_scale=tuple(opts.img_scale))
-    ann_file, image_dir = resolve_split(opts.data, opts.split, opts.ann, opts.images)
+    ann_file, image_dir = resolve_data(opts.data, opts.split, opts.ann, opts.images)
 
     resuming = False
     if dist_info.is_main:
@@ -129,13 +129,11 @@ def train(opts: TrainOptions) -> dict[str, Any]:
         load_weights(model, opts.weights)
     model.to(device)
 
-    keep = dataset.train_indices() if hasattr(dataset, "train_indices") else None
     sampler = ViewSampler(
         len(dataset.image_ids),
         len(views),
         shuffle=True,
         seed=opts.seed,
-        keep=keep,
         rank=dist_info.rank,
         world_size=dist_info.world_size,
     )
@@ -180,7 +178,7 @@ def train(opts: TrainOptions) -> dict[str, Any]:
     def checkpoint(ep: int, st: int, it: int) -> None:
         if not dist_info.is_main:
             return
-        payload = model_checkpoint(model, dataset.categories, geometry)
+        payload = make_checkpoint(model, categories=dataset.categories, geometry=geometry)
         payload.update(
             kind="train-state",
             optimizer=optimizer.state_dict(),
@@ -217,6 +215,8 @@ def train(opts: TrainOptions) -> dict[str, Any]:
             )
             model.train()
             for batch in loader:
+                if batch is None:  # every image of the batch was unreadable (counted, warned)
+                    continue
                 lr = schedule.apply(optimizer, iteration, epoch)
                 images = batch["images"].to(device, non_blocking=True)
                 targets = [{k: v.to(device) for k, v in t.items()} for t in batch["targets"]]
@@ -279,7 +279,7 @@ def train(opts: TrainOptions) -> dict[str, Any]:
         "seconds_per_step": round(elapsed / max(done_steps, 1), 4),
     }
     if dist_info.is_main:
-        final = model_checkpoint(model, dataset.categories, geometry)
+        final = make_checkpoint(model, categories=dataset.categories, geometry=geometry)
         final["options"] = _options_dict(opts)
         from dfmsd_cli.utils.io import atomic_torch_save
 
@@ -295,11 +295,11 @@ def _evaluate_val(
     model: torch.nn.Module, opts: TrainOptions, geometry: Geometry, device: torch.device
 ) -> dict[str, float]:
     """COCO metrics on the validation split when it exists (skipped with a note otherwise)."""
-    from dfmsd_cli.data.loader import resolve_split
+    from dfmsd_cli.data.loader import resolve_data
     from dfmsd_cli.eval import evaluate
 
     try:
-        ann, images = resolve_split(opts.data, opts.val_split, None, None)
+        ann, images = resolve_data(opts.data, opts.val_split, None, None)
     except UserError as exc:
         console.print(f"[yellow]skipping evaluation: {exc}")
         return {}
