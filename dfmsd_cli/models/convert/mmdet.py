@@ -147,6 +147,9 @@ def convert_state_dict(
     out: dict[str, Tensor] = {}
     report = ConversionReport(model=model)
     for key, tensor in src.items():
+        if IGNORABLE.search(key):
+            report.ignored.append(key)  # derived buffers: the target computes its own
+            continue
         dst, fn = None, None
         for pattern, repl, transform in rules:
             m = pattern.match(key)
@@ -158,10 +161,7 @@ def convert_state_dict(
             if alt in target:
                 dst, fn = alt, None
         if dst is None or dst not in target:
-            if IGNORABLE.search(key):
-                report.ignored.append(key)
-            else:
-                report.unmapped.append(key)
+            report.unmapped.append(key)
             continue
         want = tuple(target[dst].shape)
         value = fn(tensor, want) if fn is not None else tensor
