@@ -316,5 +316,14 @@ def test_cli_convert_writes_loadable_checkpoint(tmp_path):
     ckpt = torch.load(out, weights_only=False)
     assert ckpt["model"] == "cmr_tiny" and ckpt["converted_from"]["report"]["ok"]
     assert (tmp_path / "w.pth.report.json").is_file()
+    from dfmsd_cli.models.checkpoint import build_from_checkpoint, load_weights
+
+    meta = load_weights(build_model("cmr_tiny", num_classes=2), out)  # what --weights does
+    assert len(meta["categories"]) == 2
+    rebuilt, _ = build_from_checkpoint(out)
+    assert torch.equal(
+        rebuilt.roi_heads.box_heads[2].cls_score.weight,
+        direct.roi_heads.box_heads[2].cls_score.weight,
+    )
     res = CliRunner().invoke(app, args)  # refuses to overwrite
     assert res.exit_code != 0 and isinstance(res.exception, UserError)

@@ -225,7 +225,7 @@ def convert_mmdet(
         "num_classes": k,
         "categories": _categories(k, names),
         "geometry": Geometry().to_dict(),
-        "options": opts,
+        "model_options": opts,
         "state_dict": state,
         "converted_from": {
             "source": str(checkpoint),
