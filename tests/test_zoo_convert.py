@@ -327,3 +327,36 @@ def test_cli_convert_writes_loadable_checkpoint(tmp_path):
     )
     res = CliRunner().invoke(app, args)  # refuses to overwrite
     assert res.exit_code != 0 and isinstance(res.exception, UserError)
+
+
+def test_mmdet_retinanet_converts_strictly_to_mmretina_only():
+    src = {
+        **mmdet_resnet(101),
+        **mmdet_fpn([512, 1024, 2048], num_extra_convs=2, extra_in=2048),
+        **mmdet_retina_head(),
+    }
+    out, report = convert_state_dict(src, _target("mmretina_r101"))
+    assert report.ok, report.summary()
+    assert out["backbone.fpn.extra_blocks.p6.weight"].shape == (256, 2048, 3, 3)
+    _, report = convert_state_dict(src, _target("retina_r101"))  # torchvision: P6 from P5
+    assert [m.split(" ")[0] for m in report.mismatched] == ["neck.fpn_convs.3.conv.weight"]
+
+
+def test_mmretina_levels_and_anchors():
+    from dfmsd_cli.models.mmdet_heads import MMDetP6P7
+
+    torch.manual_seed(0)
+    model = build_model("mmretina_tiny", num_classes=2).eval()
+    assert isinstance(model.backbone.fpn.extra_blocks, MMDetP6P7)
+    x = torch.randn(1, 3, 128, 96)
+    with torch.no_grad():
+        feats = model.extract_features(x)
+        c5 = model.backbone.body(x)["2"]
+        p6 = model.backbone.fpn.extra_blocks.p6(c5)
+        p7 = model.backbone.fpn.extra_blocks.p7(p6)  # no ReLU in between
+    assert torch.allclose(feats[64], p6) and torch.allclose(feats[128], p7)
+    sizes = model.anchor_generator.sizes[0]
+    assert sizes[1] == pytest.approx(32 * 2 ** (1 / 3))  # not int()-truncated to 40
+    with torch.no_grad():
+        out = model(x, [(128, 96)])
+    assert all(d["labels"].min() >= 1 for d in out.detections if len(d["labels"]))
