@@ -27,9 +27,24 @@ app = typer.Typer(
 STATE: dict[str, Any] = {"debug": os.environ.get("DFMSD_DEBUG", "") not in ("", "0")}
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from dfmsd_cli import __version__
+
+        typer.echo(f"dfmsd {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
 def _root(
     debug: bool = typer.Option(False, "--debug", help="Show full tracebacks for errors."),
+    version: bool = typer.Option(
+        False,
+        "--version",
+        help="Print the version and exit.",
+        callback=_print_version,
+        is_eager=True,
+    ),
 ) -> None:
     if debug:
         STATE["debug"] = True
