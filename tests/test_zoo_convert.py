@@ -360,3 +360,17 @@ def test_mmretina_levels_and_anchors():
     with torch.no_grad():
         out = model(x, [(128, 96)])
     assert all(d["labels"].min() >= 1 for d in out.detections if len(d["labels"]))
+
+
+def test_retina_checkpoint_into_torchvision_retina_suggests_mmretina(tmp_path):
+    sd = {
+        **mmdet_resnet(50, device="cpu"),
+        **mmdet_fpn([512, 1024, 2048], num_extra_convs=2, extra_in=2048, device="cpu"),
+        **mmdet_retina_head(device="cpu"),
+    }
+    path = tmp_path / "retina.pth"
+    torch.save({"state_dict": sd, "meta": {}}, path)
+    with pytest.raises(UserError, match="use --model mmretina_r50"):
+        convert_mmdet(path, "retina_r50")
+    ckpt, report = convert_mmdet(path, "mmretina_r50")
+    assert report.ok and ckpt["num_classes"] == 80 and ckpt["categories"][0]["name"] == "person"

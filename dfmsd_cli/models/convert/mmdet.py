@@ -25,6 +25,9 @@ from dfmsd_cli.errors import UserError
 from dfmsd_cli.models.convert.coco import COCO_CATEGORIES
 from dfmsd_cli.models.convert.mmdet_keys import IGNORABLE, build_rules, fallback_key
 
+# torchvision-layout heads whose MMDetection counterpart is a separate dfmsd head
+MMDET_VARIANTS = {"retina": "mmretina", "fcos": "mmfcos"}
+
 
 @dataclass
 class ConversionReport:
@@ -209,9 +212,15 @@ def convert_mmdet(
     target = _full_state(shell)
     converted, report = convert_state_dict(src, target, model)
     if not report.ok and not allow_partial:
+        fix = "check --model matches the MMDetection config, or pass --allow-partial"
+        head, _, backbone = model.partition("_")
+        if head in MMDET_VARIANTS and any("neck.fpn_convs" in m for m in report.mismatched):
+            fix = (
+                f"MMDetection's {head} builds its extra FPN levels differently: use --model "
+                f"{MMDET_VARIANTS[head]}_{backbone}"
+            )
         raise UserError(
-            f"{checkpoint} does not convert fully to {model} ({report.summary()}): check "
-            "--model matches the MMDetection config, or pass --allow-partial"
+            f"{checkpoint} does not convert fully to {model} ({report.summary()}): {fix}"
         )
     if report.missing:
         fresh = _full_state(build_model(model, num_classes=k, **opts))
