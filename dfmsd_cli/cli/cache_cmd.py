@@ -1,3 +1,101 @@
-"""CLI commands (cache_cmd)."""
+"""``dfmsd cache info PATH`` and ``dfmsd cache verify PATH``: inspect and check teacher stores."""
 
-from dfmsd_cli.cli.app import app  # noqa: F401
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import typer
+
+from dfmsd_cli.cli.app import ConfigOption, app
+from dfmsd_cli.engine.progress import console
+
+cache_app = typer.Typer(help="Inspect and verify teacher-feature stores.", no_args_is_help=True)
+app.add_typer(cache_app, name="cache")
+
+
+def _fmt_bytes(n: float) -> str:
+    if n != n:  # NaN
+        return "-"
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1024 or unit == "TB":
+            return f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TB"
+
+
+@cache_app.command("info")
+def info_cmd(
+    path: str = typer.Argument(..., help="Store path, e.g. cache/retina_r50/train2017.zarr."),
+    json_out: bool = typer.Option(False, "--json", help="Print the summary as JSON too."),
+    config: str | None = ConfigOption,
+) -> None:
+    """Teacher, split, views, levels, dtype, images done/total, size, bytes/image, compression."""
+    from rich.table import Table
+
+    from dfmsd_cli.store.inspect import store_info
+
+    info = store_info(path)
+    table = Table(title=f"teacher store {path}")
+    table.add_column("item")
+    table.add_column("value", justify="right")
+    ratio = info["compression_ratio"]
+    for key, val in (
+        ("teacher", info["teacher"]),
+        ("split", info["split"]),
+        ("views", ",".join(info["views"])),
+        ("levels", ",".join(map(str, info["levels"]))),
+        ("channels", str(info["channels"])),
+        ("dtype", info["dtype"]),
+        ("images done/total", f"{info['done']}/{info['images']}"),
+        ("unreadable", str(info["unreadable"])),
+        ("size on disk", _fmt_bytes(info["bytes_on_disk"])),
+        ("bytes/image", _fmt_bytes(info["bytes_per_image"])),
+        ("compression ratio", "-" if math.isnan(ratio) else f"{ratio:.2f}x"),
+        ("created", str(info["created"])),
+    ):
+        table.add_row(key, val)
+    console.print(table)
+    if json_out:
+        print(json.dumps(info, default=str))
+
+
+@cache_app.command("verify")
+def verify_cmd(
+    path: str = typer.Argument(..., help="Store path, e.g. cache/retina_r50/train2017.zarr."),
+    data: Path | None = typer.Option(
+        None, "--data", help="COCO root to check the dataset fingerprints against."
+    ),
+    ann: Path | None = typer.Option(None, "--ann", help="Annotation file (overrides --data)."),
+    images: Path | None = typer.Option(None, "--images", help="Image folder (overrides --data)."),
+    weights: str | None = typer.Option(
+        None, "--weights", help="Teacher weights to check the store's weights fingerprint against."
+    ),
+    quick: bool = typer.Option(
+        False, "--quick", help="Skip decoding every image (fingerprints and markers only)."
+    ),
+    config: str | None = ConfigOption,
+) -> None:
+    """Check fingerprints, completion markers and every chunk (NaN/inf, corruption); exit 1
+    on any problem, naming it."""
+    from dfmsd_cli.store.inspect import verify_store
+    from dfmsd_cli.store.reader import TeacherStore
+
+    ann_file = image_dir = None
+    if data is not None or ann is not None:
+        from dfmsd_cli.data.loader import resolve_data
+
+        split = TeacherStore.open(path).meta.split
+        ann_file, image_dir = resolve_data(data, split, ann, images)
+    problems, notes = verify_store(
+        path, ann_file, image_dir, weights=weights, scan=not quick, progress=True
+    )
+    for n in notes:
+        console.print(f"note: {n}")
+    for p in problems:
+        console.print(f"[red]problem:[/red] {p}", soft_wrap=True)
+    if problems:
+        console.print(f"{path}: {len(problems)} problem(s)")
+        raise typer.Exit(1)
+    console.print(f"{path}: OK")

@@ -1,0 +1,461 @@
+"""``precompute``: run a teacher once over a split and write its store (library function).
+
+Pipeline (three overlapping parts): DataLoader workers decode and resize images; the main
+process runs the teacher (one pass: detections + FPN features, docs/architecture.md); a
+``BackgroundWriter`` thread quantises, compresses and writes each image, then its completion
+marker.
+
+Exactness: a feature map depends on the zero padding the teacher saw. Every batch therefore
+holds images of ONE padded shape, so each image is seen at its own padded size, exactly as if
+it were alone. The batch plan is fixed per block of ``block`` images (images sorted by padded
+shape inside the block, then cut into batches), so it does not depend on sharding or on what
+an earlier, interrupted run finished: a resumed or sharded run recomputes exactly the batches
+an uninterrupted run would, and the stores are identical. (CPU kernels are not bit-invariant
+to the batch size: ~1e-5 absolute differences between a batch of 1 and of 4, below float16
+resolution; a fixed plan avoids even those.)
+
+Scale-out: ``shard=(I, N)`` and torchrun ranks (``RANK``/``WORLD_SIZE``) each take a disjoint,
+block-aligned index range (no process group is needed). Views: ``orig``, ``hflip`` (the
+teacher on the flipped image) and ``me`` (masking enhancement, ``data/enhance.py``), all run
+in the same batch, which has one padded shape.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from dfmsd_cli.data.coco import CocoDetection
+from dfmsd_cli.data.enhance import EnhanceConfig, apply_enhance, choose, input_checksum
+from dfmsd_cli.data.geometry import Geometry, apply_view_image, normalize, pad_batch
+from dfmsd_cli.errors import UserError, suggest
+from dfmsd_cli.store import schema
+from dfmsd_cli.store.reader import TeacherStore
+from dfmsd_cli.store.writer import (
+    BackgroundWriter,
+    ImageResult,
+    StoreSpec,
+    StoreWriter,
+    ViewResult,
+    create_or_open,
+    store_exists,
+)
+from dfmsd_cli.utils.io import sha256_file
+
+# Zstd level 3 on real r50-class teacher features (docs/readme/store.md): stored / raw bytes.
+EXPECTED_RATIO = {"float16": 0.93, "uint8": 0.85}
+THROTTLE_ENV = "DFMSD_PRECOMPUTE_THROTTLE"  # seconds slept per batch: tests kill a slow run
+
+
+def store_path(cache: str | os.PathLike, teacher: str, split: str) -> str:
+    """``<cache>/<teacher>/<split>.zarr`` (a local path or an fsspec URL)."""
+    return f"{str(cache).rstrip('/')}/{teacher}/{split}.zarr"
+
+
+@dataclass
+class PrecomputeOptions:
+    """Everything ``precompute`` needs besides the dataset files (CLI flags map 1:1)."""
+
+    teacher: str
+    split: str = "train2017"
+    weights: str | None = None
+    cache: str = "cache"
+    levels: list[int] | None = None
+    dtype: str = "float16"
+    views: list[str] = field(default_factory=lambda: ["orig"])
+    enhance_from: str | None = None
+    enhance: EnhanceConfig = field(default_factory=EnhanceConfig)
+    geometry: Geometry = field(default_factory=Geometry)
+    batch_size: int = 2
+    num_workers: int = 2
+    shard: tuple[int, int] = (0, 1)
+    device: str = "auto"
+    topk: int = 100
+    score_thr: float = 0.3
+    block: int = 64
+    seed: int = 0
+    max_images: int | None = None
+    strict: bool = False
+    progress: bool = True
+
+
+def _check_options(o: PrecomputeOptions) -> list[str]:
+    if o.dtype not in schema.DTYPES:
+        raise UserError(f"unknown --dtype '{o.dtype}': use float16 or uint8")
+    views = list(dict.fromkeys(o.views))
+    for v in views:
+        if v not in schema.VIEWS_ALL:
+            raise UserError(
+                f"unknown view '{v}'{suggest(v, schema.VIEWS_ALL)}: use orig, hflip "
+                "(and --enhance-from WEAKER for the 'me' view)"
+            )
+    if "orig" not in views:
+        raise UserError("--views must include orig: the distillation loss uses it")
+    if o.enhance_from and "me" not in views:
+        views.append("me")
+    if "me" in views and not o.enhance_from:
+        raise UserError("view 'me' needs the weaker teacher's area ratios: add --enhance-from NAME")
+    if o.batch_size < 1 or o.block < 1 or o.topk < 1:
+        raise UserError("--batch-size, --block and --topk must be >= 1")
+    return views
+
+
+def _rank_shard(shard: tuple[int, int]) -> tuple[int, int]:
+    """Combine ``--shard I/N`` with torchrun's RANK/WORLD_SIZE into one (part, parts)."""
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    i, n = shard
+    return i * world + rank, n * world
+
+
+def _device(name: str) -> torch.device:
+    from dfmsd_cli.utils.device import resolve_device
+
+    dev = resolve_device(name)
+    if dev.type == "cuda" and dev.index is None and "LOCAL_RANK" in os.environ:
+        dev = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    return dev
+
+
+def load_teacher(
+    name: str, num_classes: int, weights: str | None, seed: int = 0
+) -> torch.nn.Module:
+    """Build the teacher (random init seeded by ``seed``) and load ``weights`` strictly."""
+    from dfmsd_cli.models import build_model
+
+    torch.manual_seed(seed)
+    model = build_model(name, num_classes=num_classes)
+    if weights:
+        from dfmsd_cli.models.checkpoint import load_weights
+
+        load_weights(model, weights)
+    return model.eval()
+
+
+def batch_plan(
+    sizes: list[tuple[int, int]], start: int, stop: int, block: int, batch_size: int
+) -> list[list[int]]:
+    """Batches of indices in [start, stop): per block, grouped by padded (H, W), index order.
+
+    ``sizes[i]`` is image i's padded size; ``start`` must be block-aligned. The plan of a block
+    is the same whoever processes it (shard, resume), so results are reproducible.
+    """
+    plan: list[list[int]] = []
+    for b0 in range(start, stop, block):
+        groups: dict[tuple[int, int], list[int]] = defaultdict(list)
+        for i in range(b0, min(b0 + block, stop)):
+            groups[sizes[i]].append(i)
+        for shape in sorted(groups):
+            idx = groups[shape]
+            plan += [idx[k : k + batch_size] for k in range(0, len(idx), batch_size)]
+    return plan
+
+
+class _BatchLoad(Dataset):
+    """Item j = the samples of planned batch j (decoded in DataLoader workers)."""
+
+    def __init__(self, ds: CocoDetection, batches: list[list[int]]):
+        self.ds, self.batches = ds, batches
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, j: int) -> list[tuple[int, dict | None]]:
+        return [(i, self.ds.get(i, "orig")) for i in self.batches[j]]
+
+
+def _identity(x: Any) -> Any:
+    return x
+
+
+def _view_inputs(
+    sample: dict, views: list[str], geometry: Geometry, me: dict | None
+) -> list[torch.Tensor]:
+    """Normalised (3, h, w) input of each view; ``me`` = {"params": EnhanceParams} is filled in."""
+    out = []
+    for v in views:
+        if v == "orig":
+            out.append(sample["image"])
+        elif v == "hflip":
+            out.append(apply_view_image(sample["image"], "hflip"))
+        else:
+            x = apply_enhance(sample["raw"], me["params"])
+            me["checksum"] = input_checksum(x)
+            out.append(normalize(x, geometry))
+    return out
+
+
+def _weaker_ratios(
+    o: PrecomputeOptions, ds: CocoDetection, ann_sha: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """The weaker teacher's (area ratios, completion markers) from its store, checked."""
+    path = store_path(o.cache, o.enhance_from, o.split)
+    if not store_exists(path):
+        raise UserError(
+            f"--enhance-from {o.enhance_from}: no store at {path}: precompute the weaker "
+            f"teacher first (dfmsd precompute --teacher {o.enhance_from} ...)"
+        )
+    weak = TeacherStore.open(path)
+    weak.check(image_ids=ds.image_ids, ann_sha256=ann_sha, geometry=o.geometry)
+    return weak.area_ratios("orig"), weak.done()
+
+
+def plan_summary(
+    ds: CocoDetection, o: PrecomputeOptions, strides: list[int], channels: int, views: list[str]
+) -> dict[str, float]:
+    """Raw bytes per image of the planned store (features + spatial statistics), from sizes."""
+    item = 2 if o.dtype == "float16" else 1
+    total = 0
+    for i in range(len(ds.image_ids)):
+        info = ds.image_info(i)
+        w, h = o.geometry.padded_size(info["width"], info["height"])
+        for s in strides:
+            hw = math.ceil(h / s) * math.ceil(w / s)
+            total += len(views) * (channels * hw * item + 4 * hw)
+    n = max(1, len(ds.image_ids))
+    return {"raw_bytes": float(total), "raw_bytes_per_image": total / n}
+
+
+def precompute(
+    ann_file: str | Path,
+    image_dir: str | Path,
+    options: PrecomputeOptions,
+    dry_run: bool = False,
+    console: Any = None,
+) -> dict[str, Any]:
+    """Write (or resume) the store of ``options.teacher`` for one split; returns a summary.
+
+    The summary holds path, images (total, in this shard, written now, done, unreadable),
+    wall time, teacher forward time, and for ``dry_run`` the projected bytes and seconds
+    (nothing is written then).
+    """
+    o = options
+    views = _check_options(o)
+    t_start = time.perf_counter()
+    ds = CocoDetection(
+        ann_file,
+        image_dir,
+        geometry=o.geometry,
+        train=False,
+        strict=o.strict,
+        max_images=o.max_images,
+    )
+    ds.keep_raw = "me" in views
+    ann_sha = sha256_file(ann_file)
+    n = len(ds.image_ids)
+    if n == 0:
+        raise UserError(f"{ann_file} lists no readable image: check --data/--split")
+    model = load_teacher(o.teacher, ds.num_classes, o.weights, o.seed)
+    strides = list(o.levels or model.strides)
+    bad = [s for s in strides if s not in model.strides]
+    if bad:
+        raise UserError(
+            f"--levels {bad} are not levels of {o.teacher} (its strides: "
+            f"{','.join(map(str, model.strides))}): pick from those"
+        )
+    device = _device(o.device)
+    model.to(device)
+    part, parts = _rank_shard(o.shard)
+    start, stop = schema.shard_range(n, part, parts, o.block)
+    path = store_path(o.cache, o.teacher, o.split)
+    pad_sizes = []
+    for i in range(n):
+        info = ds.image_info(i)
+        w, h = o.geometry.padded_size(info["width"], info["height"])
+        pad_sizes.append((h, w))
+    enhance_cfg = None
+    ratios = weak_done = None
+    if "me" in views:
+        ratios, weak_done = _weaker_ratios(o, ds, ann_sha)
+        enhance_cfg = {**o.enhance.to_dict(), "source": o.enhance_from}
+
+    if dry_run:
+        return _dry_run(ds, o, model, device, strides, views, start, stop, pad_sizes, path)
+
+    spec = StoreSpec(
+        teacher=o.teacher,
+        num_classes=ds.num_classes,
+        weights_sha256=schema.state_dict_sha256(model.state_dict()),
+        weights_path=o.weights,
+        split=o.split,
+        ann_sha256=ann_sha,
+        image_ids=list(ds.image_ids),
+        geometry=o.geometry.to_dict(),
+        strides=strides,
+        channels=model.out_channels,
+        dtype=o.dtype,
+        views=views,
+        block=o.block,
+        topk=o.topk,
+        score_thr=o.score_thr,
+        enhance=enhance_cfg,
+        categories=ds.categories,
+    )
+    group = create_or_open(
+        path, spec, fix=f"delete {path} or pass another --cache to precompute with these settings"
+    )
+    writer = StoreWriter(group)
+    done = writer.done()
+    if ratios is not None:
+        missing = [i for i in range(start, stop) if weak_done[i] == schema.DONE_PENDING]
+        if missing:
+            raise UserError(
+                f"--enhance-from {o.enhance_from}: {len(missing)} images of this range are not "
+                f"complete in its store: finish 'dfmsd precompute --teacher {o.enhance_from}' first"
+            )
+    plan = [
+        b
+        for b in batch_plan(pad_sizes, start, stop, o.block, o.batch_size)
+        if any(done[i] == schema.DONE_PENDING for i in b)
+    ]
+    todo = sum(int(done[i] == schema.DONE_PENDING) for b in plan for i in b)
+    stats = {"written": 0, "unreadable": 0}
+
+    from dfmsd_cli.engine.progress import make_progress
+
+    progress = make_progress(disable=not o.progress)
+    task = progress.add_task(f"precompute {o.teacher}", total=todo, info="")
+
+    def on_written(item: ImageResult | int) -> None:
+        stats["unreadable" if isinstance(item, int) else "written"] += 1
+        progress.advance(task)
+
+    loader = DataLoader(
+        _BatchLoad(ds, plan),
+        batch_size=None,
+        shuffle=False,
+        num_workers=o.num_workers,
+        collate_fn=_identity,
+        persistent_workers=False,
+        prefetch_factor=4 if o.num_workers > 0 else None,
+    )
+    bg = BackgroundWriter(writer, maxsize=max(4, 2 * o.batch_size), on_written=on_written)
+    throttle = float(os.environ.get(THROTTLE_ENV, "0") or 0)
+    t_forward = 0.0
+    try:
+        with progress:
+            for items in loader:
+                pending = [(i, s) for i, s in items if done[i] == schema.DONE_PENDING]
+                for i, s in pending:
+                    if s is None:
+                        bg.submit(i)
+                ok = [(i, s) for i, s in items if s is not None]
+                if not any(s is not None for _, s in pending):
+                    continue
+                t0 = time.perf_counter()
+                results = _run_batch(model, ok, views, o, device, ratios, strides)
+                t_forward += time.perf_counter() - t0
+                for r in results:
+                    if done[r.index] == schema.DONE_PENDING:
+                        bg.submit(r)
+                if throttle:
+                    time.sleep(throttle)
+            bg.close()
+    except BaseException:
+        bg.close()
+        raise
+    final = TeacherStore.open(path).done()
+    return {
+        "path": path,
+        "teacher": o.teacher,
+        "split": o.split,
+        "images": n,
+        "range": [start, stop],
+        "written": stats["written"],
+        "unreadable": stats["unreadable"],
+        "done": int((final == schema.DONE_OK).sum()),
+        "pending": int((final == schema.DONE_PENDING).sum()),
+        "wall_s": time.perf_counter() - t_start,
+        "teacher_s": t_forward,
+        "load_stats": dict(ds.stats),
+    }
+
+
+@torch.inference_mode()
+def _run_batch(
+    model: torch.nn.Module,
+    items: list[tuple[int, dict]],
+    views: list[str],
+    o: PrecomputeOptions,
+    device: torch.device,
+    ratios: np.ndarray | None,
+    strides: list[int],
+) -> list[ImageResult]:
+    """One teacher pass over every (image, view) of a same-padded-shape batch."""
+    inputs, sizes, me = [], [], []
+    for i, s in items:
+        params = None
+        if "me" in views:
+            params = {"params": choose(float(ratios[i]), s["image_id"], s["size"], o.enhance)}
+        me.append(params)
+        inputs += _view_inputs(s, views, o.geometry, params)
+        sizes += [tuple(s["size"])] * len(views)
+    x = pad_batch(inputs, o.geometry.pad_divisor).to(device)
+    out = model(x, sizes)
+    H, W = x.shape[-2:]
+    feats = {s: out.features[s].float().cpu() for s in strides}
+    results = []
+    for k, (i, s) in enumerate(items):
+        vr = {}
+        for j, v in enumerate(views):
+            b = k * len(views) + j
+            det = out.detections[b]
+            vr[v] = ViewResult(
+                features={st: feats[st][b] for st in strides},
+                boxes=det["boxes"].float().cpu(),
+                scores=det["scores"].float().cpu(),
+                labels=det["labels"].cpu(),
+            )
+        enh = None
+        if me[k] is not None:
+            enh = {"params": me[k]["params"].to_array(), "checksum": me[k]["checksum"]}
+        own = (
+            math.ceil(s["size"][0] / o.geometry.pad_divisor) * o.geometry.pad_divisor,
+            math.ceil(s["size"][1] / o.geometry.pad_divisor) * o.geometry.pad_divisor,
+        )
+        if own != (int(H), int(W)):  # the plan groups by padded shape; never store inexact maps
+            raise RuntimeError(f"image {i} padded to {own} ran in a {H}x{W} batch")
+        results.append(ImageResult(i, tuple(s["size"]), own, vr, enh))
+    return results
+
+
+def _dry_run(ds, o, model, device, strides, views, start, stop, pad_sizes, path) -> dict:
+    """Projected size (from image sizes) and time (one timed teacher pass) — writes nothing."""
+    est = plan_summary(ds, o, strides, model.out_channels, views)
+    n_range = stop - start
+    shapes = [pad_sizes[i] for i in range(start, stop)] or [pad_sizes[0]]
+    shape = max(set(shapes), key=shapes.count)  # the most common padded shape
+    bsz = min(o.batch_size, max(1, n_range)) * len(views)
+    x = torch.zeros(bsz, 3, *shape, device=device)
+    with torch.inference_mode():
+        model(x[:1])  # warm-up
+        t0 = time.perf_counter()
+        model(x)
+        per_image = (time.perf_counter() - t0) / (bsz / len(views))
+    done = 0
+    if store_exists(path):
+        d = TeacherStore.open(path).done()[start:stop]
+        done = int((d != schema.DONE_PENDING).sum())
+    todo = n_range - done
+    ratio = EXPECTED_RATIO[o.dtype]
+    return {
+        "path": path,
+        "dry_run": True,
+        "images": len(ds.image_ids),
+        "range": [start, stop],
+        "todo": todo,
+        "raw_bytes_per_image": est["raw_bytes_per_image"],
+        "projected_bytes": est["raw_bytes"] * ratio,
+        "expected_compression": ratio,
+        "projected_seconds": per_image * todo,
+        "seconds_per_image": per_image,
+        "probe_shape": list(shape),
+    }

@@ -1,0 +1,220 @@
+"""precompute end to end on generated data with tiny teachers: exactness, resume after SIGKILL,
+shards, mismatch errors, the enhancement view, and ``cache verify``."""
+
+from __future__ import annotations
+
+import math
+import multiprocessing as mp
+import os
+import shutil
+import signal
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import zarr
+
+from dfmsd_cli.cli import main
+from dfmsd_cli.data.coco import CocoDetection
+from dfmsd_cli.data.enhance import EnhanceConfig, regenerate
+from dfmsd_cli.data.geometry import Geometry
+from dfmsd_cli.errors import UserError
+from dfmsd_cli.store.inspect import store_info, verify_store
+from dfmsd_cli.store.precompute import PrecomputeOptions, load_teacher, precompute
+from dfmsd_cli.store.reader import TeacherStore
+
+GEOM = Geometry(img_scale=(128, 96))
+N_IMAGES = 8
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    from dfmsd_cli.data.synthetic import make_synthetic
+
+    root = tmp_path_factory.mktemp("syn")
+    return make_synthetic(root / "d", images=N_IMAGES, seed=1, min_size=64, max_size=128)
+
+
+def _files(root: Path) -> tuple[Path, Path]:
+    return root / "annotations" / "instances_train2017.json", root / "train2017"
+
+
+def _opts(cache: Path, **kw) -> PrecomputeOptions:
+    base = dict(
+        teacher="retina_tiny",
+        cache=str(cache),
+        geometry=GEOM,
+        views=["orig", "hflip"],
+        block=2,
+        batch_size=2,
+        num_workers=0,
+        device="cpu",
+        progress=False,
+    )
+    base.update(kw)
+    return PrecomputeOptions(**base)
+
+
+@pytest.fixture(scope="module")
+def baseline(data, tmp_path_factory) -> Path:
+    """An uninterrupted, single-process run: the reference store."""
+    cache = tmp_path_factory.mktemp("base")
+    summary = precompute(*_files(data), _opts(cache))
+    assert summary["written"] == N_IMAGES and summary["done"] == N_IMAGES
+    return Path(summary["path"])
+
+
+def _arrays(path: Path) -> dict[str, np.ndarray]:
+    g = zarr.open_group(str(path), mode="r")
+    return {name: np.asarray(a[:]) for name, a in g.arrays()} | {
+        f"{gn}/{name}": np.asarray(a[:]) for gn, sub in g.groups() for name, a in _walk(sub)
+    }
+
+
+def _walk(group, prefix=""):
+    for name, a in group.arrays():
+        yield prefix + name, a
+    for gn, sub in group.groups():
+        yield from _walk(sub, prefix + gn + "/")
+
+
+def assert_same_store(a: Path, b: Path) -> None:
+    xa, xb = _arrays(a), _arrays(b)
+    assert sorted(xa) == sorted(xb)
+    for k in xa:
+        assert np.array_equal(xa[k], xb[k]), f"array {k} differs"
+
+
+def _run(data: Path, cache: Path, shard: tuple[int, int], throttle: float) -> None:
+    """Child-process body: a real, separate writer process (forked: no second torch import)."""
+    os.environ["DFMSD_PRECOMPUTE_THROTTLE"] = str(throttle)
+    precompute(*_files(data), _opts(cache, shard=shard))
+
+
+def _spawn(data: Path, cache: Path, shard=(0, 1), throttle=0.0) -> mp.Process:
+    p = mp.get_context("fork").Process(target=_run, args=(data, cache, shard, throttle))
+    p.start()
+    return p
+
+
+def test_features_are_the_teacher_on_each_image_alone(data, baseline):
+    """Stored maps = the teacher run on the image alone at its own padded size (and flipped)."""
+    store = TeacherStore.open(baseline)
+    ds = CocoDetection(*_files(data), geometry=GEOM, train=False)
+    assert store.meta.image_ids == ds.image_ids
+    model = load_teacher("retina_tiny", ds.num_classes, None, seed=0)
+    portrait = 0
+    for i in range(N_IMAGES):
+        s = ds.get(i, "orig")
+        h, w = s["size"]
+        H, W = math.ceil(h / 32) * 32, math.ceil(w / 32) * 32
+        portrait += H > W
+        x, xf = torch.zeros(2, 1, 3, H, W)
+        x[0, :, :h, :w] = s["image"]
+        xf[0, :, :h, :w] = s["image"].flip(-1)  # flip the image, then pad bottom/right
+        for view, inp in (("orig", x), ("hflip", xf)):
+            with torch.inference_mode():
+                ref = model(inp, [(h, w)]).features
+            t = store.get(i, view)
+            for st in store.meta.strides:
+                assert t["features"][st].shape == ref[st][0].shape
+                torch.testing.assert_close(t["features"][st], ref[st][0], atol=2e-3, rtol=2e-3)
+    assert portrait > 0  # the transposed layout is exercised
+    info = store_info(baseline)
+    assert info["done"] == N_IMAGES and info["bytes_on_disk"] > 0
+
+
+def test_sigkill_then_resume_equals_uninterrupted(data, baseline, tmp_path):
+    p = _spawn(data, tmp_path, throttle=0.3)
+    store = tmp_path / "retina_tiny" / "train2017.zarr"
+    deadline = time.time() + 60
+    killed_at = None
+    while time.time() < deadline and p.is_alive():
+        if (store / "zarr.json").exists():
+            done = np.asarray(zarr.open_group(str(store), mode="r")["done"][:])
+            if 0 < (done == 1).sum() < N_IMAGES:
+                os.kill(p.pid, signal.SIGKILL)  # no cleanup of any kind runs
+                killed_at = int((done == 1).sum())
+                break
+        time.sleep(0.02)
+    p.join()
+    assert killed_at is not None and p.exitcode == -signal.SIGKILL
+    done = np.asarray(zarr.open_group(str(store), mode="r")["done"][:])
+    assert (done == 1).sum() < N_IMAGES
+    summary = precompute(*_files(data), _opts(tmp_path))  # resume
+    assert 0 < summary["written"] < N_IMAGES and summary["done"] == N_IMAGES
+    assert_same_store(store, baseline)
+
+
+def test_two_shard_processes_equal_one(data, baseline, tmp_path):
+    procs = [_spawn(data, tmp_path, shard=(k, 2)) for k in range(2)]
+    for p in procs:
+        p.join(timeout=120)
+        assert p.exitcode == 0
+    assert_same_store(tmp_path / "retina_tiny" / "train2017.zarr", baseline)
+
+
+@pytest.mark.parametrize(
+    "change,what",
+    [
+        ({"seed": 1}, "teacher weights"),
+        ({"geometry": Geometry(img_scale=(160, 96))}, "geometry img_scale"),
+        ({"max_images": 6}, "ordered image ids"),
+        ({"views": ["orig"]}, "views"),
+    ],
+)
+def test_precompute_into_mismatching_store_names_difference(data, baseline, change, what):
+    cache = baseline.parent.parent
+    with pytest.raises(UserError, match=what):
+        precompute(*_files(data), _opts(cache, **change))
+
+
+def test_enhancement_view_regenerates_bit_identical(data, baseline, tmp_path):
+    cache = tmp_path / "c"
+    shutil.copytree(baseline.parent, cache / "retina_tiny")
+    weak = TeacherStore.open(cache / "retina_tiny" / "train2017.zarr")
+    ratios = weak.area_ratios()
+    theta = float(np.median(ratios)) + 1e-6 if ratios.max() > 0 else 1.0
+    cfg = EnhanceConfig(theta=theta, p=1.0, seed=3)
+    precompute(
+        *_files(data),
+        _opts(cache, teacher="frcnn_tiny", enhance_from="retina_tiny", views=["orig"], enhance=cfg),
+    )
+    store = TeacherStore.open(cache / "frcnn_tiny" / "train2017.zarr")
+    assert store.meta.views == ("orig", "me") and store.meta.enhance["source"] == "retina_tiny"
+    ds = CocoDetection(*_files(data), geometry=GEOM, train=False)
+    ds.keep_raw = True
+    model = load_teacher("frcnn_tiny", ds.num_classes, None, seed=0)
+    kinds = set()
+    for i in range(N_IMAGES):
+        t = store.get(i, "me")
+        kinds.add(t["enhance"]["kind"])
+        raw = ds.get(i, "orig")["raw"]
+        x = regenerate(raw, t["enhance"])  # raises on a checksum mismatch
+        assert torch.equal(x, regenerate(raw, t["enhance"]))
+        if i < 2:  # the stored ME features are the teacher on that input
+            from dfmsd_cli.data.geometry import normalize, pad_batch
+
+            with torch.inference_mode():
+                ref = model(pad_batch([normalize(x, GEOM)], 32), [tuple(x.shape[-2:])]).features
+            torch.testing.assert_close(t["features"][8], ref[8][0], atol=2e-3, rtol=2e-3)
+    assert kinds == {"noise", "crop"} or ratios.max() == 0
+
+
+def test_cache_verify_catches_corruption_and_missing_marker(baseline, tmp_path, capsys):
+    path = tmp_path / "s.zarr"
+    shutil.copytree(baseline, path)
+    problems, _ = verify_store(path)
+    assert problems == []
+    chunk = path / "feat" / "hflip" / "16" / "c" / "3" / "0" / "0" / "0"
+    chunk.write_bytes(b"\x00garbage" * 10)
+    zarr.open_group(str(path), mode="r+")["done"][5] = 0
+    with pytest.raises(SystemExit) as exc:
+        main(["cache", "verify", str(path)])
+    assert exc.value.code == 1
+    cap = capsys.readouterr()
+    out = " ".join((cap.out + cap.err).split())
+    assert "image index 3" in out and "view hflip stride 16" in out
+    assert "no completion marker" in out and "index 5" in out
