@@ -216,7 +216,7 @@ def distill(opts: DistillOptions) -> dict[str, Any]:
         result = _run_stage(ctx, student, plan, ss, stage_state)
         state = None
         summary["stages"].append(result)
-        if result["stopped"]:
+        if not result["complete"] or (result["stopped"] and plan is not plans[-1]):
             stopped = True
             break
     summary["seconds"] = round(time.perf_counter() - t0, 2)
@@ -357,7 +357,7 @@ def _run_stage(
                 values, loss = _train_step(ddp_model, batch, device, use_amp)
                 if not torch.isfinite(loss):
                     raise UserError(
-                        f"{plan.tag}: loss became {float(loss)} at epoch {epoch + 1} step "
+                        f"{plan.tag}: loss became {float(loss.detach())} at epoch {epoch + 1} step "
                         f"{step + 1} (parts: {format_losses(values, 10)}): the last good "
                         f"checkpoint is {ctx.out / 'last.pth'}; lower --lr or the loss weights "
                         "(--alpha/--beta/--gamma) or set --grad-clip, then --resume"
@@ -376,7 +376,9 @@ def _run_stage(
                     advance=1,
                     info=f"ep {epoch + 1} lr {lr:.2e} " + format_losses(smooth.update(values), 8),
                 )
-                if iteration % 10 == 0 or step == steps_per_epoch:
+                ctx.steps_done += 1
+                stopped = opts.max_steps is not None and ctx.steps_done >= opts.max_steps
+                if iteration % 10 == 0 or step == steps_per_epoch or stopped:
                     ctx.log.write(
                         {
                             "phase": "train",
@@ -391,11 +393,9 @@ def _run_stage(
                     )
                 if opts.save_interval and iteration % opts.save_interval == 0:
                     checkpoint(epoch, step, iteration)
-                ctx.steps_done += 1
-                if opts.max_steps is not None and ctx.steps_done >= opts.max_steps:
-                    stopped = True
+                if stopped:
                     break
-            if stopped:
+            if stopped and step < steps_per_epoch:  # mid-epoch stop (--max-steps)
                 checkpoint(epoch, step, iteration)
                 break
             epoch, step = epoch + 1, 0
@@ -412,8 +412,9 @@ def _run_stage(
         "seconds": round(elapsed, 2),
         "seconds_per_step": round(elapsed / max(done_steps, 1), 4),
         "stopped": stopped,
+        "complete": epoch >= plan.epochs,
     }
-    if stopped:
+    if not result["complete"]:
         return result
     if dist_info.is_main:
         stage_file = ctx.out / f"{plan.tag}.pth"

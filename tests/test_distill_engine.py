@@ -1,0 +1,182 @@
+"""Stage-wise distillation end to end on generated data: two stages with ME from the CLI,
+bit-exact resume, no teacher ever constructed, baselines, and the pre-training store checks."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from dfmsd_cli.data.geometry import Geometry
+from dfmsd_cli.distill.engine import DistillOptions, distill
+from dfmsd_cli.errors import UserError
+
+GEOM = Geometry(img_scale=(128, 96))
+STUDENT = "retina_tiny"
+TEACHERS = ("fcos_tiny", "retina_tiny")  # weaker, stronger (the stronger holds the ME view)
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory) -> dict:
+    """4 training images, 1 val, and two teacher stores (orig+hflip; the second also 'me')."""
+    from dfmsd_cli.data.synthetic import make_synthetic
+    from dfmsd_cli.store.precompute import PrecomputeOptions, precompute
+
+    root = tmp_path_factory.mktemp("distill")
+    data = make_synthetic(root / "data", images=4, seed=0, val_images=1, min_size=64, max_size=128)
+    ann, imgs = data / "annotations" / "instances_train2017.json", data / "train2017"
+    cache = root / "cache"
+    for teacher, enhance_from in ((TEACHERS[0], None), (TEACHERS[1], TEACHERS[0])):
+        opts = PrecomputeOptions(
+            teacher=teacher,
+            cache=str(cache),
+            views=["orig", "hflip"],
+            enhance_from=enhance_from,
+            geometry=GEOM,
+            num_workers=0,
+            device="cpu",
+            seed=1,
+            progress=False,
+        )
+        precompute(ann, imgs, opts)
+    return {"data": data, "cache": cache, "root": root}
+
+
+def _opts(env, out: Path, **kw) -> DistillOptions:
+    base = dict(
+        student=STUDENT,
+        out=out,
+        stages=TEACHERS,
+        data=env["data"],
+        cache=str(env["cache"]),
+        epochs=(1, 1),
+        batch_size=2,
+        warmup_iters=2,
+        num_workers=0,
+        device="cpu",
+        evaluate=False,
+    )
+    base.update(kw)
+    return DistillOptions(**base)
+
+
+@pytest.fixture
+def built_models(monkeypatch) -> list[str]:
+    """Record every model the code under test constructs (the no-teacher guard)."""
+    from dfmsd_cli.models.registry import ModelSpec
+
+    names: list[str] = []
+    original = ModelSpec.build
+
+    def build(self, num_classes, **options):
+        names.append(self.name)
+        return original(self, num_classes, **options)
+
+    monkeypatch.setattr(ModelSpec, "build", build)
+    return names
+
+
+def _state(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
+
+
+def test_two_stage_me_run_from_cli_builds_no_teacher(env, tmp_path, built_models):
+    from dfmsd_cli.cli import app
+    from dfmsd_cli.models import build_model
+
+    out = tmp_path / "run"
+    args = [
+        "distill", "--student", STUDENT, "--stages", ",".join(TEACHERS),
+        "--data", str(env["data"]), "--cache", str(env["cache"]), "--epochs", "1,1",
+        "--out", str(out), "--num-workers", "0", "--device", "cpu", "--warmup-iters", "2",
+        "--img-scale", "128,96",
+    ]  # fmt: skip
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    # the hard rule: only the student was ever constructed (teachers live in the stores)
+    assert built_models == [STUDENT]
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if r["phase"] == "train"]
+    stage1 = [r for r in train if r["stage"] == 1]
+    stage2 = [r for r in train if r["stage"] == 2]
+    assert stage1 and stage2
+    assert all("loss_kd" in r and "loss_sfa" in r for r in train)
+    assert all("loss_me" not in r for r in stage1) and all("loss_me" in r for r in stage2)
+    assert all(math.isfinite(r["loss"]) for r in train)
+    assert {r["stage"] for r in records if r["phase"] == "val"} == {1, 2}  # eval after stages
+    for name in ("stage1_fcos_tiny.pth", "stage2_retina_tiny.pth", "student.pth", "config.json"):
+        assert (out / name).is_file()
+    # student.pth: only the student; loads as a dfmsd checkpoint and as a plain state dict
+    ckpt = torch.load(out / "student.pth", map_location="cpu", weights_only=False)
+    assert ckpt["model"] == STUDENT and "optimizer" not in ckpt
+    fresh = build_model(STUDENT, num_classes=ckpt["num_classes"])
+    fresh.load_state_dict(ckpt["state_dict"], strict=True)
+    assert all(not k.startswith(("losses.", "student.")) for k in ckpt["state_dict"])
+    # stage 2 started from stage 1's weights and changed them
+    s1, s2 = _state(out / "stage1_fcos_tiny.pth"), _state(out / "student.pth")
+    assert any(not torch.equal(s1[k], s2[k]) for k in s1)
+
+
+def test_resume_is_bit_exact(env, tmp_path):
+    full = distill(_opts(env, tmp_path / "full", epochs=(2, 1)))
+    assert [s["iterations"] for s in full["stages"]] == [4, 2]
+    part = tmp_path / "part"
+    first = distill(_opts(env, part, epochs=(2, 1), max_steps=3))  # stops mid-epoch 2
+    assert first["stages"][0]["stopped"] and not (part / "student.pth").exists()
+    second = distill(_opts(env, part, epochs=(2, 1), max_steps=1, resume=True))
+    assert second["stages"][0]["complete"] and len(second["stages"]) == 1  # at the stage end
+    assert (part / "stage1_fcos_tiny.pth").is_file() and not (part / "student.pth").exists()
+    distill(_opts(env, part, epochs=(2, 1), max_steps=1, resume=True))  # mid stage 2
+    assert not (part / "student.pth").exists()
+    distill(_opts(env, part, epochs=(2, 1), resume=True))
+    a, b = _state(tmp_path / "full" / "student.pth"), _state(part / "student.pth")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("method", ["none", "mgd", "pkd", "fgd", "dmkd"])
+def test_baselines_run_on_the_same_engine(env, tmp_path, method, built_models):
+    summary = distill(
+        _opts(env, tmp_path / method, method=method, max_steps=2, img_scale=(128, 96))
+    )
+    assert len(summary["stages"]) == 1 and summary["stages"][0]["iterations"] == 2
+    assert built_models == [STUDENT]
+    if method != "none":
+        assert summary["stages"][0]["teacher"] == TEACHERS[-1]  # one stage, strongest teacher
+    log = (tmp_path / method / "metrics.jsonl").read_text()
+    assert ("loss_kd" in log) == (method != "none")
+
+
+def test_ablation_flags_shape_the_run(env, tmp_path):
+    s = distill(_opts(env, tmp_path / "nosal", sal=False, sfa=False, me=False, max_steps=1))
+    assert [st["teacher"] for st in s["stages"]] == [TEACHERS[-1]]
+    log = (tmp_path / "nosal" / "metrics.jsonl").read_text()
+    assert "loss_kd" in log and "loss_sfa" not in log and "loss_me" not in log
+
+
+def test_nan_loss_stops_with_clear_message(env, tmp_path):
+    with pytest.raises(UserError, match="last good checkpoint"):
+        distill(_opts(env, tmp_path / "nan", alpha=float("nan")))
+
+
+def test_store_mismatch_is_an_error_before_training(env, tmp_path):
+    data = env["data"]
+    with pytest.raises(UserError, match="does not match"):  # another geometry than the stores'
+        distill(_opts(env, tmp_path / "g", img_scale=(160, 128)))
+    with pytest.raises(UserError, match="does not match"):  # another annotation file
+        distill(
+            _opts(
+                env,
+                tmp_path / "a",
+                ann=data / "annotations" / "instances_val2017.json",
+                images=data / "val2017",
+            )
+        )
+    with pytest.raises(UserError, match="no teacher store"):
+        distill(_opts(env, tmp_path / "m", stages=("frcnn_tiny",), epochs=(1,)))
+    with pytest.raises(UserError, match="--epochs has 3 values"):
+        distill(_opts(env, tmp_path / "e", epochs=(1, 1, 1)))
+    assert not (tmp_path / "g" / "metrics.jsonl").exists()
