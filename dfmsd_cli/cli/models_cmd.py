@@ -1,3 +1,56 @@
-"""CLI commands (models_cmd)."""
+"""``dfmsd models``: list the detector zoo (registry of ``{head}_{backbone}`` names)."""
 
-from dfmsd_cli.cli.app import app  # noqa: F401
+from __future__ import annotations
+
+import json
+
+import typer
+
+from dfmsd_cli.cli.app import ConfigOption, app
+
+
+@app.command("models")
+def models_command(
+    pattern: str = typer.Argument(None, help="Only names matching this glob, e.g. 'retina_*'."),
+    as_json: bool = typer.Option(False, "--json", help="Print the list as JSON instead."),
+    num_classes: int = typer.Option(80, "--num-classes", help="Class count for the parameters."),
+    params: bool = typer.Option(True, "--params/--no-params", help="Count parameters."),
+    config: str | None = ConfigOption,
+) -> None:
+    """List the models: head, backbone, FPN strides and channels, parameter count, weights."""
+    from dfmsd_cli.models.registry import describe_models
+
+    rows = describe_models(pattern, num_classes=num_classes if params else None)
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"dfmsd models ({len(rows)})")
+    table.add_column("name", no_wrap=True)
+    table.add_column("head")
+    table.add_column("backbone")
+    table.add_column("strides")
+    table.add_column("ch", justify="right")
+    if params:
+        table.add_column(f"params ({num_classes} cls)", justify="right")
+    table.add_column("COCO AP", justify="right")
+    table.add_column("--weights torchvision")
+    with_ckpt = any(r["checkpoint"] for r in rows)
+    if with_ckpt:
+        table.add_column("checkpoint", overflow="fold")
+    for r in rows:
+        cells = [r["name"], r["head"], r["backbone"], f"{r['strides'][0]}-{r['strides'][-1]}"]
+        cells.append(str(r["channels"]))
+        if params:
+            cells.append(f"{r['parameters'] / 1e6:.2f} M")
+        cells.append("" if r["published_ap"] is None else f"{r['published_ap']:.1f}")
+        cells.append(r["torchvision"] or "")
+        if with_ckpt:
+            cells.append(r["checkpoint"] or "")
+        table.add_row(*cells)
+    console = Console()
+    if not console.is_terminal:  # piped: do not fold the rows to 80 columns
+        console = Console(width=200)
+    console.print(table)

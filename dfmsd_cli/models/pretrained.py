@@ -26,6 +26,7 @@ from torchvision.models._meta import _COCO_CATEGORIES
 
 from dfmsd_cli.errors import UserError
 from dfmsd_cli.models.checkpoint import load_state_strict, unwrap
+from dfmsd_cli.models.registry import annotate_model
 
 # model name -> torchvision detection weights (91 COCO classes, layout of our v1 models)
 TORCHVISION_DETECTION: dict[str, Any] = {
@@ -54,6 +55,23 @@ CLASS_KEYS: dict[str, tuple[str, int]] = {
     "roi_heads.mask_predictor.mask_fcn_logits.bias": ("one", 1),
 }
 NUM_COCO = len(_COCO_CATEGORIES)  # 91 = background + 90 ids (10 of them unused, "N/A")
+
+for _name, _weights in TORCHVISION_DETECTION.items():  # torchvision's published val2017 box AP
+    annotate_model(
+        _name,
+        published_ap=_weights.meta["_metrics"]["COCO-val2017"]["box_map"],
+        checkpoint=f"torchvision: {_weights.url.rsplit('/', 1)[-1]}",
+    )
+
+
+def torchvision_weights_kind(name: str, backbone: str) -> str | None:
+    """What ``--weights torchvision`` loads into ``name``: COCO weights, an ImageNet trunk,
+    or nothing (None)."""
+    if name in TORCHVISION_DETECTION:
+        return "COCO"
+    if backbone in TORCHVISION_BACKBONE:
+        return "ImageNet trunk"
+    return None
 
 
 def download_state_dict(weights: Any) -> dict[str, Tensor]:

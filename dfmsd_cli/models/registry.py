@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from dfmsd_cli.errors import UserError, suggest
 
@@ -80,13 +81,10 @@ class ModelSpec:
 
     def num_parameters(self, num_classes: int = 80) -> int:
         """Parameter count with default options, built on the ``meta`` device (no memory, no
-        init cost) and cached; (head, backbone) models share one meta backbone per FPN layout."""
+        init cost, see ``_SkipMetaInit``) and cached."""
         if num_classes not in self._params:
-            with torch.device("meta"):
-                if self.builder is not None and hasattr(self.builder, "with_backbone"):
-                    model = self.builder.with_backbone(num_classes)
-                else:
-                    model = self.build(num_classes)
+            with torch.device("meta"), _SkipMetaInit():
+                model = self.build(num_classes)
             self._params[num_classes] = sum(p.numel() for p in model.parameters())
         return self._params[num_classes]
 
@@ -107,12 +105,32 @@ class ModelSpec:
         return d
 
 
+class _SkipMetaInit(TorchFunctionMode):
+    """Make in-place ops on meta tensors no-ops while building for a parameter count.
+
+    Weight initialisation (``normal_``, ``uniform_``, ``fill_`` ...) never changes shapes, and
+    on meta tensors it runs through slow Python decompositions (~2 ms per call, seconds for a
+    ResNet-101). Active only inside ``ModelSpec.num_parameters``; never used for real models.
+    """
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", "")
+        if (
+            name.endswith("_")
+            and not name.endswith("__")
+            and args
+            and isinstance(args[0], torch.Tensor)
+            and args[0].is_meta
+        ):
+            return args[0]
+        return func(*args, **(kwargs or {}))
+
+
 _HEADS: dict[str, HeadEntry] = {}
 _BACKBONES: dict[str, BackboneEntry] = {}
 _MODELS: dict[str, ModelSpec] = {}  # one-off names
 _ANNOTATIONS: dict[str, dict[str, Any]] = {}
 _SPEC_CACHE: dict[str, ModelSpec] = {}
-_BACKBONE_CACHE: dict[tuple, nn.Module] = {}  # meta-device backbones, for parameter counts only
 _LOADED = False
 
 
@@ -224,18 +242,6 @@ def _combo_builder(head: HeadEntry, bb: BackboneEntry, name: str) -> Callable[..
         backbone = bb.builder(strides=head.strides, extra=head.extra, **bb_opts)
         return head.builder(backbone, num_classes, strides=head.strides, **head_opts, **head.fixed)
 
-    def with_backbone(num_classes: int) -> nn.Module:
-        """Default-options build reusing a cached backbone (for parameter counts on meta)."""
-        key = (bb.name, head.strides, head.extra)
-        if key not in _BACKBONE_CACHE:
-            _BACKBONE_CACHE[key] = bb.builder(strides=head.strides, extra=head.extra)
-        head_names, _ = _accepted(head.builder)
-        opts = {k: v for k, v in bb.head_defaults.items() if k in head_names}
-        return head.builder(
-            _BACKBONE_CACHE[key], num_classes, strides=head.strides, **opts, **head.fixed
-        )
-
-    build.with_backbone = with_backbone
     return build
 
 
@@ -310,6 +316,25 @@ def build_model(name: str, num_classes: int, **options: Any) -> nn.Module:
     if int(num_classes) < 1:
         raise UserError(f"num_classes must be >= 1, got {num_classes}: check the dataset")
     return spec.build(int(num_classes), **options)
+
+
+def describe_models(pattern: str | None = None, num_classes: int | None = 80) -> list[dict]:
+    """One JSON-able dict per model (``dfmsd models``); ``num_classes=None`` skips the
+    parameter counts. ``torchvision`` says which ``--weights torchvision`` exist."""
+    from dfmsd_cli.models.pretrained import torchvision_weights_kind
+
+    names = list_models(pattern)
+    if pattern and not names:
+        raise UserError(f"no model matches '{pattern}': run 'dfmsd models' for all names")
+    rows = []
+    for name in names:
+        spec = get_spec(name)
+        row = spec.to_dict()
+        if num_classes is not None:
+            row["parameters"] = spec.num_parameters(num_classes)
+        row["torchvision"] = torchvision_weights_kind(name, spec.backbone)
+        rows.append(row)
+    return rows
 
 
 def parse_options(items: list[str] | None) -> dict[str, Any]:
