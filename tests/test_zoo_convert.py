@@ -343,11 +343,11 @@ def test_mmdet_retinanet_converts_strictly_to_mmretina_only():
 
 
 def test_mmretina_levels_and_anchors():
-    from dfmsd_cli.models.mmdet_heads import MMDetP6P7
+    from dfmsd_cli.models.mmdet_heads import MMDetExtraConvs
 
     torch.manual_seed(0)
     model = build_model("mmretina_tiny", num_classes=2).eval()
-    assert isinstance(model.backbone.fpn.extra_blocks, MMDetP6P7)
+    assert isinstance(model.backbone.fpn.extra_blocks, MMDetExtraConvs)
     x = torch.randn(1, 3, 128, 96)
     with torch.no_grad():
         feats = model.extract_features(x)

@@ -15,6 +15,7 @@ state-dict keys equal ``retina_*``'s, with ``backbone.fpn.extra_blocks.p6`` taki
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 from torchvision.ops.feature_pyramid_network import ExtraFPNBlock
 
@@ -23,23 +24,36 @@ from dfmsd_cli.models.dense import DENSE_STRIDES, RetinaDetector
 from dfmsd_cli.models.registry import annotate_model, register_head
 
 
-class MMDetP6P7(ExtraFPNBlock):
-    """P6 = conv3x3/2(C5), P7 = conv3x3/2(P6), no ReLU in between (MMDetection ``FPN`` with
-    ``add_extra_convs='on_input'``). Parameter names ``p6``/``p7`` as torchvision's."""
+class MMDetExtraConvs(ExtraFPNBlock):
+    """MMDetection ``FPN`` extra levels P6/P7 as two 3x3 stride-2 convs (names ``p6``/``p7``).
 
-    def __init__(self, in_channels: int, out_channels: int) -> None:
+    ``source="input"``: P6 = conv(C5) (``add_extra_convs='on_input'``, RetinaNet);
+    ``source="output"``: P6 = conv(P5) (``'on_output'``, FCOS, GFL). ``relu_before`` applies a
+    ReLU before each extra conv (``relu_before_extra_convs``; FCOS True, RetinaNet/GFL False).
+    """
+
+    def __init__(
+        self, in_channels: int, out_channels: int, source: str = "input", relu_before: bool = False
+    ) -> None:
         super().__init__()
+        if source not in ("input", "output"):
+            raise ValueError(f"source must be 'input' or 'output', got {source!r}")
+        self.source = source
+        self.relu_before = relu_before
         self.p6 = nn.Conv2d(in_channels, out_channels, 3, 2, 1)
         self.p7 = nn.Conv2d(out_channels, out_channels, 3, 2, 1)
         for conv in (self.p6, self.p7):
             nn.init.xavier_uniform_(conv.weight)  # MMDetection ConvModule in FPN: xavier
             nn.init.zeros_(conv.bias)
 
+    def _act(self, x: Tensor) -> Tensor:
+        return torch.relu(x) if self.relu_before else x
+
     def forward(
         self, p: list[Tensor], c: list[Tensor], names: list[str]
     ) -> tuple[list[Tensor], list[str]]:
-        p6 = self.p6(c[-1])
-        p7 = self.p7(p6)
+        p6 = self.p6(self._act(c[-1] if self.source == "input" else p[-1]))
+        p7 = self.p7(self._act(p6))
         return [*p, p6, p7], [*names, "p6", "p7"]
 
 
@@ -48,7 +62,7 @@ def build_mmretina(
 ) -> RetinaDetector:
     """RetinaNet with MMDetection's FPN extra levels and unrounded octave anchors."""
     c5 = backbone.fpn.inner_blocks[-1][0].in_channels
-    backbone.fpn.extra_blocks = MMDetP6P7(c5, backbone.out_channels)
+    backbone.fpn.extra_blocks = MMDetExtraConvs(c5, backbone.out_channels, source="input")
     model = RetinaDetector(backbone, num_classes, strides, **options)
     octaves = (1.0, 2 ** (1 / 3), 2 ** (2 / 3))
     sizes = tuple(tuple(4 * s * o for o in octaves) for s in strides)

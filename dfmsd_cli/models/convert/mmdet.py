@@ -159,7 +159,7 @@ def convert_state_dict(
             if m:
                 dst, fn = repl(m), transform
                 break
-        if dst is not None and dst not in target:
+        if dst is None or dst not in target:
             alt = fallback_key(key)
             if alt in target:
                 dst, fn = alt, None
