@@ -239,6 +239,8 @@ class GFLDetector(DetectorMixin, nn.Module):
                 scores_l.append(sc)
                 labels_l.append(cls_idx + 1)
             boxes, scores, labels = torch.cat(boxes_l), torch.cat(scores_l), torch.cat(labels_l)
+            valid = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])  # min_bbox_size 0
+            boxes, scores, labels = boxes[valid], scores[valid], labels[valid]
             keep = batched_nms(boxes, scores, labels, self.nms_thresh)[: self.detections_per_img]
             results.append({"boxes": boxes[keep], "scores": scores[keep], "labels": labels[keep]})
         return results
