@@ -218,3 +218,35 @@ def test_cache_verify_catches_corruption_and_missing_marker(baseline, tmp_path, 
     out = " ".join((cap.out + cap.err).split())
     assert "image index 3" in out and "view hflip stride 16" in out
     assert "no completion marker" in out and "index 5" in out
+
+
+def test_dry_run_projects_and_writes_nothing(data, tmp_path):
+    r = precompute(*_files(data), _opts(tmp_path), dry_run=True)
+    assert r["todo"] == N_IMAGES and r["projected_bytes"] > 0 and r["projected_seconds"] > 0
+    assert not (tmp_path / "retina_tiny").exists()
+
+
+def _main(argv: list[str]) -> int:
+    try:
+        main(argv)
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    return 0
+
+
+def test_cli_precompute_info_and_user_errors(data, tmp_path, capsys):
+    common = ["--data", str(data), "--cache", str(tmp_path), "--img-scale", "128,96"]
+    common += ["--max-images", "3", "--num-workers", "0", "--device", "cpu", "--block", "2"]
+    assert _main(["precompute", "--teacher", "retina_tiny", *common, "--levels", "8,16"]) == 0
+    path = tmp_path / "retina_tiny" / "train2017.zarr"
+    assert (tmp_path / "retina_tiny" / "config.json").is_file()
+    capsys.readouterr()
+    assert _main(["cache", "info", str(path), "--json"]) == 0
+    out = capsys.readouterr().out
+    assert '"done": 3' in out and '"levels": [8, 16]' in out
+    assert _main(["precompute", "--teacher", "retina_tiny", *common, "--views", "orig,hflp"]) == 2
+    assert "did you mean: hflip" in capsys.readouterr().err
+    assert _main(["precompute", "--teacher", "retina_tiny", *common, "--levels", "4"]) == 2
+    assert "not levels of retina_tiny" in capsys.readouterr().err
+    assert _main(["precompute", "--teacher", "retina_tiny", *common, "--dtype", "uint8"]) == 2
+    assert "dtype: store has float16, asked for uint8" in capsys.readouterr().err

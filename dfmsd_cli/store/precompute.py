@@ -40,6 +40,7 @@ from dfmsd_cli.data.geometry import Geometry, apply_view_image, normalize, pad_b
 from dfmsd_cli.errors import UserError, suggest
 from dfmsd_cli.store import schema
 from dfmsd_cli.store.reader import TeacherStore
+from dfmsd_cli.store.schema import store_path
 from dfmsd_cli.store.writer import (
     BackgroundWriter,
     ImageResult,
@@ -54,11 +55,6 @@ from dfmsd_cli.utils.io import sha256_file
 # Zstd level 3 on real r50-class teacher features (docs/readme/store.md): stored / raw bytes.
 EXPECTED_RATIO = {"float16": 0.93, "uint8": 0.85}
 THROTTLE_ENV = "DFMSD_PRECOMPUTE_THROTTLE"  # seconds slept per batch: tests kill a slow run
-
-
-def store_path(cache: str | os.PathLike, teacher: str, split: str) -> str:
-    """``<cache>/<teacher>/<split>.zarr`` (a local path or an fsspec URL)."""
-    return f"{str(cache).rstrip('/')}/{teacher}/{split}.zarr"
 
 
 @dataclass
@@ -340,6 +336,7 @@ def precompute(
     bg = BackgroundWriter(writer, maxsize=max(4, 2 * o.batch_size), on_written=on_written)
     throttle = float(os.environ.get(THROTTLE_ENV, "0") or 0)
     t_forward = 0.0
+    t_loop = time.perf_counter()
     try:
         with progress:
             for items in loader:
@@ -359,6 +356,7 @@ def precompute(
                 if throttle:
                     time.sleep(throttle)
             bg.close()
+        t_loop = time.perf_counter() - t_loop
     except BaseException:
         bg.close()
         raise
@@ -375,6 +373,7 @@ def precompute(
         "pending": int((final == schema.DONE_PENDING).sum()),
         "wall_s": time.perf_counter() - t_start,
         "teacher_s": t_forward,
+        "loop_s": t_loop,
         "load_stats": dict(ds.stats),
     }
 

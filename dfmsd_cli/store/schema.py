@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -78,6 +79,11 @@ FINGERPRINT_FIELDS: dict[str, str] = {
     "score_thr": "area-ratio score threshold",
     "enhance": "enhancement settings",
 }
+
+
+def store_path(cache: str | os.PathLike, teacher: str, split: str) -> str:
+    """``<cache>/<teacher>/<split>.zarr`` (a local path or an fsspec URL)."""
+    return f"{str(cache).rstrip('/')}/{teacher}/{split}.zarr"
 
 
 def image_ids_sha256(image_ids: Sequence[int]) -> str:

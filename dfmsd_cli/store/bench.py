@@ -1,0 +1,320 @@
+"""Store measurements (for ``dfmsd bench store`` and docs/readme/store.md), not tests.
+
+* ``flip_consistency``: cosine(teacher(flip x), flip(teacher(x))) per FPN level — is a flipped
+  stored map a substitute for the teacher on the flipped image? (It is not: see the README.)
+* ``quantization_report``: bytes/image of each codec/dtype on real teacher maps stored as the
+  store stores them (one image per chunk, landscape canvas), the relative RMSE of float16 and
+  uint8, and the relative change of a feature-distillation loss sum (S - T)^2 over the valid
+  positions (MGD/DFMSD form) when T comes from the store instead of float32.
+* ``precompute_overhead``: precompute wall time ÷ teacher-only wall time on the same images,
+  same batches and DataLoader (the teacher-only loop does everything except the store).
+* ``read_throughput``: images/s reading a store shuffled through a DataLoader with workers.
+
+All functions take an already-built model and dataset; ``bench_store`` wires them together.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numcodecs
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from dfmsd_cli.data.coco import CocoDetection
+from dfmsd_cli.data.geometry import Geometry, apply_view_image, pad_batch
+from dfmsd_cli.store.precompute import (
+    PrecomputeOptions,
+    _BatchLoad,
+    _identity,
+    batch_plan,
+    load_teacher,
+    precompute,
+)
+from dfmsd_cli.store.quantize import dequantize_uint8, quantize_uint8, relative_rmse
+from dfmsd_cli.store.reader import StoreDataset
+from dfmsd_cli.store.schema import level_shape
+from dfmsd_cli.store.writer import _place
+
+
+def _own_input(ds: CocoDetection, i: int, view: str = "orig") -> tuple[torch.Tensor, tuple]:
+    s = ds.get(i, "orig")
+    img = apply_view_image(s["image"], view)
+    return pad_batch([img], ds.geometry.pad_divisor), tuple(s["size"])
+
+
+@torch.inference_mode()
+def flip_consistency(model, ds: CocoDetection, indices: list[int]) -> dict[str, Any]:
+    """Mean/min over images of cosine(teacher(pad(flip x)), flip_w(teacher(pad(x)))) per level.
+
+    Both maps have the image's own padded size; flipping a stored map is what a distiller
+    without an hflip view would do. Cosine over all C*h*w values of one image and level.
+    """
+    per: dict[int, list[float]] = {s: [] for s in model.strides}
+    for i in indices:
+        x, size = _own_input(ds, i, "orig")
+        xf, _ = _own_input(ds, i, "hflip")
+        fa = model(x, [size]).features
+        fb = model(xf, [size]).features
+        for s in model.strides:
+            a = fb[s][0].flatten().double()
+            b = fa[s][0].flip(-1).flatten().double()
+            per[s].append(float(torch.nn.functional.cosine_similarity(a, b, dim=0)))
+    return {str(s): {"mean": float(np.mean(v)), "min": float(np.min(v))} for s, v in per.items()}
+
+
+def _codecs() -> dict[str, Any]:
+    out = {f"zstd-{lv}": numcodecs.Zstd(level=lv) for lv in (1, 3, 9)}
+    out["blosc-zstd3-shuffle"] = numcodecs.Blosc(
+        cname="zstd", clevel=3, shuffle=numcodecs.Blosc.SHUFFLE
+    )
+    out["blosc-zstd3-bitshuffle"] = numcodecs.Blosc(
+        cname="zstd", clevel=3, shuffle=numcodecs.Blosc.BITSHUFFLE
+    )
+    return out
+
+
+@torch.inference_mode()
+def quantization_report(
+    model, ds: CocoDetection, indices: list[int], student=None
+) -> dict[str, Any]:
+    """Bytes/image per (dtype, codec) and the error of float16 / uint8 against float32."""
+    canvas = ds.geometry.canvas()
+    codecs = _codecs()
+    nbytes: dict[str, float] = {}
+    raw_bytes = {"float16": 0, "uint8": 0}
+    enc_time: dict[str, float] = {}
+    err: dict[str, list[float]] = {"float16": [], "uint8": []}
+    loss_change: dict[str, list[float]] = {"float16": [], "uint8": []}
+    for i in indices:
+        x, size = _own_input(ds, i)
+        feats = model(x, [size]).features
+        sfeats = student(x, [size]).features if student is not None else None
+        hp, wp = x.shape[-2:]
+        transposed = hp > wp
+        loss = {"float32": 0.0, "float16": 0.0, "uint8": 0.0}
+        for s in model.strides:
+            f = feats[s][0].float()
+            f16 = f.half()
+            q, p = quantize_uint8(f)
+            deq = {"float16": f16.float(), "uint8": dequantize_uint8(q, p)}
+            hc, wc = level_shape(canvas, s)
+            chunks = {
+                "float16": _place(f16.numpy(), hc, wc, transposed),
+                "uint8": _place(q, hc, wc, transposed),
+            }
+            for dt, chunk in chunks.items():
+                raw_bytes[dt] += f.numel() * (2 if dt == "float16" else 1)
+                for cname, codec in codecs.items():
+                    t0 = time.perf_counter()
+                    n = len(codec.encode(np.ascontiguousarray(chunk)))
+                    enc_time[f"{dt}/{cname}"] = enc_time.get(f"{dt}/{cname}", 0.0) + (
+                        time.perf_counter() - t0
+                    )
+                    nbytes[f"{dt}/{cname}"] = nbytes.get(f"{dt}/{cname}", 0) + n
+                if dt == "uint8":
+                    nbytes[f"{dt}/zstd-3"] += p.nbytes  # the per-channel scales
+            if sfeats is not None and sfeats[s].shape == feats[s].shape:
+                st = sfeats[s][0].float()
+                loss["float32"] += float((st - f).pow(2).sum())
+                for dt in ("float16", "uint8"):
+                    loss[dt] += float((st - deq[dt]).pow(2).sum())
+            for dt in ("float16", "uint8"):
+                err[dt].append(relative_rmse(deq[dt], f))
+        if sfeats is not None and loss["float32"] > 0:
+            for dt in ("float16", "uint8"):
+                loss_change[dt].append(abs(loss[dt] - loss["float32"]) / loss["float32"])
+    n = len(indices)
+    out: dict[str, Any] = {"images": n, "dtypes": {}}
+    for dt in ("float16", "uint8"):
+        out["dtypes"][dt] = {
+            "raw_bytes_per_image": raw_bytes[dt] / n,
+            "relative_rmse_mean": float(np.mean(err[dt])),
+            "relative_rmse_max": float(np.max(err[dt])),
+            "loss_relative_change_mean": float(np.mean(loss_change[dt]))
+            if loss_change[dt]
+            else None,
+            "codecs": {
+                c: {
+                    "bytes_per_image": nbytes[f"{dt}/{c}"] / n,
+                    "ratio": raw_bytes[dt] / nbytes[f"{dt}/{c}"],
+                    "encode_MBps": raw_bytes[dt] / 1e6 / max(enc_time[f"{dt}/{c}"], 1e-9),
+                }
+                for c in codecs
+            },
+        }
+    return out
+
+
+@torch.inference_mode()
+def teacher_only(model, ds: CocoDetection, batches: list[list[int]], num_workers: int) -> float:
+    """Wall time of the same decode + forward loop precompute runs, without any store."""
+    loader = DataLoader(
+        _BatchLoad(ds, batches),
+        batch_size=None,
+        num_workers=num_workers,
+        collate_fn=_identity,
+        prefetch_factor=4 if num_workers > 0 else None,
+    )
+    t0 = time.perf_counter()
+    for items in loader:
+        imgs = [s["image"] for _, s in items if s is not None]
+        sizes = [tuple(s["size"]) for _, s in items if s is not None]
+        model(pad_batch(imgs, ds.geometry.pad_divisor), sizes)
+    return time.perf_counter() - t0
+
+
+def precompute_overhead(
+    ann_file, image_dir, opts: PrecomputeOptions, model, ds: CocoDetection
+) -> dict[str, Any]:
+    """precompute wall (store created fresh) ÷ teacher-only wall over the same batch plan."""
+    sizes = []
+    for i in range(len(ds.image_ids)):
+        info = ds.image_info(i)
+        w, h = ds.geometry.padded_size(info["width"], info["height"])
+        sizes.append((h, w))
+    plan = batch_plan(sizes, 0, len(sizes), opts.block, opts.batch_size)
+    t_teacher = teacher_only(model, ds, plan, opts.num_workers)
+    t0 = time.perf_counter()
+    summary = precompute(ann_file, image_dir, opts)
+    t_pre = time.perf_counter() - t0
+    return {
+        "images": len(sizes),
+        "teacher_only_s": t_teacher,
+        "precompute_s": t_pre,
+        "precompute_loop_s": summary["loop_s"],
+        "ratio_total": t_pre / t_teacher,
+        "ratio": summary["loop_s"] / t_teacher,
+        "store": summary["path"],
+    }
+
+
+def read_throughput(
+    path: str,
+    views: tuple[str, ...] = ("orig",),
+    num_workers: int = 2,
+    batch_size: int = 2,
+    epochs: int = 1,
+) -> dict[str, Any]:
+    """Images/s of shuffled ``TeacherStore.get`` through a DataLoader (list-collated)."""
+    ds = StoreDataset(path, views=views)
+    loader = DataLoader(
+        ds,
+        batch_size=batch_size,
+        shuffle=True,
+        num_workers=num_workers,
+        collate_fn=_identity,
+        generator=torch.Generator().manual_seed(0),
+    )
+    n = 0
+    t0 = time.perf_counter()
+    for _ in range(epochs):
+        for batch in loader:
+            n += len(batch)
+    dt = time.perf_counter() - t0
+    return {"images": n, "seconds": dt, "images_per_s": n / dt, "num_workers": num_workers}
+
+
+def student_step_rate(student, ds: CocoDetection, indices: list[int], batch_size: int) -> float:
+    """Images/s of a plain student train step (forward + backward) — what distill consumes."""
+    student.train()
+    samples = [ds.get(i, "orig") for i in indices]
+    opt = torch.optim.SGD(student.parameters(), lr=1e-4)
+    t0 = time.perf_counter()
+    n = 0
+    for k in range(0, len(samples), batch_size):
+        b = samples[k : k + batch_size]
+        x = pad_batch([s["image"] for s in b], ds.geometry.pad_divisor)
+        targets = [{"boxes": s["boxes"], "labels": s["labels"]} for s in b]
+        out = student(x, [tuple(s["size"]) for s in b], targets)
+        loss = sum(out.losses.values())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        n += len(b)
+    student.eval()
+    return n / (time.perf_counter() - t0)
+
+
+def bench_store(
+    ann_file: str | Path,
+    image_dir: str | Path,
+    teacher: str = "retina_r50",
+    student: str = "retina_r18",
+    images: int = 16,
+    geometry: Geometry | None = None,
+    work_dir: str | Path | None = None,
+    num_workers: int = 2,
+    batch_size: int = 2,
+    seed: int = 0,
+    parts: tuple[str, ...] = ("flip", "quant", "precompute", "read"),
+    log=print,
+) -> dict[str, Any]:
+    """Run the store measurements on the first ``images`` images; returns a JSON-able dict."""
+    geometry = geometry or Geometry()
+    ds = CocoDetection(ann_file, image_dir, geometry=geometry, train=False, max_images=images)
+    idx = list(range(len(ds.image_ids)))
+    model = load_teacher(teacher, ds.num_classes, None, seed)
+    torch.manual_seed(seed + 1)
+    stu = load_teacher(student, ds.num_classes, None, seed + 1)
+    res: dict[str, Any] = {
+        "teacher": teacher,
+        "student": student,
+        "weights": "random init (no pretrained weights available offline)",
+        "images": len(idx),
+        "img_scale": list(geometry.img_scale),
+        "torch_threads": torch.get_num_threads(),
+    }
+    if "flip" in parts:
+        res["flip_cosine"] = flip_consistency(model, ds, idx)
+        log(f"flip cosine: {res['flip_cosine']}")
+    if "quant" in parts:
+        res["quantization"] = quantization_report(model, ds, idx, stu)
+        log("quantization done")
+    work = Path(work_dir or tempfile.mkdtemp(prefix="dfmsd-bench-"))
+    stores = {}
+    if "precompute" in parts or "read" in parts:
+        res["precompute"] = {}
+        for dtype in ("float16", "uint8"):
+            opts = PrecomputeOptions(
+                teacher=teacher,
+                split=f"bench-{dtype}",
+                cache=str(work / "cache"),
+                dtype=dtype,
+                geometry=geometry,
+                batch_size=batch_size,
+                num_workers=num_workers,
+                max_images=images,
+                seed=seed,
+                device="cpu",
+                progress=False,
+            )
+            r = precompute_overhead(ann_file, image_dir, opts, model, ds)
+            from dfmsd_cli.store.inspect import store_info
+
+            info = store_info(r["store"])
+            r["bytes_per_image"] = info["bytes_per_image"]
+            r["compression_ratio"] = info["compression_ratio"]
+            res["precompute"][dtype] = r
+            stores[dtype] = r["store"]
+            log(f"precompute {dtype}: {r}")
+    if "read" in parts:
+        res["read"] = {
+            dt: read_throughput(p, num_workers=num_workers, batch_size=batch_size, epochs=3)
+            for dt, p in stores.items()
+        }
+        rate = student_step_rate(stu, ds, idx[: 2 * batch_size], batch_size)
+        res["student_train_images_per_s"] = rate
+        res["read_vs_student"] = {dt: r["images_per_s"] / rate for dt, r in res["read"].items()}
+        log(f"read: {res['read']} student {rate:.3f} img/s")
+    res["hours_per_118k_images"] = (
+        res["precompute"]["float16"]["precompute_s"] / len(idx) * 118287 / 3600
+        if "precompute" in res
+        else math.nan
+    )
+    return res
