@@ -180,3 +180,49 @@ def test_store_mismatch_is_an_error_before_training(env, tmp_path):
     with pytest.raises(UserError, match="--epochs has 3 values"):
         distill(_opts(env, tmp_path / "e", epochs=(1, 1, 1)))
     assert not (tmp_path / "g" / "metrics.jsonl").exists()
+
+
+def test_online_teachers_match_the_store(env):
+    """--online computes what the store holds: same features (float16 rounding) for batches
+    of one image, both views, and the identical ME input and features."""
+    from dfmsd_cli.data.coco import CocoDetection
+    from dfmsd_cli.data.enhance import EnhanceConfig
+    from dfmsd_cli.distill.dataset import DistillDataset, collate_distill
+    from dfmsd_cli.distill.online import OnlineTeacher, load_online_teacher
+    from dfmsd_cli.store.reader import TeacherStore
+
+    data = env["data"]
+    coco = CocoDetection(
+        data / "annotations" / "instances_train2017.json",
+        data / "train2017",
+        geometry=GEOM,
+        views=("orig", "hflip"),
+    )
+    store = TeacherStore.open(env["cache"] / TEACHERS[1] / "train2017.zarr")
+    rows = {i: r for r, i in enumerate(store.meta.image_ids)}
+    levels = (8, 32, 128)
+    stored = DistillDataset(coco, store, [rows[i] for i in coco.image_ids], levels, me=True)
+    plain = DistillDataset(coco, None, keep_raw=True)
+    weak = load_online_teacher(TEACHERS[0], coco.num_classes, None, 1, "cpu")  # fixture seed
+    strong = load_online_teacher(TEACHERS[1], coco.num_classes, None, 1, "cpu")
+    online = OnlineTeacher(strong, list(levels), GEOM, weak, EnhanceConfig())
+    for k in (0, 1):  # image 0, orig and hflip views
+        a = collate_distill([stored[k]])
+        b = online(collate_distill([plain[k]]), a["images"])
+        assert torch.equal(a["me_images"], b["me_images"])
+        for key in ("teacher", "teacher_me"):
+            for s in levels:
+                fa, fb = a[key]["features"][s], b[key]["features"][s]
+                assert torch.equal(a[key]["valid"][s], b[key]["valid"][s])
+                assert (fa - fb).abs().max() <= 1e-3 * fa.abs().max() + 1e-3
+
+
+def test_online_run(env, tmp_path, built_models):
+    s = distill(_opts(env, tmp_path / "on", online=True, max_steps=3, img_scale=(128, 96)))
+    # the student, stage 1's teacher, stage 2's teacher and (for online ME) the weaker one
+    assert built_models == [STUDENT, TEACHERS[0], TEACHERS[1], TEACHERS[0]]
+    assert [st["teacher"] for st in s["stages"]] == [TEACHERS[0], TEACHERS[1]]
+    records = [
+        json.loads(x) for x in (tmp_path / "on" / "metrics.jsonl").read_text().split("\n") if x
+    ]
+    assert "loss_kd" in records[0] and "loss_me" in records[-1]

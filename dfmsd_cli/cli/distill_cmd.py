@@ -92,6 +92,16 @@ def distill_cmd(
     max_steps: int | None = typer.Option(
         None, "--max-steps", help="Stop after N steps in all (quick runs, benchmarks)."
     ),
+    online: bool = typer.Option(
+        False,
+        "--online",
+        help="Teachers in the loop instead of the stores (no disk needed; slower, more memory).",
+    ),
+    teacher_weights: str = typer.Option(
+        "",
+        "--teacher-weights",
+        help="--online: teacher checkpoints, one per --stages entry (empty: seeded random init).",
+    ),
     config: str | None = ConfigOption,
 ) -> None:
     """Distill a student stage by stage from teacher stores (never loads a teacher)."""
@@ -135,6 +145,10 @@ def distill_cmd(
         overwrite=overwrite,
         save_interval=save_interval,
         max_steps=max_steps,
+        online=online,
+        teacher_weights=tuple(w.strip() or None for w in teacher_weights.split(","))
+        if teacher_weights
+        else (),
     )
     summary = distill(opts)
     if int(os.environ.get("RANK", "0")) == 0:

@@ -36,6 +36,7 @@ class DistillDataset(Dataset):
         strides: tuple[int, ...] | None = None,
         me: bool = False,
         verify_me: bool = True,
+        keep_raw: bool = False,
     ) -> None:
         self.coco = coco
         self.store = store
@@ -43,8 +44,8 @@ class DistillDataset(Dataset):
         self.strides = tuple(strides) if strides else None
         self.me = bool(me and store is not None)
         self.verify_me = verify_me
-        if self.me:
-            coco.keep_raw = True
+        self.keep_raw = keep_raw  # --online ME: the raw batch goes to the online teachers
+        coco.keep_raw = self.me or keep_raw
 
     @property
     def views(self) -> tuple[str, ...]:
@@ -60,7 +61,7 @@ class DistillDataset(Dataset):
     def __getitem__(self, k: int) -> dict[str, Any] | None:
         sample = self.coco[k]
         if sample is None or self.store is None:
-            if sample is not None:
+            if sample is not None and not self.keep_raw:
                 sample.pop("raw", None)
             return sample
         row = self.store_index[sample["index"]]  # the dataset may have substituted an image

@@ -96,6 +96,8 @@ class DistillOptions:
     overwrite: bool = False
     save_interval: int = 0
     max_steps: int | None = None  # stop after this many optimizer steps (tests, benchmarks)
+    online: bool = False  # teachers in the loop instead of the stores
+    teacher_weights: tuple[str | None, ...] = ()  # --online: one per --stages entry
 
 
 def resolve_method(opts: DistillOptions) -> MethodConfig:
@@ -154,7 +156,7 @@ def distill(opts: DistillOptions) -> dict[str, Any]:
         device = torch.device("cuda", dist_info.local_rank)
     out = Path(opts.out)
     ann_file, image_dir = resolve_data(opts.data, opts.split, opts.ann, opts.images)
-    geometry = run_geometry(opts.img_scale, opts.cache, opts.split, plans, cfg)
+    geometry = run_geometry(opts.img_scale, opts.cache, opts.split, plans, cfg, online=opts.online)
 
     # -- the dataset, the student, and every stage's store, checked before any training
     coco = CocoDetection(
@@ -166,7 +168,7 @@ def distill(opts: DistillOptions) -> dict[str, Any]:
     seed_everything(opts.seed)
     student = build_model(opts.student, num_classes=coco.num_classes)
     stores: list[StageStore | None] = [None] * len(plans)
-    if cfg.needs_store:
+    if cfg.needs_store and not opts.online:
         ann_sha = sha256_file(ann_file)
         for k, plan in enumerate(plans):
             stores[k] = open_stage_store(
@@ -260,19 +262,25 @@ def _run_stage(
     opts, cfg, device, dist_info = ctx.opts, ctx.cfg, ctx.device, ctx.dist
     views = ss.views if ss is not None else (("orig", "hflip") if opts.flip else ("orig",))
     ctx.coco.views = views
+    mid_stage = state is not None and state.get("optimizer") is not None
+    if state is not None and not mid_stage:
+        set_rng_state(state["rng"])  # stage boundary: modules are built from the saved stream
+    online = _online_teacher(ctx, plan, student) if opts.online and cfg.needs_store else None
     dataset = DistillDataset(
         ctx.coco,
         ss.store if ss is not None else None,
         ss.store_index if ss is not None else None,
         strides=tuple(ss.levels) if ss is not None else None,
         me=ss.me if ss is not None else False,
+        keep_raw=online is not None and online.me,
     )
-    mid_stage = state is not None and state.get("optimizer") is not None
-    if state is not None and not mid_stage:
-        set_rng_state(state["rng"])  # stage boundary: modules are built from the saved stream
     if ss is not None:
         losses = build_stage_losses(
             cfg, ss.levels, student.out_channels, ss.store.meta.channels, with_me=ss.me
+        ).to(device)
+    elif online is not None:
+        losses = build_stage_losses(
+            cfg, online.levels, student.out_channels, online.teacher.out_channels, online.me
         ).to(device)
     else:
         losses = nn.ModuleDict()
@@ -297,7 +305,7 @@ def _run_stage(
         len(views),
         shuffle=True,
         seed=opts.seed + 7919 * plan.index,
-        keep=ctx.train_images,
+        keep=ss.train_images if ss is not None else ctx.train_images,
         rank=dist_info.rank,
         world_size=dist_info.world_size,
     )
@@ -329,7 +337,7 @@ def _run_stage(
 
     smooth = RunningMean()
     t0 = time.perf_counter()
-    done_steps, stopped = 0, False
+    done_steps, stopped, t_first = 0, False, t0
     with make_progress(disable=not dist_info.is_main) as progress:
         task = progress.add_task(
             f"{plan.tag} ({cfg.name})",
@@ -354,7 +362,7 @@ def _run_stage(
                 if batch is None:
                     continue
                 lr = schedule.apply(optimizer, iteration, epoch)
-                values, loss = _train_step(ddp_model, batch, device, use_amp)
+                values, loss = _train_step(ddp_model, batch, device, use_amp, online)
                 if not torch.isfinite(loss):
                     raise UserError(
                         f"{plan.tag}: loss became {float(loss.detach())} at epoch {epoch + 1} step "
@@ -370,6 +378,8 @@ def _run_stage(
                 scaler.step(optimizer)
                 scaler.update()
                 step, iteration, done_steps = step + 1, iteration + 1, done_steps + 1
+                if done_steps == 1:
+                    t_first = time.perf_counter()  # steady-state timing excludes start-up
                 values = all_reduce_mean(values, dist_info)
                 progress.update(
                     task,
@@ -411,6 +421,9 @@ def _run_stage(
         "steps_this_run": done_steps,
         "seconds": round(elapsed, 2),
         "seconds_per_step": round(elapsed / max(done_steps, 1), 4),
+        "steady_seconds_per_step": (
+            round((time.perf_counter() - t_first) / (done_steps - 1), 4) if done_steps > 1 else None
+        ),
         "stopped": stopped,
         "complete": epoch >= plan.epochs,
     }
@@ -434,9 +447,12 @@ def _run_stage(
 
 
 def _train_step(
-    model: nn.Module, batch: dict, device: torch.device, use_amp: bool
+    model: nn.Module, batch: dict, device: torch.device, use_amp: bool, online=None
 ) -> tuple[dict[str, float], Tensor]:
     images = batch["images"].to(device, non_blocking=True)
+    if online is not None:  # --online: the teachers' pass replaces the store read
+        with torch.autocast(device.type, enabled=use_amp):
+            batch.update(online(batch, images))
     targets = [{k: v.to(device) for k, v in t.items()} for t in batch["targets"]]
     teacher = teacher_to(batch["teacher"], device) if "teacher" in batch else None
     teacher_me = teacher_to(batch["teacher_me"], device) if "teacher_me" in batch else None
@@ -449,10 +465,40 @@ def _train_step(
     return values, loss
 
 
+def _online_teacher(ctx: _RunContext, plan: StagePlan, student: nn.Module):
+    """``--online``: build this stage's teacher (and, for ME, the previous teacher)."""
+    from dfmsd_cli.data.enhance import EnhanceConfig
+    from dfmsd_cli.distill.losses.common import match_levels
+    from dfmsd_cli.distill.online import OnlineTeacher, load_online_teacher
+
+    opts = ctx.opts
+    names = list(opts.stages)
+    weights = list(opts.teacher_weights) + [None] * (len(names) - len(opts.teacher_weights))
+    k = plan.index if ctx.cfg.sal else len(names) - 1  # position in --stages
+    nc = ctx.coco.num_classes
+    teacher = load_online_teacher(plan.teacher, nc, weights[k], opts.seed, ctx.device)
+    levels = match_levels(student.strides, teacher.strides)
+    if not levels:
+        raise UserError(
+            f"teacher {plan.teacher} has levels {list(teacher.strides)} and the student "
+            f"{list(student.strides)}: no shared stride"
+        )
+    weaker = None
+    if plan.me and k > 0:
+        weaker = load_online_teacher(names[k - 1], nc, weights[k - 1], opts.seed, ctx.device)
+    elif plan.me:
+        console.print(f"note: --online ME needs a weaker teacher before {plan.teacher}: no L_ME")
+    return OnlineTeacher(
+        teacher, levels, ctx.geometry, weaker, EnhanceConfig() if weaker is not None else None
+    )
+
+
 def _print_plan(cfg: MethodConfig, plans, stores, opts: DistillOptions) -> None:
     from rich.table import Table
 
     console.print(f"[bold]dfmsd distill[/] {opts.student}: {cfg.summary()}")
+    if opts.online and cfg.needs_store:
+        console.print("--online: teachers run in the loop (no store is read)")
     table = Table(title="stages")
     for col in ("stage", "teacher", "epochs", "levels", "views", "ME"):
         table.add_column(col)

@@ -14,6 +14,7 @@ from pathlib import Path
 from dfmsd_cli.distill.losses.common import match_levels
 from dfmsd_cli.distill.methods import MethodConfig, stage_has_me
 from dfmsd_cli.errors import UserError
+from dfmsd_cli.store.schema import DONE_OK
 
 TRAIN_VIEWS = ("orig", "hflip")
 
@@ -76,6 +77,7 @@ class StageStore:
     views: tuple[str, ...]  # training views replayed from the store
     store_index: list[int]  # dataset image index -> store row
     me: bool  # the stage adds L_ME
+    train_images: list[int]  # dataset image indices this stage trains on
 
 
 def open_stage_store(
@@ -93,8 +95,9 @@ def open_stage_store(
 ) -> StageStore:
     """Open the stage's store and check it against the run; every mismatch is a UserError.
 
-    Checks: geometry (img-scale, pad divisor, mean/std), annotation file fingerprint, every
-    dataset image present and complete (``train_images`` are dataset indices trained on),
+    Checks: geometry (img-scale, pad divisor, mean/std), annotation file fingerprint, the
+    training images (``train_images``, dataset indices) the store holds are complete (a store
+    precomputed with ``--max-images`` covers fewer: the stage trains on those, with a note),
     at least one FPN level shared with the student, the ``orig`` view present.
     """
     from dfmsd_cli.store.reader import TeacherStore
@@ -110,15 +113,20 @@ def open_stage_store(
             "student's strides"
         )
     row = {int(i): r for r, i in enumerate(store.meta.image_ids)}
-    missing = [i for i in image_ids if int(i) not in row]
-    if missing:
+    store_index = [row.get(int(i), -1) for i in image_ids]
+    keep = [i for i in train_images if store_index[i] >= 0]
+    if not keep:
         raise UserError(
-            f"store {path} lacks {len(missing)} image(s) of the dataset (e.g. id {missing[0]}): "
-            "it was precomputed on another dataset; precompute this split again"
+            f"store {path} holds none of the dataset's training images: it was precomputed on "
+            "another split or dataset; precompute this split"
         )
-    store_index = [row[int(i)] for i in image_ids]
+    if len(keep) < len(train_images):  # same annotation file, fewer images (--max-images)
+        warn(
+            f"note: store {path} covers {len(keep)} of {len(train_images)} training images "
+            "(precomputed with --max-images?): stage trains on those"
+        )
     done = store.done()
-    incomplete = [image_ids[i] for i in train_images if done[store_index[i]] != 1]
+    incomplete = [image_ids[i] for i in keep if done[store_index[i]] != DONE_OK]
     if incomplete:
         raise UserError(
             f"store {path} has {len(incomplete)} incomplete image(s) (e.g. id {incomplete[0]}): "
@@ -133,7 +141,7 @@ def open_stage_store(
             f"note: store {path} has no 'me' (masking-enhancement) view, stage {plan.index + 1} "
             "runs without L_ME; precompute it with --enhance-from WEAKER_TEACHER to enable ME"
         )
-    return StageStore(store, levels, views, store_index, me)
+    return StageStore(store, levels, views, store_index, me, keep)
 
 
 def train_images(coco, skip_empty: bool) -> list[int]:
@@ -148,14 +156,16 @@ def train_images(coco, skip_empty: bool) -> list[int]:
     return [i for i in range(n) if len(coco._records[i]["labels"])]
 
 
-def run_geometry(img_scale, cache, split: str, plans: list[StagePlan], cfg: MethodConfig):
+def run_geometry(
+    img_scale, cache, split: str, plans: list[StagePlan], cfg: MethodConfig, online: bool = False
+):
     """The run's geometry: ``--img-scale`` when given, else the first store's (the stores are
     checked against it), else MMDetection's default 1333×800."""
     from dfmsd_cli.data.geometry import Geometry
 
     if img_scale is not None:
         return Geometry(img_scale=tuple(img_scale))
-    if cfg.needs_store and plans[0].teacher:
+    if cfg.needs_store and plans[0].teacher and not online:
         from dfmsd_cli.store.reader import TeacherStore
 
         return TeacherStore.open(store_path(cache, plans[0].teacher, split)).meta.geometry

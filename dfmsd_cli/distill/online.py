@@ -1,0 +1,118 @@
+"""``--online``: the same losses with the teachers in the loop instead of the store.
+
+For users without the disk space for a store, and to measure what the store saves. Each stage
+builds its teacher (weights from ``--teacher-weights``, else a seeded random init as
+``dfmsd precompute`` does) and, per batch, produces exactly what
+:func:`dfmsd_cli.store.reader.collate_teacher` would: ``features``, ``valid`` (each image's own
+padded size, as the store records it), and the raw attention statistics.
+
+ME online needs two teacher passes, as the store does at precompute time: the weaker (previous)
+teacher's detections on the original image give the candidate-box area ratio, which chooses the
+enhancement (:func:`dfmsd_cli.data.enhance.choose`, same seeds), and the stage's teacher then runs
+on the enhanced image. Differences from the store: the teacher sees the student's batch padding
+(the store runs each image at its own padded size), and features are float32 (no float16/uint8
+rounding).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from dfmsd_cli.data.geometry import Geometry, normalize, pad_batch, pad_to
+from dfmsd_cli.distill.losses.common import raw_statistics
+
+
+def valid_masks(
+    image_sizes: list[tuple[int, int]], batch_hw: tuple[int, int], strides, divisor: int
+) -> dict[int, Tensor]:
+    """``{s: (B, ceil(H/s), ceil(W/s)) bool}``, True on each image's own padded extent."""
+    H, W = batch_hw
+    out = {}
+    for s in strides:
+        v = torch.zeros(len(image_sizes), math.ceil(H / s), math.ceil(W / s), dtype=torch.bool)
+        for b, (h, w) in enumerate(image_sizes):
+            v[b, : math.ceil(pad_to(h, divisor) / s), : math.ceil(pad_to(w, divisor) / s)] = True
+        out[s] = v
+    return out
+
+
+def load_online_teacher(name: str, num_classes: int, weights: str | None, seed: int, device):
+    """Build a teacher without touching the training RNG stream (its init is seeded)."""
+    from dfmsd_cli.store.precompute import load_teacher
+
+    with torch.random.fork_rng(devices=[]):
+        model = load_teacher(name, num_classes, weights, seed)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model.to(device).eval()
+
+
+class OnlineTeacher:
+    """Per-batch teacher outputs for one stage (``teacher``, and with ME ``teacher_me`` +
+    ``me_images``), in the layout of the store's ``collate_teacher``."""
+
+    def __init__(
+        self,
+        teacher: torch.nn.Module,
+        levels: list[int],
+        geometry: Geometry,
+        weaker: torch.nn.Module | None = None,
+        enhance: Any = None,  # EnhanceConfig when ME runs
+        score_thr: float = 0.3,
+    ) -> None:
+        self.teacher, self.levels, self.geometry = teacher, list(levels), geometry
+        self.weaker, self.enhance, self.score_thr = weaker, enhance, score_thr
+
+    @property
+    def me(self) -> bool:
+        return self.weaker is not None and self.enhance is not None
+
+    def _outputs(self, feats: dict[int, Tensor], valid: dict[int, Tensor]) -> dict[str, Any]:
+        out: dict[str, Any] = {"features": {}, "valid": {}, "att_spatial": {}, "att_channel": {}}
+        for s in self.levels:
+            f = feats[s].float()
+            v = valid[s].to(f.device)
+            f = f * v[:, None]  # zero outside each image's extent, like the store's padding
+            sp, ch = raw_statistics(f, v)
+            out["features"][s], out["valid"][s] = f, v
+            out["att_spatial"][s], out["att_channel"][s] = sp, ch
+        return out
+
+    @torch.no_grad()
+    def __call__(self, batch: dict, images: Tensor) -> dict[str, Any]:
+        sizes = [tuple(hw) for hw in batch["image_sizes"]]
+        hw = tuple(images.shape[-2:])
+        valid = valid_masks(sizes, hw, self.levels, self.geometry.pad_divisor)
+        result = {"teacher": self._outputs(self.teacher.extract_features(images), valid)}
+        if self.me:
+            result.update(self._me(batch, images, sizes, valid))
+        return result
+
+    def _me(self, batch: dict, images: Tensor, sizes, valid) -> dict[str, Any]:
+        from dfmsd_cli.data.enhance import apply_enhance, choose
+        from dfmsd_cli.store.writer import area_ratio
+
+        views = [m["view"] for m in batch["meta"]]
+        raws = [
+            (r.flip(-1) if v == "hflip" else r)[:, :h, :w]
+            for r, v, (h, w) in zip(_unpad_raw(batch["raw"], sizes), views, sizes, strict=True)
+        ]
+        orig = pad_batch([normalize(r, self.geometry) for r in raws], self.geometry.pad_divisor)
+        dets = self.weaker(orig.to(images.device), sizes).detections
+        enhanced = []
+        for r, d, (h, w), meta in zip(raws, dets, sizes, batch["meta"], strict=True):
+            ratio = area_ratio(d["boxes"].cpu(), d["scores"].cpu(), (h, w), self.score_thr)
+            params = choose(ratio, meta["image_id"], (h, w), self.enhance)
+            enhanced.append(normalize(apply_enhance(r, params), self.geometry))
+        me_images = pad_batch(enhanced, self.geometry.pad_divisor).to(images.device)
+        feats = self.teacher.extract_features(me_images)
+        return {"teacher_me": self._outputs(feats, valid), "me_images": me_images}
+
+
+def _unpad_raw(raw: Tensor, sizes) -> list[Tensor]:
+    """The padded raw batch back to per-image maps, undoing the view later if needed."""
+    return [raw[b, :, : sizes[b][0], : sizes[b][1]] for b in range(raw.shape[0])]
