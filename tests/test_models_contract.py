@@ -39,10 +39,22 @@ def _count_backbone_calls(model) -> list[int]:
     return calls
 
 
+# fewer proposals/detections keep the R-CNN tests fast (and exercise option routing)
+RCNN_SMALL = {
+    "rpn_pre_nms_top_n_train": 200,
+    "rpn_post_nms_top_n_train": 100,
+    "rpn_pre_nms_top_n_test": 100,
+    "rpn_post_nms_top_n_test": 50,
+    "box_batch_size_per_image": 64,
+    "box_detections_per_img": 20,
+}
+
+
 @pytest.fixture(scope="module", params=["retina", "fcos", "frcnn", "mrcnn"])
 def model(request):
     torch.manual_seed(0)
-    return build_model(f"{request.param}_tiny", num_classes=3)
+    opts = RCNN_SMALL if request.param in ("frcnn", "mrcnn") else {"detections_per_img": 20}
+    return build_model(f"{request.param}_tiny", num_classes=3, **opts)
 
 
 def test_train_step_features_and_one_backbone_pass(model):
@@ -105,7 +117,7 @@ def test_contract_attributes(model):
 
 
 def test_mrcnn_trains_boxes_only_without_mask_annotations():
-    model = build_model("mrcnn_tiny", num_classes=3).train()
+    model = build_model("mrcnn_tiny", num_classes=3, **RCNN_SMALL).train()
     out = model(torch.randn(2, 3, H, W), SIZES, _targets(with_masks=False))
     assert "loss_mask" not in out.losses and "loss_classifier" in out.losses
     model.eval()

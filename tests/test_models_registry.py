@@ -19,6 +19,7 @@ from dfmsd_cli.models import (
 from dfmsd_cli.models import registry as reg
 from dfmsd_cli.models.backbones import build_resnet_fpn, build_tiny_fpn
 from dfmsd_cli.models.dense import RetinaDetector
+from dfmsd_cli.models.registry import _SkipMetaInit  # fast meta builds (no weight init)
 
 HEADS = ("retina", "fcos", "frcnn", "mrcnn")
 BACKBONES = ("r18", "r34", "r50", "r101", "x101", "x101_32x4d", "tiny")
@@ -67,13 +68,16 @@ def test_options_are_routed_and_recorded():
 
 
 def test_frozen_stages_and_norms():
-    bb = build_resnet_fpn("r18", (8, 16, 32, 64, 128), "p6p7")  # MMDetection defaults
+    with torch.device("meta"), _SkipMetaInit():
+        bb = build_resnet_fpn("r18", (8, 16, 32, 64, 128), "p6p7")  # MMDetection defaults
+        scratch = build_resnet_fpn(
+            "r18", (4, 8, 16, 32, 64), "maxpool", norm="gn", frozen_stages=-1
+        )
     body = bb.body
     assert not any(p.requires_grad for p in body.conv1.parameters())
     assert not any(p.requires_grad for p in body.layer1.parameters())
     assert all(p.requires_grad for p in body.layer2.parameters())
     assert type(body.bn1).__name__ == "FrozenBatchNorm2d"
-    scratch = build_resnet_fpn("r18", (4, 8, 16, 32, 64), "maxpool", norm="gn", frozen_stages=-1)
     assert all(p.requires_grad for p in scratch.parameters())
     assert isinstance(scratch.body.bn1, torch.nn.GroupNorm)
 
@@ -98,7 +102,7 @@ def test_tiny_backbone_is_small():
 )
 def test_big_trunks_match_torchvision_layout_on_meta(arch, tv_builder):
     """Our trunks (built on the meta device, never run) have torchvision's keys and shapes."""
-    with torch.device("meta"):
+    with torch.device("meta"), _SkipMetaInit():
         ours = build_resnet_fpn(arch, (8, 16, 32, 64, 128), "p6p7", norm="bn").body
         if tv_builder is None:
             block = torchvision.models.resnet.Bottleneck
@@ -120,7 +124,7 @@ def test_big_trunks_match_torchvision_layout_on_meta(arch, tv_builder):
 )
 def test_r50_detectors_match_torchvision_state_dict(name, tv_builder):
     """Same keys/shapes as torchvision's COCO models, so --weights torchvision loads."""
-    with torch.device("meta"):
+    with torch.device("meta"), _SkipMetaInit():
         ours = build_model(name, 90)  # 90 + background = torchvision's 91 outputs
         ref = tv_builder(weights=None, weights_backbone=None, num_classes=91)
     assert {k: v.shape for k, v in ours.state_dict().items()} == {

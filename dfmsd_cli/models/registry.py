@@ -118,6 +118,7 @@ class _SkipMetaInit(TorchFunctionMode):
         if (
             name.endswith("_")
             and not name.endswith("__")
+            and name != "requires_grad_"  # a flag, not data: freezing must still work
             and args
             and isinstance(args[0], torch.Tensor)
             and args[0].is_meta
