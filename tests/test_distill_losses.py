@@ -247,3 +247,37 @@ def test_fgd_zero_when_student_equals_teacher_and_positive_otherwise():
     loss = loss_fn(other, t, v, targets=targets)
     loss.backward()
     assert float(loss) > 0 and other[8].grad.abs().sum() > 0
+
+
+def test_method_defaults_per_family_and_overrides():
+    from dfmsd_cli.distill.methods import method_config, stage_has_me
+    from dfmsd_cli.errors import UserError
+
+    one = method_config("dfmsd", "retina_r50")
+    assert (one.alpha, one.beta, one.gamma, one.sal, one.me, one.sfa) == (
+        5e-5,
+        2.5e-5,
+        6.0,
+        True,
+        True,
+        True,
+    )
+    assert one.loss_kwargs == {"lambda_s": 0.65, "lambda_c": 0.5, "tau": 0.5, "rule": "sample"}
+    assert stage_has_me(one, 1, 2) and not stage_has_me(one, 0, 2)
+    assert method_config("mgd", "retina_r50").loss_kwargs["lam"] == 0.65
+    two = method_config("mgd", "frcnn_r50")
+    assert (two.family, two.alpha, two.loss_kwargs["lam"]) == ("two_stage", 5e-7, 0.45)
+    assert method_config("fgd", "mmfcos_r50").loss_kwargs["temperature"] == 0.8
+    assert method_config("pkd", "gfl_r50").alpha == 10.0
+    abl = method_config("dfmsd", "retina_r50", me=False, sfa=False, alpha=1e-4, mask_rule="top")
+    assert (abl.me, abl.sfa, abl.alpha, abl.loss_kwargs["rule"]) == (False, False, 1e-4, "top")
+    assert not method_config("dfmsd", "retina_r50", me_stages="none").me
+    for bad in (
+        lambda: method_config("mdg", "retina_r50"),
+        lambda: method_config("mgd", "retina_r50", sfa=True),
+        lambda: method_config("pkd", "retina_r50", lambda_s=0.5),
+        lambda: method_config("dfmsd", "retina_r50", lambda_c=1.5),
+        lambda: method_config("dfmsd", "yolo_r50"),
+    ):
+        with pytest.raises(UserError):
+            bad()

@@ -77,7 +77,7 @@ class MethodConfig:
 
 def student_family(student: str) -> str:
     """``one_stage`` or ``two_stage`` from the head part of a ``{head}_{backbone}`` name."""
-    head = student.split("_", 1)[0]
+    head = student.split("_", 1)[0].removeprefix("mm")  # mmretina/mmfcos: MMDetection layouts
     if head in ONE_STAGE_HEADS:
         return "one_stage"
     if head in TWO_STAGE_HEADS:
@@ -137,7 +137,7 @@ def method_config(
             if one
             else {"alpha_fg": 5e-5, "beta_bg": 2.5e-5, "gamma_mask": 5e-5, "lambda_rela": 5e-7}
         )
-        temperature = 0.8 if student.startswith("fcos") else 0.5
+        temperature = 0.8 if student.startswith(("fcos", "mmfcos")) else 0.5
         cfg = MethodConfig(
             method, family, "fgd", alpha=1.0, loss_kwargs={**inner, "temperature": temperature}
         )
