@@ -36,7 +36,6 @@ from dfmsd_cli.distill.stages import (
     open_stage_store,
     plan_stages,
     run_geometry,
-    train_images,
 )
 from dfmsd_cli.engine.checkpoint import (
     load_state,
@@ -160,9 +159,14 @@ def distill(opts: DistillOptions) -> dict[str, Any]:
 
     # -- the dataset, the student, and every stage's store, checked before any training
     coco = CocoDetection(
-        ann_file, image_dir, geometry=geometry, views=("orig", "hflip"), train=True
+        ann_file,
+        image_dir,
+        geometry=geometry,
+        views=("orig", "hflip"),
+        train=True,
+        skip_empty=opts.skip_empty,  # store rows are matched by image id, so this is safe
     )
-    keep = train_images(coco, opts.skip_empty)
+    keep = list(range(len(coco.image_ids)))
     if not keep:
         raise UserError(f"no training images in {image_dir}: check --data/--split or annotations")
     seed_everything(opts.seed)

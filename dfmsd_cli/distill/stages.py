@@ -144,18 +144,6 @@ def open_stage_store(
     return StageStore(store, levels, views, store_index, me, keep)
 
 
-def train_images(coco, skip_empty: bool) -> list[int]:
-    """Dataset image indices trained on (with ``skip_empty``, those with at least one box)."""
-    if hasattr(coco, "train_indices"):
-        keep = coco.train_indices()
-        if keep is not None:
-            return list(keep)
-    n = len(coco.image_ids)
-    if not skip_empty:
-        return list(range(n))
-    return [i for i in range(n) if len(coco._records[i]["labels"])]
-
-
 def run_geometry(
     img_scale, cache, split: str, plans: list[StagePlan], cfg: MethodConfig, online: bool = False
 ):
