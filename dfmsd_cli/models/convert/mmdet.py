@@ -174,7 +174,7 @@ def convert_state_dict(
         if dst in out:
             report.mismatched.append(f"{key} -> {dst}: mapped twice")
             continue
-        out[dst] = value.to(target[dst].dtype).clone()
+        out[dst] = value.to(target[dst].dtype)
         report.mapped += 1
     for dst in target:
         if dst in out:
