@@ -250,3 +250,23 @@ def test_cli_precompute_info_and_user_errors(data, tmp_path, capsys):
     assert "not levels of retina_tiny" in capsys.readouterr().err
     assert _main(["precompute", "--teacher", "retina_tiny", *common, "--dtype", "uint8"]) == 2
     assert "dtype: store has float16, asked for uint8" in capsys.readouterr().err
+
+
+def test_fsspec_url_store_equals_local(data, baseline):
+    """An fsspec URL (the in-memory filesystem here; s3:// etc. where installed) works the same."""
+    pytest.importorskip("fsspec")
+    summary = precompute(*_files(data), _opts("memory://dfmsd-test/cache"))
+    assert summary["path"] == "memory://dfmsd-test/cache/retina_tiny/train2017.zarr"
+    assert_same_store(summary["path"], baseline)
+    assert store_info(summary["path"])["done"] == N_IMAGES
+    again = precompute(*_files(data), _opts("memory://dfmsd-test/cache"))  # resume: no work
+    assert again["written"] == 0
+
+
+def test_torchrun_ranks_compose_with_shards(monkeypatch):
+    from dfmsd_cli.store.precompute import _rank_shard
+
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert _rank_shard((0, 1)) == (1, 2)
+    assert _rank_shard((1, 3)) == (3, 6)
