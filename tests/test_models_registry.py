@@ -155,3 +155,22 @@ def test_register_new_backbone_and_head(monkeypatch):
     assert model.out_channels == 16 and model.name == "toy_mini"
     with pytest.raises(ValueError, match="must not contain"):
         register_head("a_b", RetinaDetector, strides=(8,))
+
+
+def test_register_one_off_model(monkeypatch):
+    monkeypatch.setattr(reg, "_MODELS", dict(reg._MODELS))
+    monkeypatch.setattr(reg, "_SPEC_CACHE", {})
+
+    def builder(num_classes: int, fpn_channels: int = 32):
+        backbone = build_tiny_fpn((8, 16, 32, 64, 128), "p6p7", fpn_channels=fpn_channels)
+        return RetinaDetector(backbone, num_classes)
+
+    reg.register_model(
+        "special_net", builder, head="retina", backbone="tiny",
+        strides=(8, 16, 32, 64, 128), channels=32, published_ap=12.5, checkpoint="s.pth",
+    )  # fmt: skip
+    spec = get_spec("special_net")
+    assert (spec.published_ap, spec.checkpoint) == (12.5, "s.pth")
+    model = build_model("special_net", 4, fpn_channels=16)
+    assert model.name == "special_net" and model.options == {"fpn_channels": 16}
+    assert model.out_channels == 16 and spec.num_parameters(4) > 0
