@@ -377,3 +377,54 @@ def test_retina_checkpoint_into_torchvision_retina_suggests_mmretina(tmp_path):
         convert_mmdet(path, "retina_r50")
     ckpt, report = convert_mmdet(path, "mmretina_r50")
     assert report.ok and ckpt["num_classes"] == 80 and ckpt["categories"][0]["name"] == "person"
+
+
+def retina_to_mmdet_layout(state: dict[str, torch.Tensor], anchors: int = 9) -> dict:
+    """A dfmsd (mm)retina state dict in MMDetection's RetinaNet layout (background dropped)."""
+    out = {}
+    rules = [
+        (r"^backbone\.body\.", "backbone."),
+        (r"^backbone\.fpn\.inner_blocks\.(\d)\.0\.", r"neck.lateral_convs.\1.conv."),
+        (r"^backbone\.fpn\.layer_blocks\.(\d)\.0\.", r"neck.fpn_convs.\1.conv."),
+        (r"^backbone\.fpn\.extra_blocks\.p6\.", "neck.fpn_convs.3.conv."),
+        (r"^backbone\.fpn\.extra_blocks\.p7\.", "neck.fpn_convs.4.conv."),
+        (r"^head\.classification_head\.conv\.(\d)\.0\.", r"bbox_head.cls_convs.\1.conv."),
+        (r"^head\.regression_head\.conv\.(\d)\.0\.", r"bbox_head.reg_convs.\1.conv."),
+        (r"^head\.classification_head\.cls_logits\.", "bbox_head.retina_cls."),
+        (r"^head\.regression_head\.bbox_reg\.", "bbox_head.retina_reg."),
+    ]
+    for k, v in state.items():
+        nk = k
+        for pat, rep in rules:
+            nk, n = re.subn(pat, rep, nk)
+            if n:
+                break
+        if nk.startswith("bbox_head.retina_cls."):
+            per = v.reshape(anchors, -1, *v.shape[1:])[:, 1:]
+            v = per.reshape(-1, *v.shape[1:])
+        out[nk] = v.clone()
+    return out
+
+
+def test_converted_tiny_mmretina_matches_direct(tmp_path):
+    torch.manual_seed(0)
+    direct = build_model("mmretina_tiny", num_classes=3).eval()
+    with torch.no_grad():
+        bias = direct.head.classification_head.cls_logits.bias.view(9, 4)
+        bias[:, 1:] = 0.0  # foreground scores ~0.5: detections to compare
+        bias[:, 0] = -20.0
+    path = tmp_path / "retina.pth"
+    torch.save({"state_dict": retina_to_mmdet_layout(direct.state_dict())}, path)
+    ckpt, report = convert_mmdet(path, "mmretina_tiny")
+    assert report.ok, report.summary()
+    loaded = build_model("mmretina_tiny", num_classes=3).eval()
+    loaded.load_state_dict(ckpt["state_dict"], strict=True)
+    images = torch.randn(1, 3, 96, 128)
+    with torch.no_grad():
+        da, db = (
+            direct(images, [(96, 128)]).detections[0],
+            loaded(images, [(96, 128)]).detections[0],
+        )
+    assert len(da["boxes"]) == 100
+    for key in ("boxes", "scores", "labels"):
+        assert torch.equal(da[key], db[key]), key

@@ -152,6 +152,14 @@ CMR_ZOO: dict[str, tuple[float, str]] = {
         "cascade_mask_rcnn_x101_32x4d_fpn_20e_coco_20200528_083917-ed1f4751.pth",
     ),
     "cmr_x101": (45.6, "cascade_mask_rcnn_x101_64x4d_fpn_20e_coco_20200512_161033-bdb5126a.pth"),
+    "cmr_r50_caffe": (
+        41.2,
+        "cascade_mask_rcnn_r50_caffe_fpn_1x_coco_bbox_mAP-0.412__segm_mAP-0.36_20200504_174659-5004b251.pth",
+    ),
+    "cmr_r101_caffe": (
+        43.2,
+        "cascade_mask_rcnn_r101_caffe_fpn_1x_coco_bbox_mAP-0.432__segm_mAP-0.376_20200504_174813-5c1e9599.pth",
+    ),
 }
 
 
