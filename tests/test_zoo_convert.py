@@ -428,3 +428,23 @@ def test_converted_tiny_mmretina_matches_direct(tmp_path):
     assert len(da["boxes"]) == 100
     for key in ("boxes", "scores", "labels"):
         assert torch.equal(da[key], db[key]), key
+
+
+class MessageHub:  # stands in for mmengine's objects pickled into MMDetection 3.x checkpoints
+    def __init__(self):
+        self.log = {"loss": [1.0]}
+
+
+def test_checkpoint_with_foreign_objects_in_meta_loads_without_running_them(tmp_path):
+    from dfmsd_cli.models.convert import load_mmdet_checkpoint
+
+    torch.manual_seed(0)
+    sd = to_mmdet_layout(build_model("cmr_tiny", num_classes=2).state_dict())
+    path = tmp_path / "mm3.pth"
+    meta = {"dataset_meta": {"classes": ("cat", "dog")}, "message_hub": MessageHub()}
+    torch.save({"meta": meta, "state_dict": sd}, path)
+    state, meta_out = load_mmdet_checkpoint(path)
+    assert set(state) == set(sd)
+    assert type(meta_out["message_hub"]).__name__ == "_Opaque"
+    ckpt, _ = convert_mmdet(path, "cmr_tiny")
+    assert [c["name"] for c in ckpt["categories"]] == ["cat", "dog"]
