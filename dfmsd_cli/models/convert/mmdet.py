@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import pickle
-import types
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -59,32 +58,26 @@ class ConversionReport:
 
 # --------------------------------------------------------------------------------- loading
 class _Opaque:
-    """Stand-in for classes of packages we do not have (mmengine's message hub, ...)."""
+    """Stand-in for every class a checkpoint's ``meta`` references beyond plain tensors and
+    containers (mmengine's message hub, numpy scalars...): built without running its code."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        pass
+        self.args = args
 
     def __setstate__(self, state: Any) -> None:
         self.state = state
 
 
-_ALLOWED_MODULES = ("torch", "collections", "numpy", "_codecs", "builtins", "copyreg")
-
-
-class _Unpickler(pickle.Unpickler):
-    """Resolves torch/numpy/collections globals; anything else becomes :class:`_Opaque`, so a
-    checkpoint's ``meta`` (which may reference mmengine classes) never runs foreign code."""
-
-    def find_class(self, module: str, name: str) -> Any:
-        if module.split(".")[0] in _ALLOWED_MODULES:
-            return super().find_class(module, name)
-        return _Opaque
-
-
-_lenient_pickle = types.ModuleType("dfmsd_lenient_pickle")
-_lenient_pickle.Unpickler = _Unpickler  # type: ignore[attr-defined]
-_lenient_pickle.load = pickle.load  # type: ignore[attr-defined]
-_lenient_pickle.__name__ = "pickle"
+def _torch_load(path: Path) -> Any:
+    """``torch.load(weights_only=True)``; globals it refuses are mapped to :class:`_Opaque`,
+    so nothing outside torch's safe set ever executes (MMDetection 3.x pickles mmengine
+    objects into ``meta``)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+        with torch.serialization.safe_globals([(_Opaque, n) for n in names]):
+            return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def load_mmdet_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[str, Any]]:
@@ -93,17 +86,12 @@ def load_mmdet_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Tensor], d
     if not path.is_file():
         raise UserError(f"checkpoint {path} not found: pass the MMDetection .pth file")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:
-        try:
-            obj = torch.load(
-                path, map_location="cpu", weights_only=False, pickle_module=_lenient_pickle
-            )
-        except Exception as exc:
-            raise UserError(
-                f"cannot read {path} as a PyTorch checkpoint ({type(exc).__name__}: {exc}): "
-                "pass an MMDetection .pth file"
-            ) from exc
+        obj = _torch_load(path)
+    except Exception as exc:
+        raise UserError(
+            f"cannot read {path} as a PyTorch checkpoint ({type(exc).__name__}: {exc}): "
+            "pass an MMDetection .pth file"
+        ) from exc
     if not isinstance(obj, Mapping):
         raise UserError(f"{path} holds a {type(obj).__name__}, not a checkpoint dict")
     state = obj.get("state_dict", obj)
