@@ -132,8 +132,13 @@ def test_targets_required_in_train_mode():
         model(torch.randn(1, 3, 64, 64), [(64, 64)])
 
 
-def test_autocast_losses_are_float32():
-    model = build_model("retina_tiny", num_classes=3).train()
+def test_autocast_losses_and_boxes_are_float32(model):
+    """AMP-safe: losses and detection boxes stay float32 under autocast (bf16 on CPU here)."""
+    model.train()
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = model(torch.randn(2, 3, H, W), SIZES, _targets())
+        out = model(torch.randn(2, 3, H, W), SIZES, _targets(with_masks=model.has_masks))
     assert all(v.dtype == torch.float32 and torch.isfinite(v) for v in out.losses.values())
+    model.eval()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        det = model(torch.randn(1, 3, H, W), SIZES[:1]).detections[0]
+    assert det["boxes"].dtype == torch.float32 and det["scores"].dtype == torch.float32

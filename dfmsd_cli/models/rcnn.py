@@ -18,12 +18,37 @@ from torchvision.models.detection.faster_rcnn import FasterRCNN, FastRCNNPredict
 from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.models.detection.roi_heads import RoIHeads, paste_masks_in_image
+from torchvision.models.detection.rpn import RPNHead
 from torchvision.ops import MultiScaleRoIAlign
 
 from dfmsd_cli.models.detector import DetectorMixin, StrideAnchorGenerator
 from dfmsd_cli.models.registry import register_head
 
 RCNN_STRIDES = (4, 8, 16, 32, 64)
+
+
+class FloatRPNHead(RPNHead):
+    """RPNHead with float32 outputs: under AMP the proposals are decoded in the deltas' dtype
+    (torchvision's ``BoxCoder.decode_single``), and fp16/bf16 boxes lose pixels at 1333 px."""
+
+    def forward(self, x):
+        logits, deltas = super().forward(x)
+        return [t.float() for t in logits], [t.float() for t in deltas]
+
+
+class FloatFastRCNNPredictor(FastRCNNPredictor):
+    """Box predictor with float32 outputs (precise boxes and losses under AMP)."""
+
+    def forward(self, x):
+        scores, deltas = super().forward(x)
+        return scores.float(), deltas.float()
+
+
+class FloatMaskRCNNPredictor(MaskRCNNPredictor):
+    """Mask predictor with float32 logits (same reason)."""
+
+    def forward(self, x):
+        return super().forward(x).float()
 
 
 class OptionalMaskRoIHeads(RoIHeads):
@@ -70,13 +95,14 @@ class RCNNDetector(DetectorMixin, FasterRCNN):
             backbone,
             num_classes=None,
             rpn_anchor_generator=anchors,
+            rpn_head=FloatRPNHead(channels, anchors.num_anchors_per_location()[0]),
             rpn_pre_nms_top_n_train=rpn_pre_nms_top_n_train,
             rpn_post_nms_top_n_train=rpn_post_nms_top_n_train,
             rpn_pre_nms_top_n_test=rpn_pre_nms_top_n_test,
             rpn_post_nms_top_n_test=rpn_post_nms_top_n_test,
             box_roi_pool=MultiScaleRoIAlign(levels, output_size=7, sampling_ratio=2),
             box_head=TwoMLPHead(channels * 7 * 7, representation_size),
-            box_predictor=FastRCNNPredictor(representation_size, num_classes + 1),
+            box_predictor=FloatFastRCNNPredictor(representation_size, num_classes + 1),
             box_score_thresh=box_score_thresh,
             box_nms_thresh=box_nms_thresh,
             box_detections_per_img=box_detections_per_img,
@@ -87,7 +113,7 @@ class RCNNDetector(DetectorMixin, FasterRCNN):
             layers = tuple(mask_layers)
             self.roi_heads.mask_roi_pool = MultiScaleRoIAlign(levels, 14, sampling_ratio=2)
             self.roi_heads.mask_head = MaskRCNNHeads(channels, layers, 1)
-            self.roi_heads.mask_predictor = MaskRCNNPredictor(
+            self.roi_heads.mask_predictor = FloatMaskRCNNPredictor(
                 layers[-1], layers[-1], num_classes + 1
             )
         self.init_contract(num_classes, strides, has_masks=masks)
