@@ -44,6 +44,7 @@ class DemoConfig:
     images: int = 200
     val_images: int = 100
     img_scale: tuple[int, int] = (320, 256)
+    image_sizes: tuple[int, int] = (160, 320)  # synthetic images' long side, min..max
     student: str = "retina_tiny"
     teachers: tuple[str, ...] = ("fcos_tiny", "gfl_tiny")  # weaker first (SAL order)
     teacher_dir: Path | None = None  # shipped checkpoints; None: examples/demo_teachers
@@ -72,6 +73,7 @@ class DemoConfig:
             images=8,
             val_images=4,
             img_scale=(128, 96),
+            image_sizes=(64, 128),
             train_teachers=True,
             teacher_epochs=1,
             epochs=(1, 1),
@@ -155,7 +157,13 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
 
     with timer("data"):
         make_synthetic(
-            data, images=cfg.images, seed=cfg.seed, val_images=cfg.val_images, progress=True
+            data,
+            images=cfg.images,
+            seed=cfg.seed,
+            val_images=cfg.val_images,
+            min_size=cfg.image_sizes[0],
+            max_size=cfg.image_sizes[1],
+            progress=True,
         )
 
     with timer("teachers"):
@@ -231,6 +239,8 @@ def _teachers(cfg: DemoConfig, out: Path) -> dict[str, Path]:
         images=n_img,
         seed=TEACHER_DATA_SEED,
         val_images=max(1, n_img // 5),
+        min_size=cfg.image_sizes[0],
+        max_size=cfg.image_sizes[1],
         progress=True,
     )
     paths = {}
