@@ -131,3 +131,27 @@ def test_scores_average_stage_logits_before_softmax(model):
     expected = torch.softmax(logits, -1)[:, 1:]
     top = dets[0]["scores"].max()
     assert top == pytest.approx(expected.max().item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("name", ["cmr_tiny", "gfl_tiny", "mmfcos_tiny", "mmretina_tiny"])
+def test_images_without_objects_train_and_empty_predictions(name):
+    torch.manual_seed(0)
+    model = build_model(name, num_classes=3).train()
+    images = torch.randn(2, 3, 64, 64)
+    empty = {
+        "boxes": torch.zeros(0, 4),
+        "labels": torch.zeros(0, dtype=torch.long),
+        "masks": torch.zeros(0, 64, 64, dtype=torch.uint8),
+    }
+    out = model(images, [(64, 64), (64, 64)], [empty, dict(empty)])
+    loss = sum(out.losses.values())
+    assert torch.isfinite(loss)
+    loss.backward()
+    model.eval()
+    # nothing passes the score threshold: empty detections (with empty masks for cmr)
+    (model.roi_heads if hasattr(model, "roi_heads") else model).score_thresh = 1.0
+    with torch.no_grad():
+        dets = model(images, [(64, 64), (64, 64)]).detections
+    assert len(dets) == 2 and all(len(d["boxes"]) == 0 for d in dets)
+    if name == "cmr_tiny":
+        assert dets[0]["masks"].shape == (0, 1, 64, 64)
