@@ -212,6 +212,9 @@ def train(opts: TrainOptions) -> dict[str, Any]:
                 num_workers=opts.num_workers,
                 persistent_workers=False,
                 pin_memory=device.type == "cuda",
+                # own generator: creating the iterator must not consume the global RNG,
+                # or a resumed run would diverge from an uninterrupted one
+                generator=torch.Generator().manual_seed(opts.seed + epoch),
             )
             model.train()
             for batch in loader:

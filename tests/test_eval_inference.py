@@ -1,0 +1,156 @@
+"""Inference + evaluation: coordinates and categories mapped back exactly, CLI end to end."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from dfmsd_cli.cli import main
+from dfmsd_cli.data.coco import CocoDetection
+from dfmsd_cli.data.geometry import Geometry
+from dfmsd_cli.eval import evaluate
+from dfmsd_cli.eval.inference import _to_coco
+from dfmsd_cli.models.detector import DetectorOutput
+
+GEOM = Geometry(img_scale=(128, 96))
+
+
+def test_to_coco_maps_back_to_original_pixels_and_category_ids():
+    det = {
+        "boxes": torch.tensor([[10.0, 20.0, 30.0, 60.0]]),
+        "scores": torch.tensor([0.9]),
+        "labels": torch.tensor([2]),
+    }
+    meta = {"image_id": 7, "orig_size": (200, 300), "size": (100, 150), "scale": 0.5}
+    (rec,) = _to_coco(det, meta, {1: 11, 2: 13})
+    assert rec["image_id"] == 7 and rec["category_id"] == 13
+    assert rec["bbox"] == [20.0, 40.0, 40.0, 80.0]  # x, y, w, h in original pixels
+    assert _to_coco({**det, "labels": torch.tensor([5])}, meta, {1: 11, 2: 13}) == []
+
+
+class Oracle(torch.nn.Module):
+    """Returns each image's ground truth (resized coordinates) as detections, in dataset order."""
+
+    has_masks = False
+
+    def __init__(self, dataset: CocoDetection, drop_every: int = 0) -> None:
+        super().__init__()
+        self.dataset = dataset
+        self.next = 0
+        self.drop_every = drop_every
+
+    def forward(self, images, image_sizes, targets=None):
+        dets = []
+        for _ in image_sizes:
+            s = self.dataset.get(self.next, "orig")
+            self.next += 1
+            boxes, labels = s["boxes"], s["labels"]
+            if self.drop_every and self.next % self.drop_every == 0:
+                boxes, labels = boxes[:0], labels[:0]
+            dets.append({"boxes": boxes, "scores": torch.ones(len(labels)), "labels": labels})
+        return DetectorOutput(losses={}, detections=dets, features={})
+
+
+def _val(root):
+    return root / "annotations" / "instances_val2017.json", root / "val2017"
+
+
+def test_ground_truth_as_detections_scores_ap_one(synthetic_root, tmp_path):
+    ann, images = _val(synthetic_root)
+    ds = CocoDetection(ann, images, geometry=GEOM, train=False)
+    metrics = evaluate(
+        Oracle(ds),
+        ann,
+        images,
+        geometry=GEOM,
+        batch_size=2,
+        out=tmp_path / "r.json",
+        progress=False,
+    )
+    assert metrics["bbox"]["mAP"] == pytest.approx(1.0, abs=1e-6)
+    assert metrics["bbox"]["mAR"] == pytest.approx(1.0, abs=1e-6)
+    saved = json.loads((tmp_path / "r.json").read_text())
+    assert saved["bbox"]["AP50"] == pytest.approx(1.0, abs=1e-6)
+    assert len(json.loads((tmp_path / "r.bbox.json").read_text())) == saved["detections"]
+
+
+def test_missing_images_lower_recall(synthetic_root):
+    ann, images = _val(synthetic_root)
+    ds = CocoDetection(ann, images, geometry=GEOM, train=False)
+    metrics = evaluate(Oracle(ds, drop_every=2), ann, images, geometry=GEOM, progress=False)
+    assert 0.0 < metrics["bbox"]["mAR"] < 1.0
+
+
+def _ckpt(synthetic_root, tmp_path):
+    from dfmsd_cli.engine.train import TrainOptions, train
+
+    out = tmp_path / "run"
+    train(
+        TrainOptions(
+            model="retina_tiny",
+            data=synthetic_root,
+            out=out,
+            epochs=1,
+            img_scale=(128, 96),
+            num_workers=0,
+            evaluate=False,
+            max_steps=1,
+        )
+    )
+    return out / "model.pth"
+
+
+def test_eval_cli_end_to_end(synthetic_root, tmp_path, capsys):
+    ckpt = _ckpt(synthetic_root, tmp_path)
+    out = tmp_path / "res.json"
+    with pytest.raises(SystemExit) as exc:
+        main(
+            [
+                "eval",
+                str(ckpt),
+                "--data",
+                str(synthetic_root),
+                "--out",
+                str(out),
+                "--num-workers",
+                "0",
+            ]
+        )
+    assert exc.value.code in (0, None)
+    res = json.loads(out.read_text())
+    assert set(res["bbox"]) == {
+        "mAP",
+        "AP50",
+        "AP75",
+        "APs",
+        "APm",
+        "APl",
+        "mAR",
+        "ARs",
+        "ARm",
+        "ARl",
+    }
+    assert res["options"]["img_scale"] == [128, 96]  # the checkpoint's geometry
+    assert "mAP" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["--model", "retina_tiny"], "--random-weights"),
+        (["--model", "retina_tinny", "--random-weights"], "retina_tiny"),
+        ([], "nothing to evaluate"),
+        (["--device", "cuda:7", "--model", "retina_tiny", "--random-weights"], "cuda"),
+        (["--split", "val2071", "--model", "retina_tiny", "--random-weights"], "val2017"),
+    ],
+)
+def test_eval_cli_errors(synthetic_root, args, needle, capsys):
+    if needle == "cuda" and torch.cuda.device_count() > 7:
+        pytest.skip("machine has 8 GPUs")
+    with pytest.raises(SystemExit) as exc:
+        main(["eval", "--data", str(synthetic_root), *args])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and needle in err[0]
