@@ -182,6 +182,32 @@ def test_store_mismatch_is_an_error_before_training(env, tmp_path):
     assert not (tmp_path / "g" / "metrics.jsonl").exists()
 
 
+def test_store_without_student_levels_is_an_error(env):
+    from dfmsd_cli.data.coco import CocoDetection
+    from dfmsd_cli.distill.stages import StagePlan, open_stage_store
+    from dfmsd_cli.utils.io import sha256_file
+
+    ann = env["data"] / "annotations" / "instances_train2017.json"
+    coco = CocoDetection(ann, env["data"] / "train2017", geometry=GEOM)
+    kw = dict(
+        geometry=GEOM,
+        ann_sha256=sha256_file(ann),
+        image_ids=coco.image_ids,
+        train_images=list(range(len(coco.image_ids))),
+    )
+    plan = StagePlan(0, TEACHERS[0], 1, me=False)
+    ok = open_stage_store(plan, env["cache"], "train2017", student_strides=(4, 8), **kw)
+    assert ok.levels == [8] and ok.views == ("orig", "hflip") and not ok.me
+    with pytest.raises(UserError, match="no shared stride"):  # a P2-only student
+        open_stage_store(plan, env["cache"], "train2017", student_strides=(4,), **kw)
+    notes = []
+    me_plan = StagePlan(0, TEACHERS[0], 1, me=True)  # the weaker store has no 'me' view
+    ss = open_stage_store(
+        me_plan, env["cache"], "train2017", student_strides=(8,), warn=notes.append, **kw
+    )
+    assert not ss.me and "no 'me'" in notes[0]
+
+
 def test_online_teachers_match_the_store(env):
     """--online computes what the store holds: same features (float16 rounding) for batches
     of one image, both views, and the identical ME input and features."""
