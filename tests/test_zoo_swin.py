@@ -89,3 +89,23 @@ def test_mmdet_swin_mask_rcnn_converts_strictly():
         assert report.ok, report.summary()
         assert out["roi_heads.mask_predictor.mask_fcn_logits.weight"].shape[0] == 81
         assert sum("relative_position_index" in k for k in report.ignored) == sum(depths)
+
+
+def test_mmdet_faithful_mask_rcnn_pools_aligned_and_shares_keys():
+    from torchvision.ops import roi_align
+
+    from dfmsd_cli.models.cascade import ExactAnchorGenerator
+    from dfmsd_cli.models.mmrcnn import AlignedMultiScaleRoIAlign
+
+    with torch.device("meta"):
+        mm = build_model("mmmrcnn_swin_t", num_classes=80)
+        tv = build_model("mrcnn_swin_t", num_classes=80)
+    assert set(mm.state_dict()) == set(tv.state_dict())
+    assert isinstance(mm.roi_heads.box_roi_pool, AlignedMultiScaleRoIAlign)
+    assert isinstance(mm.roi_heads.mask_roi_pool, AlignedMultiScaleRoIAlign)
+    assert isinstance(mm.rpn.anchor_generator, ExactAnchorGenerator)
+    pool = AlignedMultiScaleRoIAlign(["4", "8", "16", "32"], 7, (4, 8, 16, 32))
+    feats = {str(s): torch.randn(1, 2, 64 // s, 64 // s) for s in (4, 8, 16, 32)}
+    box = torch.tensor([[3.0, 5.0, 40.0, 30.0]])  # sqrt(wh) = 30 -> level 0 (stride 4)
+    ref = roi_align(feats["4"], [box], 7, 1 / 4, 0, aligned=True)
+    assert torch.allclose(pool(feats, [box], [(64, 64)]), ref)

@@ -24,10 +24,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 from torchvision.models.detection.image_list import ImageList
-from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead
+from torchvision.models.detection.rpn import RegionProposalNetwork
 
 from dfmsd_cli.models.cascade_roi_heads import CascadeRoIHeads
 from dfmsd_cli.models.detector import DetectorMixin, StrideAnchorGenerator
+from dfmsd_cli.models.rcnn import FloatRPNHead
 from dfmsd_cli.models.registry import annotate_model, register_head
 
 CMR_STRIDES: tuple[int, ...] = (4, 8, 16, 32, 64)
@@ -76,7 +77,7 @@ class CascadeMaskRCNN(DetectorMixin, nn.Module):
         anchors = ExactAnchorGenerator(anchor_sizes, ((0.5, 1.0, 2.0),) * len(strides), strides)
         self.rpn = RegionProposalNetwork(
             anchors,
-            RPNHead(c, 3),
+            FloatRPNHead(c, 3),  # float32 deltas: precise proposals under AMP
             fg_iou_thresh=0.7,
             bg_iou_thresh=0.3,
             batch_size_per_image=256,

@@ -117,7 +117,8 @@ class Shared2FCBoxHead(nn.Module):
         x = x.flatten(1)
         x = F.relu(self.fc6(x))
         x = F.relu(self.fc7(x))
-        return self.cls_score(x), self.bbox_pred(x)
+        # float32 outputs: boxes are decoded from the deltas, fp16 would lose pixels at 1333 px
+        return self.cls_score(x).float(), self.bbox_pred(x).float()
 
 
 class FCNMaskHead(nn.Module):
@@ -149,7 +150,7 @@ class FCNMaskHead(nn.Module):
         for conv in self.convs:
             x = F.relu(conv(x))
         x = F.relu(self.upsample(x))
-        return self.conv_logits(x)
+        return self.conv_logits(x).float()
 
 
 def mask_targets(gt_masks: Tensor, rois: Tensor, matched: Tensor, size: int) -> Tensor:
