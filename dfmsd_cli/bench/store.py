@@ -24,7 +24,12 @@ PARTS = {"precompute": ("precompute",), "store": ("flip", "quant", "precompute",
 
 
 def store_measure(
-    ann_file: str, image_dir: str, img_scale: tuple[int, int], threads: int | None = None, **kw
+    ann_file: str,
+    image_dir: str,
+    img_scale: tuple[int, int],
+    threads: int | None = None,
+    quiet: bool = False,
+    **kw,
 ) -> dict[str, Any]:
     """Child-process entry: ``bench_store`` with a geometry built from ``img_scale``."""
     import torch
@@ -34,6 +39,8 @@ def store_measure(
 
     if threads:
         torch.set_num_threads(int(threads))
+    if quiet:
+        kw["log"] = lambda *a: None
     return bench_store(ann_file, image_dir, geometry=Geometry(img_scale=tuple(img_scale)), **kw)
 
 
@@ -51,6 +58,7 @@ def bench_store_cmd(
     work_dir: str | Path | None = None,
     seed: int = 0,
     threads: int | None = None,
+    quiet: bool = False,
 ) -> dict[str, Any]:
     """Run the ``what`` ("precompute" or "store") measurements; returns a JSON-able dict."""
     from dfmsd_cli.data.loader import resolve_data
@@ -70,6 +78,7 @@ def bench_store_cmd(
         seed=seed,
         parts=PARTS[what],
         threads=threads,
+        quiet=quiet,
     )
     res = run_isolated("dfmsd_cli.bench.store:store_measure", kwargs, isolate=isolate)
     out = {"bench": what, "data": str(data), "split": split, **res["result"]}

@@ -69,6 +69,7 @@ def _store_like(what: str, **kw) -> None:
 
     as_json, out = kw.pop("as_json"), kw.pop("out")
     kw["img_scale"] = parse_img_scale(kw["img_scale"])
+    kw["quiet"] = as_json
     _emit(bench_store_cmd(what, **kw), what, as_json, out)
 
 
