@@ -65,6 +65,14 @@ def test_checkpoint_of_other_architecture_or_class_count(tmp_path):
         load_weights(build_model("fcos_tiny", 5), tmp_path / "f.pth")
 
 
+def test_checkpoint_with_other_options_names_them(tmp_path):
+    save_checkpoint(tmp_path / "c32.pth", build_model("retina_tiny", 2, fpn_channels=32))
+    with pytest.raises(UserError, match=r"shape mismatches .*options \{'fpn_channels': 32\}"):
+        load_weights(build_model("retina_tiny", 2), tmp_path / "c32.pth")
+    model, _ = build_from_checkpoint(tmp_path / "c32.pth")
+    assert model.options == {"fpn_channels": 32} and model.out_channels == 32
+
+
 def test_plain_state_dict_mismatch_lists_keys(tmp_path):
     sd = build_model("retina_tiny", 2).state_dict()
     sd.pop("head.regression_head.bbox_reg.weight")

@@ -193,7 +193,14 @@ def load_weights(
                 f"{m.name} with {m.num_classes} classes: use --model {name} (or omit --model "
                 "where the checkpoint is enough) or train a matching checkpoint"
             )
-    load_state_strict(m, _state_dict_of(obj, source), source)
+    hint = None
+    if is_dfmsd_checkpoint(obj) and obj.get("model_options", {}) != getattr(m, "options", {}):
+        hint = (
+            f"the checkpoint was built with options {obj.get('model_options')} and the model "
+            f"with {getattr(m, 'options', {})}: build it with the checkpoint's options "
+            "(build_from_checkpoint does)"
+        )
+    load_state_strict(m, _state_dict_of(obj, source), source, hint=hint)
     return checkpoint_meta(obj) if is_dfmsd_checkpoint(obj) else {"source": source}
 
 
