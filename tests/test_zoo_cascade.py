@@ -155,3 +155,10 @@ def test_images_without_objects_train_and_empty_predictions(name):
     assert len(dets) == 2 and all(len(d["boxes"]) == 0 for d in dets)
     if name == "cmr_tiny":
         assert dets[0]["masks"].shape == (0, 1, 64, 64)
+
+
+def test_targets_without_masks_train_boxes_only(model):
+    model.train()
+    targets = [{k: v for k, v in t.items() if k != "masks"} for t in _targets()]
+    out = model(torch.randn(2, 3, 96, 128), SIZES, targets)
+    assert "s0.loss_cls" in out.losses and not any("mask" in k for k in out.losses)

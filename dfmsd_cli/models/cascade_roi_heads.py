@@ -149,6 +149,8 @@ class CascadeRoIHeads(nn.Module):
         targets: list[dict[str, Tensor]],
     ) -> dict[str, Tensor]:
         losses: dict[str, Tensor] = {}
+        # like mrcnn_*: a batch without mask annotations trains the box branch only
+        with_mask = self.with_mask and all("masks" in t for t in targets)
         for s in range(self.num_stages):
             w = self.stage_loss_weights[s]
             rois, labels, matched, is_gt = self._sample(s, proposals, targets)
@@ -163,7 +165,7 @@ class CascadeRoIHeads(nn.Module):
             )
             losses[f"s{s}.loss_cls"] = w * loss_cls
             losses[f"s{s}.loss_bbox"] = w * loss_box
-            if self.with_mask:
+            if with_mask:
                 losses[f"s{s}.loss_mask"] = w * self._mask_train(
                     s, feats, rois, labels, matched, targets
                 )
@@ -187,8 +189,6 @@ class CascadeRoIHeads(nn.Module):
             pos = lab > 0
             pos_rois.append(r[pos])
             pos_labels.append(lab[pos])
-            if "masks" not in tgt:
-                raise ValueError("Cascade Mask R-CNN training needs targets[i]['masks']")
             tgts.append(mask_targets(tgt["masks"], r[pos], m[pos], self.mask_size))
         logits = self.mask_heads[s](self.mask_roi_pool(feats, boxes_to_rois(pos_rois)))
         return mask_loss(logits, torch.cat(pos_labels), torch.cat(tgts))
