@@ -113,18 +113,22 @@ class _SkipMetaInit(TorchFunctionMode):
     ResNet-101). Active only inside ``ModelSpec.num_parameters``; never used for real models.
     """
 
+    # torch.nn.init functions and the in-place tensor ops they use. A mode is disabled inside
+    # its own handler, so the nn.init functions themselves must be caught, not only their ops.
+    INIT_OPS = frozenset(
+        "kaiming_uniform_ kaiming_normal_ xavier_uniform_ xavier_normal_ trunc_normal_"
+        " constant_ zeros_ ones_ eye_ dirac_ orthogonal_ sparse_"
+        " normal_ uniform_ fill_ zero_ copy_ erfinv_ mul_ add_ sub_ div_ clamp_ exp_ log_"
+        " bernoulli_ random_ exponential_".split()
+    )
+
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        name = getattr(func, "__name__", "")
-        if (
-            name.endswith("_")
-            and not name.endswith("__")
-            and name != "requires_grad_"  # a flag, not data: freezing must still work
-            and args
-            and isinstance(args[0], torch.Tensor)
-            and args[0].is_meta
-        ):
-            return args[0]
-        return func(*args, **(kwargs or {}))
+        kwargs = kwargs or {}
+        if getattr(func, "__name__", "") in self.INIT_OPS:
+            target = args[0] if args else kwargs.get("tensor")  # nn.init passes tensor=...
+            if isinstance(target, torch.Tensor) and target.is_meta:
+                return target
+        return func(*args, **kwargs)
 
 
 _HEADS: dict[str, HeadEntry] = {}
