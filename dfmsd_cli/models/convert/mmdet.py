@@ -202,10 +202,10 @@ def convert_mmdet(
     if not report.ok and not allow_partial:
         fix = "check --model matches the MMDetection config, or pass --allow-partial"
         head, _, backbone = model.partition("_")
-        if head in MMDET_VARIANTS and any("neck.fpn_convs" in m for m in report.mismatched):
+        if head in MMDET_VARIANTS:
             fix = (
-                f"MMDetection's {head} builds its extra FPN levels differently: use --model "
-                f"{MMDET_VARIANTS[head]}_{backbone}"
+                f"torchvision's {head} differs from MMDetection's (FPN extra levels, head "
+                f"layout): use --model {MMDET_VARIANTS[head]}_{backbone}"
             )
         raise UserError(
             f"{checkpoint} does not convert fully to {model} ({report.summary()}): {fix}"
