@@ -126,7 +126,7 @@ def train(opts: TrainOptions) -> dict[str, Any]:
             with_masks=True,
         )
     if opts.weights and not resuming:
-        load_weights(model, opts.weights)
+        load_weights(model, opts.weights, categories=dataset.categories)
     model.to(device)
 
     sampler = ViewSampler(
