@@ -162,3 +162,14 @@ def test_targets_without_masks_train_boxes_only(model):
     targets = [{k: v for k, v in t.items() if k != "masks"} for t in _targets()]
     out = model(torch.randn(2, 3, 96, 128), SIZES, targets)
     assert "s0.loss_cls" in out.losses and not any("mask" in k for k in out.losses)
+
+
+def test_predict_masks_off_gives_boxes_only(model):
+    model.eval()
+    model.predict_masks = False
+    try:
+        with torch.no_grad():
+            det = model(torch.randn(1, 3, 96, 128), [(96, 128)]).detections[0]
+    finally:
+        model.predict_masks = True
+    assert len(det["boxes"]) > 0 and "masks" not in det

@@ -92,6 +92,16 @@ class CascadeMaskRCNN(DetectorMixin, nn.Module):
         )
         self.init_contract(num_classes, strides, has_masks=self.roi_heads.with_mask)
 
+    @property
+    def predict_masks(self) -> bool:
+        """Whether eval-mode detections carry ``masks``; False saves the mask heads and the
+        pasting of 100 full-image maps per image when only boxes and features are needed."""
+        return self.roi_heads.predict_masks
+
+    @predict_masks.setter
+    def predict_masks(self, value: bool) -> None:
+        self.roi_heads.predict_masks = bool(value)
+
     def forward_head(
         self,
         image_list: ImageList,

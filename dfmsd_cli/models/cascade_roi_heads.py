@@ -101,6 +101,9 @@ class CascadeRoIHeads(nn.Module):
                 for _ in range(self.num_stages)
             )
         self.mask_size = mask_size
+        # inference only: False skips the mask heads and the full-image pasting (100 maps of
+        # h x w per image), e.g. when only boxes and features are needed (precompute)
+        self.predict_masks = True
         self.score_thresh = score_thresh
         self.nms_thresh = nms_thresh
         self.detections_per_img = detections_per_img
@@ -222,7 +225,7 @@ class CascadeRoIHeads(nn.Module):
         counts = [len(r) for r in rois]
         for boxes, scores in zip(boxes_all, scores_all.split(counts), strict=True):
             detections.append(self._nms(boxes, scores[:, 1:]))
-        if self.with_mask:
+        if self.with_mask and self.predict_masks:
             self._infer_masks(feats, detections, image_sizes)
         return detections
 
