@@ -26,7 +26,8 @@ SHIPPED_DIR = Path(__file__).resolve().parents[2] / "examples" / "demo_teachers"
 TEACHER_RECIPE: dict[str, Any] = {
     "images": 500,
     "val_images": 100,
-    "epochs": 8,
+    "epochs": 8,  # the schedule (warm-up, then decay at 8/12 and 11/12 of it) ...
+    "max_steps": 472,  # ... stopped after its first 4 epochs (118 steps each), before any decay
     "batch_size": 4,
     "lr": 0.02,
     "warmup_iters": 100,
@@ -60,7 +61,7 @@ def pack_teacher(src: str | Path, dst: str | Path) -> Path:
     keep = ("format", "version", "model", "num_classes", "model_options", "categories", "geometry")
     packed = {k: ckpt[k] for k in keep if k in ckpt}
     packed["state_dict"] = state
-    packed["packed"] = {"dtype": "float16", "source": str(src)}
+    packed["packed"] = {"dtype": "float16", "source": Path(src).name}
     atomic_torch_save(packed, dst)
     return Path(dst)
 
@@ -75,7 +76,8 @@ def teacher_train_options(
     device: str = "auto",
     max_steps: int | None = None,
 ):
-    """``TrainOptions`` of the teacher recipe (``epochs``/``img_scale`` override it)."""
+    """``TrainOptions`` of the teacher recipe (``epochs``/``img_scale``/``max_steps`` override
+    it; with ``epochs`` given, the recipe's step cap is dropped)."""
     from dfmsd_cli.engine.train import TrainOptions
 
     r = TEACHER_RECIPE
@@ -94,5 +96,5 @@ def teacher_train_options(
         device=device,
         evaluate=False,
         overwrite=True,
-        max_steps=max_steps,
+        max_steps=max_steps if (max_steps or epochs) else r["max_steps"],
     )
