@@ -69,10 +69,18 @@ def result(i: int, views=("orig", "hflip"), scale: float = 1.0) -> ImageResult:
     return ImageResult(i, (h, w), (H, W), vr)
 
 
-@pytest.mark.parametrize("dtype,tol", [("float16", 2e-3), ("uint8", 2.5e-2)])
-def test_round_trip(tmp_path, dtype, tol):
+@pytest.mark.parametrize(
+    "dtype,codec,tol",
+    [
+        ("float16", "zstd", 2e-3),
+        ("uint8", "zstd", 2.5e-2),
+        ("float16", "blosc", 2e-3),
+        ("uint8", "blosc", 2.5e-2),
+    ],
+)
+def test_round_trip(tmp_path, dtype, codec, tol):
     path = tmp_path / "s.zarr"
-    w = StoreWriter(create_or_open(path, spec(dtype=dtype), fix="x"))
+    w = StoreWriter(create_or_open(path, spec(dtype=dtype, codec=codec), fix="x"))
     results = [result(i) for i in range(4)]
     for r in results[:3]:
         w.write(r)
@@ -153,6 +161,7 @@ def test_uint8_constant_channel_exact():
         ({"ann_sha256": "d" * 64}, "annotation file"),
         ({"teacher": "frcnn_tiny"}, "teacher model"),
         ({"dtype": "uint8"}, "dtype"),
+        ({"codec": "blosc"}, "codec"),
     ],
 )
 def test_reopen_mismatch_names_what_differs(tmp_path, change, what):

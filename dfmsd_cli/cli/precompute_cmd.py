@@ -63,6 +63,9 @@ def precompute_cmd(
         0.3, "--score-thr", help="Score threshold of the candidate-box area ratio."
     ),
     block: int = typer.Option(64, "--block", help="Images per chunk of the small arrays."),
+    codec: str = typer.Option(
+        "zstd", "--codec", help="Feature compressor: zstd (level 3) or blosc (zstd 3 + shuffle)."
+    ),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
     seed: int = typer.Option(0, "--seed", help="Seed of a random-init teacher and of ME."),
     max_images: int | None = typer.Option(
@@ -111,6 +114,7 @@ def precompute_cmd(
         topk=topk,
         score_thr=score_thr,
         block=block,
+        codec=codec,
         seed=seed,
         max_images=max_images,
         strict=strict,

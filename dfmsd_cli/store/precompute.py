@@ -42,6 +42,7 @@ from dfmsd_cli.store import schema
 from dfmsd_cli.store.reader import TeacherStore
 from dfmsd_cli.store.schema import store_path
 from dfmsd_cli.store.writer import (
+    CODECS,
     BackgroundWriter,
     ImageResult,
     StoreSpec,
@@ -78,6 +79,7 @@ class PrecomputeOptions:
     topk: int = 100
     score_thr: float = 0.3
     block: int = 64
+    codec: str = "zstd"
     seed: int = 0
     max_images: int | None = None
     strict: bool = False
@@ -100,6 +102,8 @@ def _check_options(o: PrecomputeOptions) -> list[str]:
         views.append("me")
     if "me" in views and not o.enhance_from:
         raise UserError("view 'me' needs the weaker teacher's area ratios: add --enhance-from NAME")
+    if o.codec not in CODECS:
+        raise UserError(f"unknown --codec '{o.codec}'{suggest(o.codec, CODECS)}: use zstd or blosc")
     if o.batch_size < 1 or o.block < 1 or o.topk < 1:
         raise UserError("--batch-size, --block and --topk must be >= 1")
     return views
@@ -293,6 +297,7 @@ def precompute(
         topk=o.topk,
         score_thr=o.score_thr,
         enhance=enhance_cfg,
+        codec=o.codec,
         categories=ds.categories,
     )
     group = create_or_open(

@@ -78,6 +78,7 @@ FINGERPRINT_FIELDS: dict[str, str] = {
     "topk": "top-K detections",
     "score_thr": "area-ratio score threshold",
     "enhance": "enhancement settings",
+    "codec.name": "codec",
 }
 
 
