@@ -261,6 +261,8 @@ def precompute(
             f"--levels {bad} are not levels of {o.teacher} (its strides: "
             f"{','.join(map(str, model.strides))}): pick from those"
         )
+    if hasattr(model, "predict_masks"):  # the store keeps boxes and features, never masks
+        model.predict_masks = False
     device = _device(o.device)
     model.to(device)
     part, parts = _rank_shard(o.shard)
