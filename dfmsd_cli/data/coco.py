@@ -185,7 +185,9 @@ class CocoDetection(Dataset):
                     f"{len(bad)} unreadable image(s) in {self.image_dir}: {listed}: "
                     "fix or remove them, or drop --strict to skip them"
                 )
-            log.warning("skipped %d unreadable image(s) in %s: %s", len(bad), self.image_dir, listed)
+            log.warning(
+                "skipped %d unreadable image(s) in %s: %s", len(bad), self.image_dir, listed
+            )
         if self.stats["size_mismatch"]:
             log.warning(
                 "%d image(s) in %s differ in size from %s: their boxes may be wrong",

@@ -175,7 +175,12 @@ def make_loader(
     else:
         flags = [0] * len(ds)
     sampler = GroupedBatchSampler(
-        flags, batch_size, shuffle=shuffle, seed=seed, rank=rank, world_size=world_size,
+        flags,
+        batch_size,
+        shuffle=shuffle,
+        seed=seed,
+        rank=rank,
+        world_size=world_size,
         drop_last=drop_last,
     )
     if pad_divisor is None:

@@ -101,22 +101,31 @@ def make_synthetic(
                 else:
                     image.save(img_dir / name, optimize=False)
                 imgs.append(
-                    {"id": image_id, "file_name": name, "width": image.width,
-                     "height": image.height, "license": 0}
+                    {
+                        "id": image_id,
+                        "file_name": name,
+                        "width": image.width,
+                        "height": image.height,
+                        "license": 0,
+                    }
                 )
                 for obj in objects:
                     anns.append({"id": len(anns) + 1, "image_id": image_id, **obj})
                 if bar is not None:
                     bar.advance(task)
             coco = {
-                "info": {"description": SYNTHETIC_TAG, "version": "1", "year": 2024,
-                         "seed": seed, "split": split},
+                "info": {
+                    "description": SYNTHETIC_TAG,
+                    "version": "1",
+                    "year": 2024,
+                    "seed": seed,
+                    "split": split,
+                },
                 "licenses": [{"id": 0, "name": "CC0", "url": ""}],
                 "images": imgs,
                 "annotations": anns,
                 "categories": [
-                    {"id": cid, "name": name, "supercategory": "shape"}
-                    for cid, name, _ in CLASSES
+                    {"id": cid, "name": name, "supercategory": "shape"} for cid, name, _ in CLASSES
                 ],
             }
             # Annotations last and atomically: a killed run never leaves a valid-looking root.
@@ -145,7 +154,9 @@ def _check_target(out: Path, overwrite: bool) -> None:
     except (json.JSONDecodeError, OSError):
         info = {}
     if info.get("description") != SYNTHETIC_TAG:
-        raise UserError(f"{out} already holds a dataset that is not synthetic: choose another --out")
+        raise UserError(
+            f"{out} already holds a dataset that is not synthetic: choose another --out"
+        )
     if not overwrite:
         raise UserError(
             f"{out} already holds a synthetic dataset: pass --overwrite to replace it "
@@ -186,7 +197,9 @@ def _shape_polygon(kind: str, cx: float, cy: float, r: float, rng) -> list[tuple
         return [(cx + s * (x * ca - y * sa), cy + s * (x * sa + y * ca)) for x, y in pts]
     else:
         raise ValueError(kind)
-    return [(cx + q * math.cos(a), cy + q * math.sin(a)) for a, q in zip(angles, radii, strict=True)]
+    return [
+        (cx + q * math.cos(a), cy + q * math.sin(a)) for a, q in zip(angles, radii, strict=True)
+    ]
 
 
 def _texture(rng, h: int, w: int, base: np.ndarray) -> np.ndarray:
@@ -224,8 +237,8 @@ def _background(rng, h: int, w: int) -> np.ndarray:
 def _clutter(rng, draw: ImageDraw.ImageDraw, h: int, w: int) -> None:
     """Distractors of low saturation: lines, blobs and outlines that are not objects."""
     for _ in range(int(rng.integers(5, 25))):
-        col = tuple(int(c) for c in _hsv(rng.uniform(0, 360), rng.uniform(0, 0.3),
-                                         rng.uniform(0.15, 0.95)))  # fmt: skip
+        hsv = _hsv(rng.uniform(0, 360), rng.uniform(0, 0.3), rng.uniform(0.15, 0.95))
+        col = tuple(int(c) for c in hsv)
         x0, y0 = rng.uniform(0, w), rng.uniform(0, h)
         kind = rng.integers(3)
         if kind == 0:
@@ -314,8 +327,13 @@ def render_image(
             bbox = [float(v) for v in mask_utils.toBbox(rle)]
             seg = {"size": [h, w], "counts": rle["counts"].decode("ascii")}
         anns.append(
-            {"category_id": obj["category_id"], "bbox": [round(v, 2) for v in bbox],
-             "area": float(area), "iscrowd": 0, "segmentation": seg}  # fmt: skip
+            {
+                "category_id": obj["category_id"],
+                "bbox": [round(v, 2) for v in bbox],
+                "area": float(area),
+                "iscrowd": 0,
+                "segmentation": seg,
+            }
         )
     image = Image.fromarray(np.clip(canvas + 0.5, 0, 255).astype(np.uint8))
     return image, anns
