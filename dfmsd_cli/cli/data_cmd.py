@@ -58,3 +58,49 @@ def synthetic_cmd(
             f"in {out / split}"
         )
     console.print(f"done in {time.perf_counter() - t0:.1f} s; use it with --data {out}")
+
+
+@app.command("check-data")
+def check_data_cmd(
+    data: Path | None = typer.Option(
+        None, "--data", help="COCO root: ROOT/annotations/instances_{split}.json and ROOT/{split}/."
+    ),
+    split: str = typer.Option("train2017", "--split", help="Split to check."),
+    ann: Path | None = typer.Option(None, "--ann", help="Annotation file (overrides --data)."),
+    images: Path | None = typer.Option(None, "--images", help="Image folder (overrides --data)."),
+    strict: bool = typer.Option(False, "--strict", help="Fail on the first unreadable image."),
+    skip_empty: bool = typer.Option(
+        False, "--skip-empty/--keep-empty", help="Count images without boxes as skipped."
+    ),
+    json_out: Path | None = typer.Option(None, "--json", help="Also write the counts as JSON."),
+    config: str | None = ConfigOption,
+) -> None:
+    """Parse a COCO split as training would (probing every image) and print its counts:
+    images, unreadable images, crowd and degenerate boxes, empty images, classes."""
+    import json
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from dfmsd_cli.data.coco import CocoDetection
+    from dfmsd_cli.data.loader import resolve_data
+    from dfmsd_cli.utils.io import atomic_write_text
+
+    ann_file, image_dir = resolve_data(data, split, ann, images)
+    ds = CocoDetection(ann_file, image_dir, strict=strict, skip_empty=skip_empty)
+    counts = {k: int(v) for k, v in sorted(ds.stats.items())}
+    table = Table(title=ann_file.name, caption=str(image_dir))
+    table.add_column("count")
+    table.add_column("value", justify="right")
+    for k, v in counts.items():
+        table.add_row(k, str(v))
+    table.add_row("classes", str(ds.num_classes))
+    Console().print(table)
+    if json_out is not None:
+        payload = {
+            "ann_file": str(ann_file),
+            "image_dir": str(image_dir),
+            "counts": counts,
+            "categories": ds.categories,
+        }
+        atomic_write_text(json_out, json.dumps(payload, indent=2) + "\n")

@@ -43,6 +43,19 @@ from dfmsd_cli.errors import UserError
 log = logging.getLogger("dfmsd_cli.data")
 
 _MAX_LISTED = 5  # bad files named in one warning
+STAT_KEYS = (
+    "images_in_json",  # images listed in the JSON
+    "images",  # images in the dataset (readable, and non-empty with skip_empty)
+    "boxes",  # training boxes kept
+    "unreadable_images",  # failed the probe at construction
+    "empty_images",  # no usable box (kept unless skip_empty)
+    "skipped_empty",
+    "crowd_boxes",  # iscrowd=1, not training targets
+    "degenerate_boxes",  # zero/negative size after clipping to the image
+    "orphan_annotations",  # image_id not in 'images'
+    "size_mismatch",  # file size differs from the JSON's width/height
+    "load_failures",  # decode failures at load time (per process)
+)
 
 
 def load_coco_json(ann_file: str | Path) -> dict:
@@ -130,7 +143,7 @@ class CocoDetection(Dataset):
                 "--images DIR or --data ROOT holding ROOT/SPLIT/"
             )
         data = load_coco_json(self.ann_file)
-        self.stats: Counter = Counter()
+        self.stats: Counter = Counter({k: 0 for k in STAT_KEYS})
         self._build(data, probe=probe, max_images=max_images)
 
     # ------------------------------------------------------------------ construction
