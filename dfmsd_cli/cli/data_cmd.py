@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from dfmsd_cli.cli.app import ConfigOption, app
+from dfmsd_cli.cli.app import ConfigOption, app, write_config
 
 make_data = typer.Typer(help="Generate a COCO-layout dataset.", no_args_is_help=True)
 app.add_typer(make_data, name="make-data")
@@ -50,6 +50,16 @@ def synthetic_cmd(
         overwrite=overwrite,
         progress=True,
     )
+    options = dict(
+        images=images,
+        seed=seed,
+        val_images=val_images,
+        min_size=min_size,
+        max_size=max_size,
+        max_objects=max_objects,
+        overwrite=overwrite,
+    )
+    write_config(out, {"out": out, **options}, "make-data synthetic")
     console = Console()
     for split in ("train2017", "val2017"):
         data = load_coco_json(out / "annotations" / f"instances_{split}.json")

@@ -322,6 +322,9 @@ def render_image(
             x1, y1 = min(float(w), max(xs)), min(float(h), max(ys))
             seg: list | dict = [[round(v, 2) for p in obj["poly"] for v in p]]
             bbox = [x0, y0, x1 - x0, y1 - y0]
+            # COCO's area of a polygon: pixels of its pycocotools rasterisation (what annToMask
+            # gives and COCOeval buckets by), not the count of the PIL-drawn pixels.
+            area = int(mask_utils.area(mask_utils.merge(mask_utils.frPyObjects(seg, h, w))))
         else:
             rle = mask_utils.encode(np.asfortranarray(vis.astype(np.uint8)))
             bbox = [float(v) for v in mask_utils.toBbox(rle)]
