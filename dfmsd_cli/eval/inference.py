@@ -1,7 +1,8 @@
 """Batched inference over a COCO dataset and evaluation with pycocotools.
 
 Detections come out of the model in input (resized) coordinates; they are mapped back to the
-original image by dividing by the resize factor recorded with each sample, written as COCO
+original image by dividing by each sample's resize factor ``scale`` (an ``hflip`` view is
+flipped back first), written as COCO
 results (``bbox`` as ``[x, y, w, h]``, labels 1..K mapped to category ids through the
 checkpoint's ``categories``), and masks are resized to the original image, thresholded at 0.5
 and RLE-encoded, as MMDetection's ``CocoMetric`` does.
@@ -71,15 +72,23 @@ def predict(
 def _to_coco(det: dict[str, torch.Tensor], meta: dict, label_to_cat: dict[int, int]) -> list[dict]:
     """One image's detections -> COCO results in original-image pixels."""
     h0, w0 = meta["orig_size"]
-    scale = float(meta["scale"])
-    boxes = det["boxes"].float().cpu() / scale
+    h, w = meta["size"]
+    boxes = det["boxes"].float().cpu().clone()
+    if meta.get("view", "orig") == "hflip":  # back to the unflipped resized image
+        boxes[:, [0, 2]] = w - boxes[:, [2, 0]]
+    # The exact inverse of the dataset's box transform (original * meta["scale"]); the
+    # rounded image sides make w/w0 differ from it by under half an original pixel.
+    boxes /= float(meta["scale"])
     boxes[:, 0::2] = boxes[:, 0::2].clamp(0, w0)
     boxes[:, 1::2] = boxes[:, 1::2].clamp(0, h0)
     scores = det["scores"].float().cpu().tolist()
     labels = det["labels"].cpu().tolist()
     rles = None
     if "masks" in det and len(boxes):
-        rles = _encode_masks(det["masks"], meta["size"], (h0, w0))
+        masks = det["masks"]
+        if meta.get("view", "orig") == "hflip":
+            masks = masks[..., :h, :w].flip(-1)
+        rles = _encode_masks(masks, (h, w), (h0, w0))
     out = []
     for i, (box, score, label) in enumerate(zip(boxes.tolist(), scores, labels, strict=True)):
         cat = label_to_cat.get(int(label))
