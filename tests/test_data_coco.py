@@ -83,6 +83,7 @@ def test_hflip_view_flips_image_boxes_and_masks(synthetic_root):
             assert ys.min() >= box[1].floor() - 1 and ys.max() + 1 <= box[3].ceil() + 1
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # pycocotools under NumPy 2
 def test_masks_from_polygon_and_rle_agree_with_pycocotools(synthetic_root):
     from pycocotools.coco import COCO
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+import warnings
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -370,12 +371,12 @@ def decode_masks(
             polys = [np.asarray(p, dtype=np.float64) * scale for p in seg if len(p) >= 6]
             if polys:
                 rles = mask_utils.frPyObjects([p.tolist() for p in polys], h, w)
-                m = torch.from_numpy(mask_utils.decode(mask_utils.merge(rles)))
+                m = torch.from_numpy(_decode(mask_utils.merge(rles)))
         elif isinstance(seg, dict) and "counts" in seg:
             rle = seg
             if isinstance(seg["counts"], list):
                 rle = mask_utils.frPyObjects(seg, *seg.get("size", (h0, w0)))
-            full = torch.from_numpy(mask_utils.decode(rle))
+            full = torch.from_numpy(_decode(rle))
             m = F.interpolate(full[None, None].float(), size=(h, w), mode="nearest")[0, 0]
         if m is None:
             x1, y1, x2, y2 = (boxes[i] * scale).tolist()
@@ -383,3 +384,12 @@ def decode_masks(
         else:
             out[i] = (m > 0).to(torch.uint8)
     return out
+
+
+def _decode(rle: dict) -> np.ndarray:
+    """pycocotools ``decode`` without its NumPy-2 ``__array__(copy=...)`` DeprecationWarning."""
+    from pycocotools import mask as mask_utils
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return np.array(mask_utils.decode(rle))
