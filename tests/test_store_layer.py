@@ -161,7 +161,7 @@ def test_uint8_constant_channel_exact():
         ({"ann_sha256": "d" * 64}, "annotation file"),
         ({"teacher": "frcnn_tiny"}, "teacher model"),
         ({"dtype": "uint8"}, "dtype"),
-        ({"codec": "blosc"}, "codec"),
+        ({"codec": "zstd"}, "codec"),
     ],
 )
 def test_reopen_mismatch_names_what_differs(tmp_path, change, what):

@@ -64,7 +64,10 @@ def precompute_cmd(
     ),
     block: int = typer.Option(64, "--block", help="Images per chunk of the small arrays."),
     codec: str = typer.Option(
-        "zstd", "--codec", help="Feature compressor: zstd (level 3) or blosc (zstd 3 + shuffle)."
+        "blosc", "--codec", help="Feature compressor: blosc (zstd 3 + shuffle) or zstd (level 3)."
+    ),
+    writer_threads: int = typer.Option(
+        2, "--writer-threads", help="Threads compressing and writing feature chunks."
     ),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
     seed: int = typer.Option(0, "--seed", help="Seed of a random-init teacher and of ME."),
@@ -115,6 +118,7 @@ def precompute_cmd(
         score_thr=score_thr,
         block=block,
         codec=codec,
+        writer_threads=writer_threads,
         seed=seed,
         max_images=max_images,
         strict=strict,

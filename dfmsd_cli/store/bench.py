@@ -152,8 +152,14 @@ def quantization_report(
 
 
 @torch.inference_mode()
-def teacher_only(model, ds: CocoDetection, batches: list[list[int]], num_workers: int) -> float:
-    """Wall time of the same decode + forward loop precompute runs, without any store."""
+def teacher_only(
+    model, ds: CocoDetection, batches: list[list[int]], num_workers: int
+) -> tuple[float, float]:
+    """(wall, CPU) seconds of the same decode + forward loop precompute runs, without a store.
+
+    CPU time is this process's (all threads; decoding workers are separate processes in both
+    loops): on a shared machine it is far less sensitive to other users' load than wall time.
+    """
     loader = DataLoader(
         _BatchLoad(ds, batches),
         batch_size=None,
@@ -161,12 +167,12 @@ def teacher_only(model, ds: CocoDetection, batches: list[list[int]], num_workers
         collate_fn=_identity,
         prefetch_factor=4 if num_workers > 0 else None,
     )
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     for items in loader:
         imgs = [s["image"] for _, s in items if s is not None]
         sizes = [tuple(s["size"]) for _, s in items if s is not None]
         model(pad_batch(imgs, ds.geometry.pad_divisor), sizes)
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0, time.process_time() - c0
 
 
 def precompute_overhead(
@@ -184,16 +190,20 @@ def precompute_overhead(
         w, h = ds.geometry.padded_size(info["width"], info["height"])
         sizes.append((h, w))
     plan = batch_plan(sizes, 0, len(sizes), opts.block, opts.batch_size)
-    t_before = teacher_only(model, ds, plan, opts.num_workers)
-    t0 = time.perf_counter()
+    (t_before, c_before) = teacher_only(model, ds, plan, opts.num_workers)
+    t0, c0 = time.perf_counter(), time.process_time()
     summary = precompute(ann_file, image_dir, opts)
-    t_pre = time.perf_counter() - t0
-    t_after = teacher_only(model, ds, plan, opts.num_workers)
+    t_pre, c_pre = time.perf_counter() - t0, time.process_time() - c0
+    (t_after, c_after) = teacher_only(model, ds, plan, opts.num_workers)
     t_teacher = (t_before + t_after) / 2
+    c_teacher = (c_before + c_after) / 2
     return {
         "images": len(sizes),
         "teacher_only_s": t_teacher,
         "teacher_only_runs_s": [t_before, t_after],
+        "teacher_only_cpu_s": c_teacher,
+        "precompute_cpu_s": c_pre,
+        "ratio_cpu": c_pre / c_teacher,
         "precompute_s": t_pre,
         "precompute_loop_s": summary["loop_s"],
         "ratio_total": t_pre / t_teacher,

@@ -75,7 +75,7 @@ class StoreSpec:
     topk: int = 100
     score_thr: float = 0.3
     enhance: dict | None = None
-    codec: str = "zstd"
+    codec: str = "blosc"
     weights_path: str | None = None
     categories: list[dict] | None = None
 
@@ -291,32 +291,45 @@ class StoreWriter:
     def mark_unreadable(self, index: int) -> None:
         self._a("done")[index] = schema.DONE_UNREADABLE
 
-    def write(self, r: ImageResult) -> None:
-        """Write everything for one image, then its completion marker."""
+    def write_chunks(self, r: ImageResult) -> dict[str, np.ndarray]:
+        """Phase 1 (any thread): quantise and write the per-image chunks (``feat``, ``att_s``).
+
+        These chunks belong to image ``r.index`` alone, so several threads may run this phase
+        for different images at once. Returns the small per-image rows for ``finish``.
+        """
         a, i = self.attrs, r.index
         hp, wp = r.pad_size
         transposed = hp > wp
-        self._a("pad_size")[i] = np.asarray(r.pad_size, dtype=np.int32)
-        self._a("size")[i] = np.asarray(r.size, dtype=np.int32)
-        self._a("transposed")[i] = transposed
-        k, thr = a["topk"], a["score_thr"]
+        rows: dict[str, np.ndarray] = {}
         for s in a["strides"]:
             hc, wc = a["level_shapes"][str(s)]
-            shape = None
             for v in a["views"]:
                 f = r.views[v].features[s]
-                shape = tuple(f.shape[-2:])
+                rows[f"valid/{s}"] = np.asarray(f.shape[-2:], dtype=np.int32)
                 what = f"image {i} view {v} stride {s}"
                 if a["dtype"] == "float16":
                     data = to_float16(f, what)
                 else:
-                    data, qp = quantize_uint8(f, what)
-                    self._a(f"qparams/{v}/{s}")[i] = qp
+                    data, rows[f"qparams/{v}/{s}"] = quantize_uint8(f, what)
                 self._a(f"feat/{v}/{s}")[i] = _place(data, hc, wc, transposed)
                 sp, ch = attention_stats(f)
                 self._a(f"att_s/{v}/{s}")[i] = _place(sp.numpy(), hc, wc, transposed)
-                self._a(f"att_c/{v}/{s}")[i] = ch.numpy()
-            self._a(f"valid/{s}")[i] = np.asarray(shape, dtype=np.int32)
+                rows[f"att_c/{v}/{s}"] = ch.numpy()
+        return rows
+
+    def finish(self, r: ImageResult, rows: dict[str, np.ndarray]) -> None:
+        """Phase 2 (ONE thread per process): the small block-chunked rows, then the marker.
+
+        Small arrays hold ``block`` images per chunk, so a single thread does their
+        read-modify-write; the completion marker is written last.
+        """
+        a, i = self.attrs, r.index
+        self._a("pad_size")[i] = np.asarray(r.pad_size, dtype=np.int32)
+        self._a("size")[i] = np.asarray(r.size, dtype=np.int32)
+        self._a("transposed")[i] = r.pad_size[0] > r.pad_size[1]
+        for name, row in rows.items():
+            self._a(name)[i] = row
+        k, thr = a["topk"], a["score_thr"]
         for v in a["views"]:
             vr = r.views[v]
             order = torch.argsort(vr.scores, descending=True, stable=True)[:k]
@@ -339,40 +352,66 @@ class StoreWriter:
             self._a("enhance/checksum")[i] = np.uint64(r.enhance["checksum"])
         self._a("done")[i] = schema.DONE_OK  # last: the image is complete only now
 
+    def write(self, r: ImageResult) -> None:
+        """Write everything for one image, then its completion marker (synchronously)."""
+        self.finish(r, self.write_chunks(r))
+
 
 class BackgroundWriter:
-    """A thread that drains a bounded queue of ImageResults into a StoreWriter.
+    """Background writing: ``threads`` chunk writers feed one finisher thread.
 
-    ``submit`` blocks only when ``maxsize`` results are waiting; an exception in the thread is
-    re-raised in the caller at the next ``submit`` or at ``close``.
+    Chunk writers quantise/compress/write each image's own chunks in parallel (Zstd/Blosc and
+    numpy release the GIL); the finisher writes the small rows and the completion marker in
+    one thread. ``submit`` blocks only when ``maxsize`` results wait; an exception in any
+    thread is re-raised in the caller at the next ``submit`` or at ``close``.
     """
 
-    def __init__(self, writer: StoreWriter, maxsize: int = 8, on_written: Any = None):
+    def __init__(
+        self, writer: StoreWriter, maxsize: int = 8, on_written: Any = None, threads: int = 2
+    ):
         self.writer = writer
         self.on_written = on_written
         self._q: queue.Queue = queue.Queue(maxsize=maxsize)
+        self._fin: queue.Queue = queue.Queue(maxsize=maxsize)
         self._error: BaseException | None = None
         self._raised = False
-        self._thread = threading.Thread(target=self._run, name="dfmsd-store-writer", daemon=True)
-        self._thread.start()
+        self._workers = [
+            threading.Thread(target=self._chunks, name=f"dfmsd-store-chunks-{k}", daemon=True)
+            for k in range(max(1, threads))
+        ]
+        self._finisher = threading.Thread(target=self._finish, name="dfmsd-store-fin", daemon=True)
+        for t in self._workers + [self._finisher]:
+            t.start()
 
-    def _run(self) -> None:
+    def _chunks(self) -> None:
         while True:
             item = self._q.get()
+            if item is None:
+                return
+            rows = None
             try:
-                if item is None:
-                    return
+                if self._error is None and not isinstance(item, int):
+                    rows = self.writer.write_chunks(item)
+            except BaseException as exc:  # noqa: BLE001 - handed to the caller
+                self._error = exc
+            self._fin.put((item, rows))
+
+    def _finish(self) -> None:
+        while True:
+            got = self._fin.get()
+            if got is None:
+                return
+            item, rows = got
+            try:
                 if self._error is None:
                     if isinstance(item, int):
                         self.writer.mark_unreadable(item)
                     else:
-                        self.writer.write(item)
+                        self.writer.finish(item, rows)
                     if self.on_written is not None:
                         self.on_written(item)
             except BaseException as exc:  # noqa: BLE001 - handed to the caller
                 self._error = exc
-            finally:
-                self._q.task_done()
 
     def _raise(self) -> None:
         if self._error is not None and not self._raised:
@@ -385,7 +424,11 @@ class BackgroundWriter:
         self._q.put(item)
 
     def close(self) -> None:
-        """Wait for every queued write, stop the thread, re-raise a writer error."""
-        self._q.put(None)
-        self._thread.join()
+        """Wait for every queued write, stop the threads, re-raise a writer error."""
+        for _ in self._workers:
+            self._q.put(None)
+        for t in self._workers:
+            t.join()
+        self._fin.put(None)
+        self._finisher.join()
         self._raise()
