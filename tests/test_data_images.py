@@ -36,13 +36,17 @@ def test_cmyk_jpeg_to_rgb(tmp_path):
     assert out.shape == (40, 50, 3) and np.array_equal(out, ref)
 
 
-def test_rgba_png_composited_on_black(tmp_path):
+def test_rgba_png_drops_alpha_like_opencv(tmp_path):
     rgba = np.concatenate([PIXELS, np.zeros((40, 50, 1), np.uint8)], axis=2)
-    rgba[:20, :, 3] = 255  # top half opaque, bottom half transparent
+    rgba[:20, :, 3] = 255  # top half opaque, bottom half fully transparent
     Image.fromarray(rgba).save(tmp_path / "a.png")
-    out = load_rgb(tmp_path / "a.png")
-    assert np.array_equal(out[:20], PIXELS[:20])
-    assert (out[20:] == 0).all()
+    assert Image.open(tmp_path / "a.png").mode == "RGBA"
+    assert np.array_equal(load_rgb(tmp_path / "a.png"), PIXELS)  # stored colours, alpha ignored
+    la = np.stack([PIXELS[..., 0], np.full((40, 50), 7, np.uint8)], axis=2)
+    Image.fromarray(la).save(tmp_path / "la.png")
+    assert Image.open(tmp_path / "la.png").mode == "LA"
+    out = load_rgb(tmp_path / "la.png")
+    assert np.array_equal(out[..., 1], PIXELS[..., 0])
 
 
 def test_palette_and_16bit_png(tmp_path):

@@ -9,8 +9,8 @@ Two levels of checking, so a DataLoader never crashes on a bad file:
   entropy data) raises ``ImageError``, which the dataset turns into a skipped sample.
 
 Colour conversion follows PIL: grayscale (``L``, ``I;16``, ``1``), palette, CMYK and YCbCr go
-through ``Image.convert("RGB")``; images with alpha (``RGBA``, ``LA``, ``PA``) are composited
-on black, which is what dropping the alpha channel gives for premultiplied-free PNGs.
+through ``Image.convert("RGB")``; the alpha channel of ``RGBA``/``LA``/``PA`` images is dropped
+and the stored colours kept, as OpenCV's ``IMREAD_COLOR`` (MMDetection's loader) does.
 EXIF orientation is deliberately NOT applied: COCO boxes are given in stored-pixel coordinates.
 """
 
@@ -97,12 +97,7 @@ def to_rgb(im: Image.Image) -> Image.Image:
         a8 = np.clip(a * scale + 0.5, 0, 255).astype(np.uint8)
         return Image.fromarray(a8).convert("RGB")
     if im.mode == "P" and "transparency" in im.info:
-        im = im.convert("RGBA")
-    if im.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
-        im = im.convert("RGBA")
-        bg = Image.new("RGB", im.size, (0, 0, 0))
-        bg.paste(im, mask=im.getchannel("A"))
-        return bg
+        im = im.convert("RGBA")  # PIL warns when a palette with transparency goes to RGB
     return im.convert("RGB")
 
 
