@@ -158,6 +158,20 @@ def test_crowd_and_degenerate_boxes_are_dropped_and_counted(tmp_path):
     assert tr.image_ids == [1] and tr.stats["skipped_empty"] == 2
 
 
+def test_orphans_size_mismatch_and_max_images(tmp_path, caplog):
+    anns = [_a(1, [1, 1, 5, 5]), _a(99, [1, 1, 5, 5]), _a(3, [1, 1, 5, 5])]
+    ann, img_dir = _write(tmp_path, {"annotations": anns})
+    data = json.loads(ann.read_text())
+    data["images"][1]["width"] = 500  # the file is 50x50
+    ann.write_text(json.dumps(data))
+    ds = CocoDetection(ann, img_dir, G)
+    assert ds.stats["orphan_annotations"] == 1 and ds.stats["size_mismatch"] == 1
+    assert ds.image_info(1) == {"id": 2, "file_name": "2.jpg", "width": 50, "height": 50}
+    assert "differ in size" in caplog.text
+    few = CocoDetection(ann, img_dir, G, skip_empty=True, max_images=1)
+    assert few.image_ids == [1] and len(few) == 1
+
+
 def test_boxes_scale_with_the_image(tmp_path):
     ann, img_dir = _write(tmp_path, {"annotations": [_a(1, [6, 4, 30, 20])]})
     ds = CocoDetection(ann, img_dir, Geometry(img_scale=(120, 80)))  # 60x40 -> 120x80
