@@ -158,8 +158,15 @@ def test_ablation_flags_shape_the_run(env, tmp_path):
 
 
 def test_nan_loss_stops_with_clear_message(env, tmp_path):
-    with pytest.raises(UserError, match="last good checkpoint"):
+    with pytest.raises(UserError, match="loss became nan .*no checkpoint was written yet"):
         distill(_opts(env, tmp_path / "nan", alpha=float("nan")))
+    # a good first stage, then a NaN in the second: stage 1's checkpoint is kept
+    out = tmp_path / "nan2"
+    distill(_opts(env, out, epochs=(1, 1), max_steps=2))  # exactly stage 1
+    before = (out / "last.pth").read_bytes()
+    with pytest.raises(UserError, match="last good checkpoint .* is kept"):
+        distill(_opts(env, out, epochs=(1, 1), beta=float("inf"), resume=True))
+    assert (out / "last.pth").read_bytes() == before
 
 
 def test_store_mismatch_is_an_error_before_training(env, tmp_path):

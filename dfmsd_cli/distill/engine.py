@@ -368,11 +368,17 @@ def _run_stage(
                 lr = schedule.apply(optimizer, iteration, epoch)
                 values, loss = _train_step(ddp_model, batch, device, use_amp, online)
                 if not torch.isfinite(loss):
+                    last = ctx.out / "last.pth"
+                    kept = (
+                        f"the last good checkpoint {last} is kept; "
+                        if last.is_file()
+                        else "no checkpoint was written yet; "
+                    )
                     raise UserError(
                         f"{plan.tag}: loss became {float(loss.detach())} at epoch {epoch + 1} step "
-                        f"{step + 1} (parts: {format_losses(values, 10)}): the last good "
-                        f"checkpoint is {ctx.out / 'last.pth'}; lower --lr or the loss weights "
-                        "(--alpha/--beta/--gamma) or set --grad-clip, then --resume"
+                        f"{step + 1} (parts: {format_losses(values, 10)}): {kept}lower --lr or "
+                        "the loss weights (--alpha/--beta/--gamma) or set --grad-clip, then "
+                        "--resume (or start anew with --overwrite)"
                     )
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
