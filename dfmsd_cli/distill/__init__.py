@@ -1,0 +1,22 @@
+"""Stage-wise distillation from teacher stores (DFMSD) and the baselines on the same engine.
+
+::
+
+    from dfmsd_cli.distill import DistillOptions, distill
+    summary = distill(DistillOptions(student="retina_r50", stages=("cmr_r101", "cmr_x101"),
+                                     data="coco", out="runs/dfmsd", epochs=(12, 12)))
+
+Losses live in :mod:`dfmsd_cli.distill.losses`; formulas in docs/method.md.
+"""
+
+from dfmsd_cli.distill.engine import DistillOptions, distill
+from dfmsd_cli.distill.methods import METHODS, MethodConfig, method_config, student_family
+
+__all__ = [
+    "METHODS",
+    "DistillOptions",
+    "MethodConfig",
+    "distill",
+    "method_config",
+    "student_family",
+]

@@ -30,11 +30,13 @@ from dfmsd_cli.data.geometry import Geometry
 from dfmsd_cli.distill.dataset import DistillDataset, collate_distill, teacher_to
 from dfmsd_cli.distill.methods import MethodConfig, build_stage_losses, method_config
 from dfmsd_cli.distill.model import DistillModel
+from dfmsd_cli.distill.online import stage_online_teacher
 from dfmsd_cli.distill.stages import (
     StagePlan,
     StageStore,
     open_stage_store,
     plan_stages,
+    print_plan,
     run_geometry,
 )
 from dfmsd_cli.engine.checkpoint import (
@@ -209,7 +211,7 @@ def distill(opts: DistillOptions) -> dict[str, Any]:
     student.to(device)
 
     if dist_info.is_main:
-        _print_plan(cfg, plans, stores, opts)
+        print_plan(cfg, plans, stores, opts, console)
     log = MetricsLog(out / "metrics.jsonl", enabled=dist_info.is_main)
     ctx = _RunContext(opts, cfg, coco, geometry, device, dist_info, out, log, keep)
     summary: dict[str, Any] = {"method": cfg.to_dict(), "stages": []}
@@ -269,7 +271,13 @@ def _run_stage(
     mid_stage = state is not None and state.get("optimizer") is not None
     if state is not None and not mid_stage:
         set_rng_state(state["rng"])  # stage boundary: modules are built from the saved stream
-    online = _online_teacher(ctx, plan, student) if opts.online and cfg.needs_store else None
+    online = (
+        stage_online_teacher(
+            opts, cfg.sal, plan, student, ctx.coco.num_classes, ctx.geometry, device, console.print
+        )
+        if opts.online and cfg.needs_store
+        else None
+    )
     dataset = DistillDataset(
         ctx.coco,
         ss.store if ss is not None else None,
@@ -473,55 +481,6 @@ def _train_step(
     values = {k: float(v.detach()) for k, v in losses.items()}
     values["loss"] = float(loss.detach())
     return values, loss
-
-
-def _online_teacher(ctx: _RunContext, plan: StagePlan, student: nn.Module):
-    """``--online``: build this stage's teacher (and, for ME, the previous teacher)."""
-    from dfmsd_cli.data.enhance import EnhanceConfig
-    from dfmsd_cli.distill.losses.common import match_levels
-    from dfmsd_cli.distill.online import OnlineTeacher, load_online_teacher
-
-    opts = ctx.opts
-    names = list(opts.stages)
-    weights = list(opts.teacher_weights) + [None] * (len(names) - len(opts.teacher_weights))
-    k = plan.index if ctx.cfg.sal else len(names) - 1  # position in --stages
-    nc = ctx.coco.num_classes
-    teacher = load_online_teacher(plan.teacher, nc, weights[k], opts.seed, ctx.device)
-    levels = match_levels(student.strides, teacher.strides)
-    if not levels:
-        raise UserError(
-            f"teacher {plan.teacher} has levels {list(teacher.strides)} and the student "
-            f"{list(student.strides)}: no shared stride"
-        )
-    weaker = None
-    if plan.me and k > 0:
-        weaker = load_online_teacher(names[k - 1], nc, weights[k - 1], opts.seed, ctx.device)
-    elif plan.me:
-        console.print(f"note: --online ME needs a weaker teacher before {plan.teacher}: no L_ME")
-    return OnlineTeacher(
-        teacher, levels, ctx.geometry, weaker, EnhanceConfig() if weaker is not None else None
-    )
-
-
-def _print_plan(cfg: MethodConfig, plans, stores, opts: DistillOptions) -> None:
-    from rich.table import Table
-
-    console.print(f"[bold]dfmsd distill[/] {opts.student}: {cfg.summary()}")
-    if opts.online and cfg.needs_store:
-        console.print("--online: teachers run in the loop (no store is read)")
-    table = Table(title="stages")
-    for col in ("stage", "teacher", "epochs", "levels", "views", "ME"):
-        table.add_column(col)
-    for plan, ss in zip(plans, stores, strict=True):
-        table.add_row(
-            str(plan.index + 1),
-            plan.teacher or "-",
-            str(plan.epochs),
-            ",".join(map(str, ss.levels)) if ss else "-",
-            ",".join(ss.views) if ss else "orig,hflip" if opts.flip else "orig",
-            "yes" if ss and ss.me else "no",
-        )
-    console.print(table)
 
 
 def _evaluate_val(student: nn.Module, ctx: _RunContext, plan: StagePlan) -> dict[str, Any]:

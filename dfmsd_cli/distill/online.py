@@ -116,3 +116,34 @@ class OnlineTeacher:
 def _unpad_raw(raw: Tensor, sizes) -> list[Tensor]:
     """The padded raw batch back to per-image maps, undoing the view later if needed."""
     return [raw[b, :, : sizes[b][0], : sizes[b][1]] for b in range(raw.shape[0])]
+
+
+def stage_online_teacher(
+    opts, sal: bool, plan, student, num_classes: int, geometry: Geometry, device, warn=print
+) -> OnlineTeacher:
+    """``--online``: build stage ``plan``'s teacher (and, for ME, the teacher listed before it).
+
+    ``opts.stages`` / ``opts.teacher_weights`` list the teachers; without SAL the single stage
+    uses the last one. Teachers are seeded with ``opts.seed`` like ``dfmsd precompute``.
+    """
+    from dfmsd_cli.data.enhance import EnhanceConfig
+    from dfmsd_cli.distill.losses.common import match_levels
+    from dfmsd_cli.errors import UserError
+
+    names = list(opts.stages)
+    weights = list(opts.teacher_weights) + [None] * (len(names) - len(opts.teacher_weights))
+    k = plan.index if sal else len(names) - 1  # position in --stages
+    teacher = load_online_teacher(plan.teacher, num_classes, weights[k], opts.seed, device)
+    levels = match_levels(student.strides, teacher.strides)
+    if not levels:
+        raise UserError(
+            f"teacher {plan.teacher} has levels {list(teacher.strides)} and the student "
+            f"{list(student.strides)}: no shared stride; pick teachers with the student's strides"
+        )
+    weaker = None
+    if plan.me and k > 0:
+        weaker = load_online_teacher(names[k - 1], num_classes, weights[k - 1], opts.seed, device)
+    elif plan.me:
+        warn(f"note: --online ME needs a weaker teacher listed before {plan.teacher}: no L_ME")
+    enhance = EnhanceConfig() if weaker is not None else None
+    return OnlineTeacher(teacher, levels, geometry, weaker, enhance)

@@ -158,3 +158,25 @@ def run_geometry(
 
         return TeacherStore.open(store_path(cache, plans[0].teacher, split)).meta.geometry
     return Geometry()
+
+
+def print_plan(cfg: MethodConfig, plans, stores, opts, console) -> None:
+    """The method summary and a table of the stages (teacher, epochs, levels, views, ME)."""
+    from rich.table import Table
+
+    console.print(f"[bold]dfmsd distill[/] {opts.student}: {cfg.summary()}")
+    if opts.online and cfg.needs_store:
+        console.print("--online: teachers run in the loop (no store is read)")
+    table = Table(title="stages")
+    for col in ("stage", "teacher", "epochs", "levels", "views", "ME"):
+        table.add_column(col)
+    for plan, ss in zip(plans, stores, strict=True):
+        table.add_row(
+            str(plan.index + 1),
+            plan.teacher or "-",
+            str(plan.epochs),
+            ",".join(map(str, ss.levels)) if ss else "-",
+            ",".join(ss.views) if ss else "orig,hflip" if opts.flip else "orig",
+            "yes" if ss and ss.me else "no",
+        )
+    console.print(table)
