@@ -219,3 +219,17 @@ def test_enhance_regenerates_bit_identical():
     assert choose(0.1, 7, (40, 56), EnhanceConfig(p=0.0)).kind == "none"
     with pytest.raises(UserError, match="differs from the one the teacher saw"):
         regenerate(raw + 1, stored)
+
+
+def test_background_writer_reraises_and_leaves_no_marker(tmp_path):
+    from dfmsd_cli.store.writer import BackgroundWriter
+
+    path = tmp_path / "s.zarr"
+    bg = BackgroundWriter(StoreWriter(create_or_open(path, spec(), fix="x")), threads=2)
+    bg.submit(result(0))
+    bg.submit(result(1, scale=1e6))  # float16 overflow in a chunk thread
+    bg.submit(3)  # unreadable image marker
+    with pytest.raises(FeatureRangeError):
+        bg.close()
+    done = TeacherStore.open(path).done()
+    assert done[1] == 0 and done[0] in (0, 1)

@@ -1,8 +1,8 @@
 """``precompute``: run a teacher once over a split and write its store (library function).
 
 Pipeline (three overlapping parts): DataLoader workers decode and resize images; the main
-process runs the teacher (one pass: detections + FPN features, docs/architecture.md); a
-``BackgroundWriter`` thread quantises, compresses and writes each image, then its completion
+process runs the teacher (one pass: detections + FPN features, docs/architecture.md);
+``BackgroundWriter`` threads quantise, compress and write each image, then its completion
 marker.
 
 Exactness: a feature map depends on the zero padding the teacher saw. Every batch therefore

@@ -11,9 +11,11 @@ top-K detections, the area ratio and (ME view) the enhancement parameters, and o
 completion marker ``done[i] = 1``: a process killed at any moment leaves that image pending,
 never half-complete (zarr's local store writes each chunk to a temporary file and renames it).
 
-``BackgroundWriter`` runs ``StoreWriter.write`` in a thread fed by a bounded queue so the
-teacher's next forward pass overlaps quantisation, compression and IO (Zstd and numpy release
-the GIL); the queue bound keeps memory flat if the disk is slower than the teacher.
+``BackgroundWriter`` runs the writes in threads fed by a bounded queue so the teacher's next
+forward pass overlaps quantisation, compression and IO (the codecs and numpy release the GIL):
+several threads write the per-image chunks (``StoreWriter.write_chunks``), one finisher thread
+writes the block-chunked rows and the marker (``StoreWriter.finish``); the queue bound keeps
+memory flat if the disk is slower than the teacher.
 """
 
 from __future__ import annotations
