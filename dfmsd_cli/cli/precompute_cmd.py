@@ -136,7 +136,7 @@ def precompute_cmd(
             ("to compute", str(summary["todo"])),
             ("raw bytes/image", _fmt_bytes(summary["raw_bytes_per_image"])),
             ("projected size", _fmt_bytes(summary["projected_bytes"])),
-            ("expected zstd ratio", f"{summary['expected_compression']:.2f}"),
+            (f"stored/raw ({codec})", f"{summary['expected_compression']:.2f}"),
             ("s/image (probe)", f"{summary['seconds_per_image']:.3f}"),
             ("projected time", f"{summary['projected_seconds']:.0f} s"),
         ]
