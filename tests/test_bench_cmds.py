@@ -41,8 +41,15 @@ def test_bench_distill_keys(data, tmp_path):
         batch_size=2,
         isolate=False,
         work_dir=tmp_path,
+        clock="cpu",
         log=lambda *a: None,
     )
+    import time
+
+    from dfmsd_cli.distill import engine
+
+    assert engine.time is time  # the CPU clock is restored after an in-process run
+    assert r["clock"] == "cpu"
     assert set(r["runs"]) == {"student", "store", "online"}
     for run in r["runs"].values():
         assert run["seconds_per_step"] > 0 and run["steps"] >= 2
@@ -56,6 +63,8 @@ def test_bench_distill_keys(data, tmp_path):
     assert all(v is not None and v > 0 for v in r["ratios"].values())
     with pytest.raises(UserError, match="--steps"):
         bench_distill(data, steps=1, log=lambda *a: None)
+    with pytest.raises(UserError, match="--clock"):
+        bench_distill(data, clock="gpu", log=lambda *a: None)
 
 
 def test_bench_precompute_cli_json(data, tmp_path):

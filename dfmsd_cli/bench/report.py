@@ -21,7 +21,7 @@ def _kb(v: Any) -> str:
 def precompute_tables(r: dict[str, Any]) -> list[Table]:
     t = Table(title=f"precompute {r['teacher']} on {r['images']} images ({r['img_scale']})")
     for c in ("dtype", "teacher only s", "precompute s", "loop ÷ teacher", "total ÷ teacher",
-              "bytes/image", "compression", "h / 118k images"):  # fmt: skip
+              "CPU ÷ teacher CPU", "bytes/image", "compression", "h / 118k images"):  # fmt: skip
         t.add_column(c, justify="right")
     h = r.get("hours_per_118k_images")
     for dt, p in r.get("precompute", {}).items():
@@ -31,6 +31,7 @@ def precompute_tables(r: dict[str, Any]) -> list[Table]:
             _f(p["precompute_s"], "{:.2f}"),
             _f(p["ratio"], "{:.3f}"),
             _f(p["ratio_total"], "{:.3f}"),
+            _f(p.get("ratio_cpu"), "{:.3f}"),
             _kb(p.get("bytes_per_image")),
             _f(p.get("compression_ratio"), "{:.2f}"),
             _f(h, "{:.1f}") if dt == "float16" else "",
@@ -104,7 +105,8 @@ def distill_tables(r: dict[str, Any]) -> list[Table]:
         title=f"distill step: {r['student']} ← {','.join(r['teachers'])}, batch {r['batch_size']},"
         f" {r['img_scale']}, {r['steps']} timed steps"
     )
-    for c in ("run", "s/step", "÷ student", "peak RSS MB", "work RSS MB"):
+    unit = "CPU s/step" if r.get("clock") == "cpu" else "s/step"
+    for c in ("run", unit, "÷ student", "peak RSS MB", "work RSS MB"):
         t.add_column(c, justify="right")
     student = r["runs"].get("student", {})
     for name, d in r["runs"].items():

@@ -149,6 +149,11 @@ def bench_distill_cmd(
     online: bool = typer.Option(
         True, "--online/--no-online", help="Also measure teachers in the loop (--online)."
     ),
+    clock: str = typer.Option(
+        "wall",
+        "--clock",
+        help="wall, or cpu: step time in process CPU seconds (robust on a shared machine).",
+    ),
     work_dir: Path | None = WorkOpt,
     isolate: bool = IsolateOpt,
     threads: int | None = ThreadsOpt,
@@ -180,6 +185,7 @@ def bench_distill_cmd(
         isolate=isolate,
         work_dir=work_dir,
         threads=threads,
+        clock=clock,
         log=(lambda *a: None) if as_json else print,
     )
     _emit(result, "distill", as_json, out)
