@@ -119,3 +119,25 @@ def test_hflip_boxes_match_flipped_pixels():
     box = apply_view_boxes(torch.tensor([[x1, y1, x2, y2]]).float(), "hflip", 64)
     assert torch.equal(box, pixel_box)
     assert torch.equal(apply_view_image(flipped, "hflip"), img)
+
+
+def test_resize_and_me_crop_do_not_depend_on_the_thread_count():
+    """Bilinear upsampling rounds differently per thread split; we pin it to one thread so a
+    stored ME input's checksum matches in a process with other thread settings."""
+    from dfmsd_cli.data.enhance import EnhanceParams, apply_enhance, input_checksum
+
+    gen = torch.Generator().manual_seed(0)
+    img = (torch.rand(90, 120, 3, generator=gen) * 255).to(torch.uint8)  # upsampled below
+    geom = Geometry(img_scale=(640, 480))
+    params = EnhanceParams("crop", 1, 0.0, (7, 5, 101, 77))
+    before = torch.get_num_threads()
+    sums = []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            raw = resize_image(img, geom)
+            sums.append((input_checksum(raw), input_checksum(apply_enhance(raw, params))))
+    finally:
+        torch.set_num_threads(before)
+    assert sums[0] == sums[1]
+    assert torch.get_num_threads() == before

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from dfmsd_cli.data.geometry import one_thread
 from dfmsd_cli.errors import UserError
 
 KINDS = ("none", "noise", "crop")
@@ -129,7 +130,10 @@ def apply_enhance(raw: torch.Tensor, params: EnhanceParams) -> torch.Tensor:
     if params.kind == "crop":
         x1, y1, x2, y2 = params.crop_box
         crop = x[:, y1:y2, x1:x2].unsqueeze(0)
-        out = F.interpolate(crop, size=tuple(x.shape[-2:]), mode="bilinear", align_corners=False)
+        with one_thread():  # thread-count independent, so the checksum matches anywhere
+            out = F.interpolate(
+                crop, size=tuple(x.shape[-2:]), mode="bilinear", align_corners=False
+            )
         return out[0].clamp_(0, 255)
     raise ValueError(f"unknown enhancement kind {params.kind!r}")
 

@@ -8,6 +8,8 @@ Views (``orig``, ``hflip``) are explicit and named: the store holds teacher feat
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -98,6 +100,22 @@ def check_view(view: str) -> str:
     return view
 
 
+@contextmanager
+def one_thread() -> Iterator[None]:
+    """Run torch CPU ops on one thread: bilinear upsampling splits its work by thread count and
+    rounds differently per split (1e-5 apart), which would break bit-exact regeneration of
+    stored inputs (the ME view's checksum) between processes with other thread settings."""
+    n = torch.get_num_threads()
+    if n == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
 def resize_image(image: np.ndarray | torch.Tensor, geometry: Geometry) -> torch.Tensor:
     """Resize an HxWx3 uint8 RGB image to the geometry size: float32 (3, h, w) in [0, 255].
 
@@ -110,7 +128,8 @@ def resize_image(image: np.ndarray | torch.Tensor, geometry: Geometry) -> torch.
     new_w, new_h = geometry.resized_size(w, h)
     x = t.permute(2, 0, 1).float().unsqueeze(0)
     if (new_h, new_w) != (h, w):
-        x = F.interpolate(x, size=(new_h, new_w), mode="bilinear", align_corners=False)
+        with one_thread():
+            x = F.interpolate(x, size=(new_h, new_w), mode="bilinear", align_corners=False)
         x = x.clamp_(0, 255)
     return x[0]
 
