@@ -19,7 +19,7 @@ mid-stage, bit-exact on CPU), run folders, DDP helpers, progress bars and ``metr
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +47,7 @@ from dfmsd_cli.engine.checkpoint import (
     set_rng_state,
 )
 from dfmsd_cli.engine.distributed import all_reduce_mean, barrier, cleanup, init_distributed
+from dfmsd_cli.engine.loop import epoch_loader, evaluate_split, options_dict
 from dfmsd_cli.engine.progress import MetricsLog, RunningMean, console, format_losses, make_progress
 from dfmsd_cli.engine.rundir import prepare_run_dir, write_config
 from dfmsd_cli.engine.sampler import ViewSampler
@@ -193,7 +194,7 @@ def distill(opts: DistillOptions) -> dict[str, Any]:
     resuming = False
     if dist_info.is_main:
         resuming = prepare_run_dir(out, "distill", identity_of(opts), opts.resume, opts.overwrite)
-        write_config(out, {**_options_dict(opts), "resolved": cfg.to_dict()}, "distill")
+        write_config(out, {**options_dict(opts), "resolved": cfg.to_dict()}, "distill")
     barrier(dist_info)
     resuming = opts.resume and (out / "last.pth").is_file()
     state = load_state(out / "last.pth") if resuming else None
@@ -343,7 +344,7 @@ def _run_stage(
             distill_state=None if done else losses.state_dict(),
             optimizer=None if done else optimizer.state_dict(),
             scaler=None if done else scaler.state_dict(),
-            options=_options_dict(opts),
+            options=options_dict(opts),
         )
         save_state(ctx.out / "last.pth", payload)
 
@@ -358,16 +359,16 @@ def _run_stage(
             info="",
         )
         while epoch < plan.epochs and not stopped:
-            sampler.set_epoch(epoch, start=step * opts.batch_size)
-            loader = torch.utils.data.DataLoader(
+            loader = epoch_loader(
                 dataset,
+                sampler,
                 batch_size=opts.batch_size,
-                sampler=sampler,
                 collate_fn=collate_distill,
                 num_workers=opts.num_workers,
-                pin_memory=device.type == "cuda",
-                # its own generator: the global RNG (masks) must not depend on loader restarts
-                generator=torch.Generator().manual_seed(opts.seed + epoch),
+                device=device,
+                seed=opts.seed,
+                epoch=epoch,
+                start_step=step,
             )
             model.train()
             for batch in loader:
@@ -456,7 +457,15 @@ def _run_stage(
         checkpoint(0, 0, 0, done=True)
         if opts.evaluate:
             saved = rng_state()  # evaluation must not shift the training RNG stream
-            result["val"] = _evaluate_val(student, ctx, plan)
+            result["val"] = evaluate_split(
+                student,
+                ctx.opts.data,
+                ctx.opts.val_split,
+                geometry=ctx.geometry,
+                batch_size=ctx.opts.batch_size,
+                device=ctx.device,
+                out=ctx.out / f"eval_{plan.tag}_{ctx.opts.val_split}.json",
+            )
             set_rng_state(saved)
             if result["val"]:
                 ctx.log.write({"phase": "val", "stage": plan.index + 1, **result["val"]})
@@ -481,33 +490,6 @@ def _train_step(
     values = {k: float(v.detach()) for k, v in losses.items()}
     values["loss"] = float(loss.detach())
     return values, loss
-
-
-def _evaluate_val(student: nn.Module, ctx: _RunContext, plan: StagePlan) -> dict[str, Any]:
-    """COCO metrics on the validation split when it exists (skipped with a note otherwise)."""
-    from dfmsd_cli.data.loader import resolve_data
-    from dfmsd_cli.eval import evaluate
-
-    opts = ctx.opts
-    try:
-        ann, images = resolve_data(opts.data, opts.val_split, None, None)
-    except UserError as exc:
-        console.print(f"[yellow]skipping evaluation: {exc}")
-        return {}
-    return evaluate(
-        student,
-        ann,
-        images,
-        geometry=ctx.geometry,
-        batch_size=opts.batch_size,
-        device=ctx.device,
-        out=ctx.out / f"eval_{plan.tag}_{opts.val_split}.json",
-    )
-
-
-def _options_dict(opts: DistillOptions) -> dict[str, Any]:
-    d = asdict(opts)
-    return {k: (str(v) if isinstance(v, Path) else v) for k, v in d.items()}
 
 
 __all__ = ["DistillModel", "DistillOptions", "distill", "resolve_method"]

@@ -10,7 +10,7 @@ exact step with the same optimizer and RNG state. Runs under ``torchrun`` (DDP);
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,7 @@ from dfmsd_cli.engine.distributed import (
     cleanup,
     init_distributed,
 )
+from dfmsd_cli.engine.loop import epoch_loader, evaluate_split, options_dict
 from dfmsd_cli.engine.progress import MetricsLog, RunningMean, console, format_losses, make_progress
 from dfmsd_cli.engine.rundir import prepare_run_dir, write_config
 from dfmsd_cli.engine.sampler import ViewSampler
@@ -97,7 +98,7 @@ def train(opts: TrainOptions) -> dict[str, Any]:
     resuming = False
     if dist_info.is_main:
         resuming = prepare_run_dir(out, "train", identity_of(opts), opts.resume, opts.overwrite)
-        write_config(out, _options_dict(opts), "train")
+        write_config(out, options_dict(opts), "train")
     barrier(dist_info)
     resuming = (out / "last.pth").is_file() and opts.resume
 
@@ -186,7 +187,7 @@ def train(opts: TrainOptions) -> dict[str, Any]:
             epoch=ep,
             step=st,
             iteration=it,
-            options=_options_dict(opts),
+            options=options_dict(opts),
         )
         save_state(out / "last.pth", payload)
 
@@ -203,18 +204,16 @@ def train(opts: TrainOptions) -> dict[str, Any]:
             info="",
         )
         while epoch < opts.epochs and not stopped:
-            sampler.set_epoch(epoch, start=step * opts.batch_size)
-            loader = torch.utils.data.DataLoader(
+            loader = epoch_loader(
                 dataset,
+                sampler,
                 batch_size=opts.batch_size,
-                sampler=sampler,
                 collate_fn=collate,
                 num_workers=opts.num_workers,
-                persistent_workers=False,
-                pin_memory=device.type == "cuda",
-                # own generator: creating the iterator must not consume the global RNG,
-                # or a resumed run would diverge from an uninterrupted one
-                generator=torch.Generator().manual_seed(opts.seed + epoch),
+                device=device,
+                seed=opts.seed,
+                epoch=epoch,
+                start_step=step,
             )
             model.train()
             for batch in loader:
@@ -283,44 +282,23 @@ def train(opts: TrainOptions) -> dict[str, Any]:
     }
     if dist_info.is_main:
         final = make_checkpoint(model, categories=dataset.categories, geometry=geometry)
-        final["options"] = _options_dict(opts)
+        final["options"] = options_dict(opts)
         from dfmsd_cli.utils.io import atomic_torch_save
 
         atomic_torch_save(final, out / "model.pth")
         if opts.evaluate and epoch >= opts.epochs:
-            summary["val"] = _evaluate_val(model, opts, geometry, device)
+            summary["val"] = evaluate_split(
+                model,
+                opts.data,
+                opts.val_split,
+                geometry=geometry,
+                batch_size=opts.batch_size,
+                device=device,
+                out=out / f"eval_{opts.val_split}.json",
+            )
             log.write({"phase": "val", "epoch": epoch, **summary["val"]})
     cleanup(dist_info)
     return summary
-
-
-def _evaluate_val(
-    model: torch.nn.Module, opts: TrainOptions, geometry: Geometry, device: torch.device
-) -> dict[str, float]:
-    """COCO metrics on the validation split when it exists (skipped with a note otherwise)."""
-    from dfmsd_cli.data.loader import resolve_data
-    from dfmsd_cli.eval import evaluate
-
-    try:
-        ann, images = resolve_data(opts.data, opts.val_split, None, None)
-    except UserError as exc:
-        console.print(f"[yellow]skipping evaluation: {exc}")
-        return {}
-    metrics = evaluate(
-        model,
-        ann,
-        images,
-        geometry=geometry,
-        batch_size=opts.batch_size,
-        device=device,
-        out=Path(opts.out) / f"eval_{opts.val_split}.json",
-    )
-    return metrics
-
-
-def _options_dict(opts: TrainOptions) -> dict[str, Any]:
-    d = asdict(opts)
-    return {k: (str(v) if isinstance(v, Path) else v) for k, v in d.items()}
 
 
 __all__ = ["TrainOptions", "train", "DistInfo"]
