@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 from torchvision.models.detection import _utils as det_utils
 from torchvision.models.detection.roi_heads import paste_masks_in_image
-from torchvision.ops import batched_nms, box_iou, clip_boxes_to_image
+from torchvision.ops import box_iou, clip_boxes_to_image
 
 from dfmsd_cli.models.cascade_heads import (
     FCNMaskHead,
@@ -34,6 +34,7 @@ from dfmsd_cli.models.cascade_heads import (
     mask_loss,
     mask_targets,
 )
+from dfmsd_cli.models.detector import class_nms
 
 # MMDetection target_stds per stage; torchvision BoxCoder weights are their inverses
 CASCADE_STDS: tuple[tuple[float, float, float, float], ...] = (
@@ -237,8 +238,7 @@ class CascadeRoIHeads(nn.Module):
         scores = scores.reshape(-1)
         keep = torch.where(scores > self.score_thresh)[0]
         boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
-        keep = batched_nms(boxes, scores, labels, self.nms_thresh)[: self.detections_per_img]
-        return {"boxes": boxes[keep], "scores": scores[keep], "labels": labels[keep]}
+        return class_nms(boxes, scores, labels, self.nms_thresh, self.detections_per_img)
 
     def _infer_masks(
         self,

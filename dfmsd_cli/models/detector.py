@@ -134,6 +134,25 @@ class DetectorMixin:
         return OrderedDict((str(s), f) for s, f in features.items())
 
 
+def class_nms(
+    boxes: Tensor,
+    scores: Tensor,
+    labels: Tensor,
+    nms_thresh: float,
+    max_dets: int,
+    drop_empty: bool = False,
+) -> dict[str, Tensor]:
+    """Per-class NMS keeping the ``max_dets`` best (MMDetection's ``multiclass_nms`` tail);
+    ``drop_empty`` first removes boxes of zero width or height (``min_bbox_size`` 0)."""
+    from torchvision.ops import batched_nms
+
+    if drop_empty:
+        valid = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+        boxes, scores, labels = boxes[valid], scores[valid], labels[valid]
+    keep = batched_nms(boxes, scores, labels, nms_thresh)[:max_dets]
+    return {"boxes": boxes[keep], "scores": scores[keep], "labels": labels[keep]}
+
+
 def drop_background(detections: list[dict[str, Tensor]]) -> list[dict[str, Tensor]]:
     """Remove label-0 (background column) detections of sigmoid heads with K+1 outputs."""
     out = []

@@ -21,9 +21,8 @@ import math
 import torch
 from torch import Tensor, nn
 from torchvision.models.detection.image_list import ImageList
-from torchvision.ops import batched_nms
 
-from dfmsd_cli.models.detector import DetectorMixin
+from dfmsd_cli.models.detector import DetectorMixin, class_nms
 from dfmsd_cli.models.gfl_losses import (
     aligned_iou,
     atss_assign,
@@ -239,10 +238,9 @@ class GFLDetector(DetectorMixin, nn.Module):
                 scores_l.append(sc)
                 labels_l.append(cls_idx + 1)
             boxes, scores, labels = torch.cat(boxes_l), torch.cat(scores_l), torch.cat(labels_l)
-            valid = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])  # min_bbox_size 0
-            boxes, scores, labels = boxes[valid], scores[valid], labels[valid]
-            keep = batched_nms(boxes, scores, labels, self.nms_thresh)[: self.detections_per_img]
-            results.append({"boxes": boxes[keep], "scores": scores[keep], "labels": labels[keep]})
+            results.append(
+                class_nms(boxes, scores, labels, self.nms_thresh, self.detections_per_img, True)
+            )
         return results
 
 

@@ -32,11 +32,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.models.detection.image_list import ImageList
-from torchvision.ops import batched_nms, sigmoid_focal_loss
+from torchvision.ops import sigmoid_focal_loss
 
 from dfmsd_cli.data.geometry import IMAGENET_MEAN, IMAGENET_STD
 from dfmsd_cli.models.backbones import build_resnet_fpn
-from dfmsd_cli.models.detector import DetectorMixin
+from dfmsd_cli.models.detector import DetectorMixin, class_nms
 from dfmsd_cli.models.gfl import ConvGN, Scale
 from dfmsd_cli.models.gfl_losses import aligned_iou, distance2bbox
 from dfmsd_cli.models.mmdet_heads import MMDetExtraConvs
@@ -248,10 +248,9 @@ class MMFCOSDetector(DetectorMixin, nn.Module):
                 scores_l.append(sc * centerness)
                 labels_l.append(cls_idx + 1)
             boxes, scores, labels = torch.cat(boxes_l), torch.cat(scores_l), torch.cat(labels_l)
-            valid = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
-            boxes, scores, labels = boxes[valid], scores[valid], labels[valid]
-            keep = batched_nms(boxes, scores, labels, self.nms_thresh)[: self.detections_per_img]
-            results.append({"boxes": boxes[keep], "scores": scores[keep], "labels": labels[keep]})
+            results.append(
+                class_nms(boxes, scores, labels, self.nms_thresh, self.detections_per_img, True)
+            )
         return results
 
 
