@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 
 from dfmsd_cli.cli.app import STATE, app
-from dfmsd_cli.errors import UserError
+from dfmsd_cli.errors import UserError, one_line
 
 # Importing a module registers its commands on ``app``.
 from dfmsd_cli.cli import (  # noqa: E402,F401  isort: skip
@@ -35,5 +35,5 @@ def main(argv: list[str] | None = None) -> None:
     except UserError as exc:
         if STATE["debug"]:
             raise
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {one_line(exc)}", file=sys.stderr)
         sys.exit(2)
