@@ -6,41 +6,65 @@
 #   DEMO_DIR  a finished `dfmsd demo --out DEMO_DIR` (its data/ and cache/ are reused: the
 #             teachers are never run again).  Default: dfmsd-demo
 #   SEEDS     default "0 1 2"
+#   JOBS=N    runs at once (default: 2, one thread each; use 1 on a GPU)
+#   EPOCHS=E  epochs per SAL stage (default 5: the demo's 5,5); single-stage runs get 2E
+#   SCALE=W,H the demo's --img-scale (default 320,256)
 # Same recipe for every run (the demo's): batch 4, lr 0.02, 50 warm-up iterations, 320x256,
-# the same total epochs (EPOCHS_TOTAL = 6): SAL runs 3+3 over both teachers, single-stage methods
-# run 6 epochs with the stronger teacher (gfl_tiny), `none` is the student alone.
-# Cost: 27 runs of ~300 optimizer steps (about 0.4-0.9 CPU-s each on a 2-core CPU): ~1.5-2 h.
-# Multi-GPU form of every run: torchrun --nproc_per_node=N $(which dfmsd) distill ...
+# the same total epochs (10): SAL runs 5+5 over both teachers, single-stage methods run 10
+# epochs with the stronger teacher (gfl_tiny), `none` is the student alone.
+# Cost: 27 runs of 480 optimizer steps (0.45-0.85 CPU-s each on this 2-core CPU): ~75 min.
+# Rerunning resumes: finished runs are kept. Multi-GPU form of every run:
+#   torchrun --nproc_per_node=N $(which dfmsd) distill ...
 set -euo pipefail
 DEMO=${1:-dfmsd-demo}
 SEEDS=${2:-0 1 2}
 OUT=${OUT:-$DEMO/compare}
+JOBS=${JOBS:-2}
 STUDENT=${STUDENT:-retina_tiny}
 WEAK=${WEAK:-fcos_tiny}
 STRONG=${STRONG:-gfl_tiny}
-COMMON="--student $STUDENT --data $DEMO/data --cache $DEMO/cache --img-scale 320,256 \
-  --batch-size 4 --lr 0.02 --warmup-iters 50 --num-workers 0 --overwrite"
+E=${EPOCHS:-5}
+E2=$((2 * E))
+export COMMON="--student $STUDENT --data $DEMO/data --cache $DEMO/cache --img-scale ${SCALE:-320,256} \
+  --batch-size 4 --lr 0.02 --warmup-iters 50 --num-workers 0"
+export OUT
 mkdir -p "$OUT"
 start=$(date +%s)
 
-run() {  # name, seed, extra args...
-  local name=$1 seed=$2; shift 2
-  if [ -f "$OUT/$name/s$seed/student.pth" ]; then return; fi  # finished earlier: resume the table
-  dfmsd distill $COMMON --seed "$seed" --out "$OUT/$name/s$seed" "$@"
-}
-
+jobs_file="$OUT/jobs.txt"
+: > "$jobs_file"
 for s in $SEEDS; do
-  run none        "$s" --method none  --epochs 6
-  run mgd         "$s" --method mgd   --stages "$STRONG" --epochs 6
-  run pkd         "$s" --method pkd   --stages "$STRONG" --epochs 6
-  run fgd         "$s" --method fgd   --stages "$STRONG" --epochs 6
-  run dmkd        "$s" --method dmkd  --stages "$STRONG" --epochs 6
-  run dfmsd       "$s" --method dfmsd --stages "$WEAK,$STRONG" --epochs 3,3
-  run dfmsd-no-sal "$s" --method dfmsd --stages "$WEAK,$STRONG" --epochs 6 --no-sal
-  run dfmsd-no-me  "$s" --method dfmsd --stages "$WEAK,$STRONG" --epochs 3,3 --no-me
-  run dfmsd-no-sfa "$s" --method dfmsd --stages "$WEAK,$STRONG" --epochs 3,3 --no-sfa
+  cat >> "$jobs_file" <<EOF
+none $s --method none --epochs $E2
+mgd $s --method mgd --stages $STRONG --epochs $E2
+pkd $s --method pkd --stages $STRONG --epochs $E2
+fgd $s --method fgd --stages $STRONG --epochs $E2
+dmkd $s --method dmkd --stages $STRONG --epochs $E2
+dfmsd $s --method dfmsd --stages $WEAK,$STRONG --epochs $E,$E
+dfmsd-no-sal $s --method dfmsd --stages $WEAK,$STRONG --epochs $E2 --no-sal
+dfmsd-no-me $s --method dfmsd --stages $WEAK,$STRONG --epochs $E,$E --no-me
+dfmsd-no-sfa $s --method dfmsd --stages $WEAK,$STRONG --epochs $E,$E --no-sfa
+EOF
 done
 
+# one line = one run: name, seed, distill options; a finished run (student.pth) is skipped
+run_one() {
+  local name=$1 seed=$2; shift 2
+  local dir="$OUT/$name/s$seed"
+  if [ -f "$dir/student.pth" ]; then return 0; fi
+  mkdir -p "$OUT/$name"
+  local mode=--overwrite
+  if [ -f "$dir/last.pth" ]; then mode=--resume; fi  # killed earlier: continue where it stopped
+  # shellcheck disable=SC2086
+  OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} dfmsd distill $COMMON $mode --seed "$seed" --out "$dir" "$@" \
+    > "$dir.log" 2>&1 || { echo "FAILED: $name seed $seed (see $dir.log)"; return 1; }
+  echo "done: $name seed $seed"
+}
+export -f run_one
+status=0
+xargs -P "$JOBS" -L 1 bash -c 'run_one "$@"' _ < "$jobs_file" || status=$?
+
 python "$(dirname "$0")/compare_table.py" "$OUT" > "$OUT/table.md"
-echo "run time: $(( $(date +%s) - start )) s" | tee -a "$OUT/table.md"
+echo "run time: $(( $(date +%s) - start )) s ($JOBS at once)" | tee -a "$OUT/table.md"
 cat "$OUT/table.md"
+exit "$status"

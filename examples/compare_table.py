@@ -42,7 +42,10 @@ def main(root: Path) -> str:
     for method, vals in rows.items():
         cells = []
         for c in COLUMNS:
-            xs = [100 * v[c] for v in vals]
+            xs = [100 * v[c] for v in vals if v[c] >= 0]  # COCO reports -1: no such objects
+            if not xs:
+                cells.append("–")
+                continue
             sd = statistics.stdev(xs) if len(xs) > 1 else 0.0
             cells.append(f"{statistics.mean(xs):.1f} ± {sd:.1f}")
         mean_map = statistics.mean(v["mAP"] for v in vals)
