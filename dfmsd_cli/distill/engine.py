@@ -24,10 +24,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from dfmsd_cli.data.geometry import Geometry
-from dfmsd_cli.distill.dataset import DistillDataset, collate_distill, teacher_to
+from dfmsd_cli.distill.dataset import DistillDataset, collate_distill
 from dfmsd_cli.distill.methods import MethodConfig, build_stage_losses, method_config
 from dfmsd_cli.distill.model import DistillModel
 from dfmsd_cli.distill.online import stage_online_teacher
@@ -39,6 +39,7 @@ from dfmsd_cli.distill.stages import (
     print_plan,
     run_geometry,
 )
+from dfmsd_cli.distill.step import train_step
 from dfmsd_cli.engine.checkpoint import (
     load_state,
     rng_state,
@@ -375,7 +376,8 @@ def _run_stage(
                 if batch is None:
                     continue
                 lr = schedule.apply(optimizer, iteration, epoch)
-                values, loss = _train_step(ddp_model, batch, device, use_amp, online)
+                optimizer.zero_grad(set_to_none=True)
+                values, loss = train_step(ddp_model, batch, device, use_amp, scaler, online)
                 if not torch.isfinite(loss):
                     last = ctx.out / "last.pth"
                     kept = (
@@ -389,8 +391,6 @@ def _run_stage(
                         "the loss weights (--alpha/--beta/--gamma) or set --grad-clip, then "
                         "--resume (or start anew with --overwrite)"
                     )
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
                 if opts.grad_clip:
                     scaler.unscale_(optimizer)
                     nn.utils.clip_grad_norm_(model.parameters(), opts.grad_clip)
@@ -471,25 +471,6 @@ def _run_stage(
                 ctx.log.write({"phase": "val", "stage": plan.index + 1, **result["val"]})
     barrier(dist_info)
     return result
-
-
-def _train_step(
-    model: nn.Module, batch: dict, device: torch.device, use_amp: bool, online=None
-) -> tuple[dict[str, float], Tensor]:
-    images = batch["images"].to(device, non_blocking=True)
-    if online is not None:  # --online: the teachers' pass replaces the store read
-        with torch.autocast(device.type, enabled=use_amp):
-            batch.update(online(batch, images))
-    targets = [{k: v.to(device) for k, v in t.items()} for t in batch["targets"]]
-    teacher = teacher_to(batch["teacher"], device) if "teacher" in batch else None
-    teacher_me = teacher_to(batch["teacher_me"], device) if "teacher_me" in batch else None
-    me_images = batch["me_images"].to(device, non_blocking=True) if "me_images" in batch else None
-    with torch.autocast(device.type, enabled=use_amp):
-        losses = model(images, batch["image_sizes"], targets, teacher, me_images, teacher_me)
-    loss = sum(v.float() for v in losses.values())
-    values = {k: float(v.detach()) for k, v in losses.items()}
-    values["loss"] = float(loss.detach())
-    return values, loss
 
 
 __all__ = ["DistillModel", "DistillOptions", "distill", "resolve_method"]

@@ -28,7 +28,13 @@ class DistillModel(nn.Module):
         teacher: dict | None = None,
         me_images: Tensor | None = None,
         teacher_me: dict | None = None,
+        part: str = "all",
     ) -> dict[str, Tensor]:
+        """``part``: ``"all"``; or ``"main"`` (detection, stage loss, SFA) and ``"me"`` (L_ME
+        alone) for a step that back-propagates them one after the other (the engine does, so
+        the ME pass's activations are not held together with the main pass's)."""
+        if part == "me":
+            return self._me_loss(me_images, teacher_me)
         out = self.student(images, image_sizes, targets)
         losses = dict(out.losses)
         if teacher is None:
@@ -42,13 +48,23 @@ class DistillModel(nn.Module):
         if "sfa" in self.losses:
             term = self.losses["sfa"](feats, teacher["features"], teacher["valid"])
             losses["loss_sfa"] = cfg.gamma * term
-        if "me" in self.losses and me_images is not None and teacher_me is not None:
-            me_feats = self.student.extract_features(me_images)
-            term = self.losses["me"](
-                me_feats, teacher_me["features"], teacher_me["valid"], _stats(teacher_me)
-            )
-            losses["loss_me"] = cfg.beta * term
+        if part == "all":
+            losses.update(self._me_loss(me_images, teacher_me))
         return losses
+
+    @property
+    def has_me(self) -> bool:
+        return "me" in self.losses
+
+    def _me_loss(self, me_images: Tensor | None, teacher_me: dict | None) -> dict[str, Tensor]:
+        """β·L_ME: the student's backbone+FPN on the enhanced images vs the stored me view."""
+        if not self.has_me or me_images is None or teacher_me is None:
+            return {}
+        me_feats = self.student.extract_features(me_images)
+        term = self.losses["me"](
+            me_feats, teacher_me["features"], teacher_me["valid"], _stats(teacher_me)
+        )
+        return {"loss_me": self.cfg.beta * term}
 
 
 def _stats(t: dict) -> dict:
