@@ -18,7 +18,7 @@ def demo_cmd(
     images: int = typer.Option(200, "--images", help="Synthetic training images."),
     val_images: int = typer.Option(100, "--val-images", help="Synthetic validation images."),
     epochs: str = typer.Option(
-        "3,3", "--epochs", help="Epochs per DFMSD stage; the baseline trains for their sum."
+        "5,5", "--epochs", help="Epochs per DFMSD stage; the baseline trains for their sum."
     ),
     img_scale: str = typer.Option(
         "320,256", "--img-scale", help="Keep-ratio resize bound LONG,SHORT."

@@ -50,7 +50,7 @@ class DemoConfig:
     teacher_dir: Path | None = None  # shipped checkpoints; None: examples/demo_teachers
     train_teachers: bool = False  # train the teachers here instead of loading shipped ones
     teacher_epochs: int | None = None  # only with train_teachers (None: the shipped recipe)
-    epochs: tuple[int, ...] = (3, 3)  # per stage; the baseline trains for their sum
+    epochs: tuple[int, ...] = (5, 5)  # per stage; the baseline trains for their sum
     batch_size: int = 4
     lr: float = 0.02
     warmup_iters: int = 50
