@@ -21,7 +21,7 @@ LABEL = {"none": "student alone", "dfmsd-no-sal": "DFMSD w/o SAL", "dfmsd-no-me"
 
 def final_metrics(run: Path) -> dict[str, float] | None:
     files = sorted(run.glob("eval_stage*_val2017.json"))
-    if not files:
+    if not files or not (run / "student.pth").is_file():  # unfinished: its last stage is missing
         return None
     d = json.loads(files[-1].read_text())
     return d.get("bbox") or d.get("metrics", {}).get("bbox")
