@@ -10,10 +10,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
-SCALE = "128,96"
-
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -22,7 +18,7 @@ def _free_port() -> int:
 
 
 def _torchrun(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    cmd = [
+    cmd = [  # torchrun, as a module of this interpreter
         sys.executable,
         "-m",
         "torch.distributed.run",
@@ -44,33 +40,18 @@ def _iterations(run: Path) -> list[int]:
     return [r["iteration"] for r in rows if r.get("phase") == "train"]
 
 
-COMMON = ["--batch-size", "2", "--img-scale", SCALE, "--warmup-iters", "2", "--num-workers", "0"]
+COMMON = "--epochs 1 --batch-size 2 --img-scale 128,96 --warmup-iters 2 --num-workers 0 "
+COMMON += "--device cpu --no-eval"
+WORLD = 2
 
 
-@pytest.mark.parametrize("world", [2])
-def test_train_under_torchrun(synthetic_root, tmp_path, world):
+def test_train_under_torchrun(synthetic_root, tmp_path):
     out = tmp_path / "run"
-    _torchrun(
-        [
-            "train",
-            "--model",
-            "retina_tiny",
-            "--data",
-            str(synthetic_root),
-            "--out",
-            str(out),
-            "--epochs",
-            "1",
-            "--device",
-            "cpu",
-            "--no-eval",
-            *COMMON,
-        ],  # fmt: skip
-        tmp_path,
-    )
+    args = f"train --model retina_tiny --data {synthetic_root} --out {out} {COMMON}"
+    _torchrun(args.split(), tmp_path)
     assert (out / "model.pth").is_file() and (out / "config.json").is_file()
     # 12 images, one view each per epoch, split over 2 ranks, batch 2: 3 steps (6 alone)
-    assert max(_iterations(out)) == 12 // world // 2
+    assert max(_iterations(out)) == 12 // WORLD // 2
 
 
 def test_distill_under_torchrun(synthetic_root, tmp_path):
@@ -92,30 +73,8 @@ def test_distill_under_torchrun(synthetic_root, tmp_path):
     )
     precompute(ann, synthetic_root / "train2017", opts)
     out = tmp_path / "kd"
-    _torchrun(
-        [
-            "distill",
-            "--student",
-            "retina_tiny",
-            "--stages",
-            "fcos_tiny",
-            "--method",
-            "dfmsd",
-            "--no-sal",
-            "--data",
-            str(synthetic_root),
-            "--cache",
-            str(cache),
-            "--out",
-            str(out),
-            "--epochs",
-            "1",
-            "--device",
-            "cpu",
-            "--no-eval",
-            *COMMON,
-        ],  # fmt: skip
-        tmp_path,
-    )
+    args = "distill --student retina_tiny --stages fcos_tiny --method dfmsd --no-sal "
+    args += f"--data {synthetic_root} --cache {cache} --out {out} {COMMON}"
+    _torchrun(args.split(), tmp_path)
     assert (out / "student.pth").is_file()
     assert max(_iterations(out)) == 8 // 2 // 2  # the 8 stored images, 2 ranks, batch 2
