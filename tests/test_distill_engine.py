@@ -81,7 +81,7 @@ def built_models(monkeypatch) -> list[str]:
 
 
 def _state(path: Path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
+    return torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
 
 
 def test_two_stage_me_run_from_cli_builds_no_teacher(env, tmp_path, built_models):
@@ -111,7 +111,7 @@ def test_two_stage_me_run_from_cli_builds_no_teacher(env, tmp_path, built_models
     for name in ("stage1_fcos_tiny.pth", "stage2_retina_tiny.pth", "student.pth", "config.json"):
         assert (out / name).is_file()
     # student.pth: only the student; loads as a dfmsd checkpoint and as a plain state dict
-    ckpt = torch.load(out / "student.pth", map_location="cpu", weights_only=False)
+    ckpt = torch.load(out / "student.pth", map_location="cpu", weights_only=True)
     assert ckpt["model"] == STUDENT and "optimizer" not in ckpt
     fresh = build_model(STUDENT, num_classes=ckpt["num_classes"])
     fresh.load_state_dict(ckpt["state_dict"], strict=True)

@@ -33,7 +33,7 @@ def _opts(root, out, **kw) -> TrainOptions:
 
 
 def _weights(path):
-    return torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
+    return torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
 
 
 def test_train_writes_run_files_and_evaluates(synthetic_root, tmp_path):
@@ -58,7 +58,7 @@ def test_resume_mid_epoch_is_bit_exact(synthetic_root, tmp_path, model):
     part = tmp_path / "part"
     first = train(_opts(synthetic_root, part, model=model, max_steps=3))  # stops mid-epoch 1
     assert first["iterations"] == 3
-    state = torch.load(part / "last.pth", map_location="cpu", weights_only=False)
+    state = torch.load(part / "last.pth", map_location="cpu", weights_only=True)
     assert (state["epoch"], state["step"], state["iteration"]) == (0, 3, 3)
     second = train(_opts(synthetic_root, part, model=model, resume=True))
     assert second["iterations"] == first["iterations"] + second["steps_this_run"]
@@ -66,8 +66,8 @@ def test_resume_mid_epoch_is_bit_exact(synthetic_root, tmp_path, model):
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
-    opt_a = torch.load(full / "last.pth", weights_only=False)["optimizer"]["state"]
-    opt_b = torch.load(part / "last.pth", weights_only=False)["optimizer"]["state"]
+    opt_a = torch.load(full / "last.pth", weights_only=True)["optimizer"]["state"]
+    opt_b = torch.load(part / "last.pth", weights_only=True)["optimizer"]["state"]
     for k in opt_a:
         assert torch.equal(opt_a[k]["momentum_buffer"], opt_b[k]["momentum_buffer"])
 
@@ -107,12 +107,12 @@ def test_killed_process_resumes(synthetic_root, tmp_path):
         proc.send_signal(signal.SIGKILL)
     finally:
         proc.wait()
-    state = torch.load(out / "last.pth", map_location="cpu", weights_only=False)  # never torn
+    state = torch.load(out / "last.pth", map_location="cpu", weights_only=True)  # never torn
     done = state["iteration"]
     assert done >= 1
     rc = subprocess.run(cmd + ["--resume"], env=env, capture_output=True, text=True)
     assert rc.returncode == 0, rc.stderr
-    final = torch.load(out / "last.pth", map_location="cpu", weights_only=False)
+    final = torch.load(out / "last.pth", map_location="cpu", weights_only=True)
     assert final["epoch"] == 3 and final["iteration"] > done
 
 

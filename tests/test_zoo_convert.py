@@ -316,7 +316,7 @@ def test_cli_convert_writes_loadable_checkpoint(tmp_path):
     args = ["convert", "mmdet", str(src), "--model", "cmr_tiny", "--out", str(out)]
     res = CliRunner().invoke(app, args)
     assert res.exit_code == 0, res.output
-    ckpt = torch.load(out, weights_only=False)
+    ckpt = torch.load(out, weights_only=True)
     assert ckpt["model"] == "cmr_tiny" and ckpt["converted_from"]["report"]["ok"]
     assert (tmp_path / "w.pth.report.json").is_file()
     from dfmsd_cli.models.checkpoint import build_from_checkpoint, load_weights

@@ -29,6 +29,11 @@ def main(argv: list[str] | None = None) -> None:
     if "--debug" in argv:  # accepted anywhere on the line, not only before the command
         STATE["debug"] = True
         argv = [a for a in argv if a != "--debug"]
+    if "--trust-checkpoint" in argv:  # likewise: an explicit opt-in, never a default
+        from dfmsd_cli.utils.safe_load import set_trust
+
+        set_trust(True)
+        argv = [a for a in argv if a != "--trust-checkpoint"]
     try:
         # standalone mode: typer/click handle usage errors themselves (exit code 2)
         app(args=argv, prog_name="dfmsd")

@@ -38,6 +38,12 @@ def _print_version(value: bool) -> None:
 @app.callback()
 def _root(
     debug: bool = typer.Option(False, "--debug", help="Show full tracebacks for errors."),
+    trust_checkpoint: bool = typer.Option(
+        False,
+        "--trust-checkpoint",
+        help="Load .pth files that reference Python objects beyond tensors (their code may "
+        "run). Only for files you trust; accepted anywhere on the command line.",
+    ),
     version: bool = typer.Option(
         False,
         "--version",
@@ -48,6 +54,10 @@ def _root(
 ) -> None:
     if debug:
         STATE["debug"] = True
+    if trust_checkpoint:
+        from dfmsd_cli.utils.safe_load import set_trust
+
+        set_trust(True)
 
 
 def _load_config(ctx: typer.Context, _param: typer.CallbackParam, value: str | None) -> str | None:

@@ -14,7 +14,6 @@ unexpected and mis-shaped keys.
 from __future__ import annotations
 
 import os
-import pickle
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -23,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from dfmsd_cli.errors import UserError
+from dfmsd_cli.utils.safe_load import load_pth
 
 FORMAT = "dfmsd"
 VERSION = 1
@@ -69,28 +69,13 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 def read_checkpoint(path: str | os.PathLike) -> Any:
-    """``torch.load`` on CPU with a UserError for a missing or unreadable file.
+    """Read a ``.pth`` on CPU with ``weights_only=True`` (``utils/safe_load.py``).
 
-    Tries ``weights_only=True`` first; checkpoints holding other Python objects (e.g. numpy
-    RNG state of a training run) are the user's own files and load with the full unpickler.
+    A file that references Python objects beyond tensors and containers is refused with a
+    one-line UserError (``--trust-checkpoint`` opts in for a trusted file); nothing in a
+    checkpoint is ever executed by default.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"weights file {path} not found: pass an existing .pth checkpoint")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        pass
-    except Exception as exc:  # truncated or not a torch file
-        raise UserError(
-            f"cannot read {path} as a torch checkpoint ({exc}): check the file"
-        ) from exc
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:
-        raise UserError(
-            f"cannot read {path} as a torch checkpoint ({exc}): check the file"
-        ) from exc
+    return load_pth(path, what="weights file")
 
 
 def is_dfmsd_checkpoint(obj: Any) -> bool:
