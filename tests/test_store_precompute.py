@@ -206,7 +206,7 @@ def test_enhancement_view_regenerates_bit_identical(data, baseline, tmp_path):
 def test_cache_verify_catches_corruption_and_missing_marker(baseline, tmp_path, capsys):
     path = tmp_path / "s.zarr"
     shutil.copytree(baseline, path)
-    problems, _ = verify_store(path)
+    problems = verify_store(path).problems
     assert problems == []
     chunk = path / "feat" / "hflip" / "16" / "c" / "3" / "0" / "0" / "0"
     chunk.write_bytes(b"\x00garbage" * 10)

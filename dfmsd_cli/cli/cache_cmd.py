@@ -75,10 +75,22 @@ def verify_cmd(
     quick: bool = typer.Option(
         False, "--quick", help="Skip decoding every image (fingerprints and markers only)."
     ),
+    repair: bool = typer.Option(
+        False,
+        "--repair",
+        help="Recompute exactly the damaged images with the store's teacher (needs --data; "
+        "--weights if the store's recorded weights file is elsewhere).",
+    ),
+    device: str = typer.Option("auto", "--device", help="Device for --repair: auto, cpu, cuda."),
+    num_workers: int = typer.Option(
+        2, "--num-workers", min=0, help="DataLoader workers for --repair."
+    ),
     config: str | None = ConfigOption,
 ) -> None:
-    """Check fingerprints, completion markers and every chunk (NaN/inf, corruption); exit 1
-    on any problem, naming it."""
+    """Check fingerprints, completion markers and every chunk (crc32c checksums, missing
+    chunks, NaN/inf, statistics); exit 1 on any problem, naming it. --repair recomputes the
+    damaged images."""
+    from dfmsd_cli.errors import UserError
     from dfmsd_cli.store.inspect import verify_store
     from dfmsd_cli.store.reader import TeacherStore
 
@@ -88,9 +100,27 @@ def verify_cmd(
 
         split = TeacherStore.open(path).meta.split
         ann_file, image_dir = resolve_data(data, split, ann, images)
-    problems, notes = verify_store(
-        path, ann_file, image_dir, weights=weights, scan=not quick, progress=True
-    )
+    if repair and (ann_file is None or quick):
+        raise UserError(
+            "--repair recomputes damaged images with the teacher: pass --data ROOT (the dataset "
+            "the store was made from) and drop --quick"
+        )
+    report = verify_store(path, ann_file, image_dir, weights=weights, scan=not quick, progress=True)
+    if repair and report.damaged:
+        from dfmsd_cli.store.repair import repair_store
+
+        console.print(f"repair: recomputing {len(report.damaged)} damaged image(s)")
+        repair_store(
+            path,
+            ann_file,
+            image_dir,
+            report.damaged,
+            weights=weights,
+            device=device,
+            num_workers=num_workers,
+        )
+        report = verify_store(path, ann_file, image_dir, weights=weights, progress=True)
+    problems, notes = report.problems, report.notes
     for n in notes:
         console.print(f"note: {n}")
     for p in problems:

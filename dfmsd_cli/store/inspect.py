@@ -17,6 +17,7 @@ bytes on disk; the canvas zero padding is not counted as payload).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -118,6 +119,16 @@ def _check_image(store: TeacherStore, i: int) -> list[str]:
     return out
 
 
+@dataclass
+class VerifyReport:
+    """``problems`` make ``cache verify`` exit 1; ``damaged`` are the indices of complete images
+    with a bad or missing chunk (what ``repair_store`` recomputes)."""
+
+    problems: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    damaged: list[int] = field(default_factory=list)
+
+
 def verify_store(
     path: str | Path,
     ann_file: str | Path | None = None,
@@ -125,14 +136,20 @@ def verify_store(
     weights: str | None = None,
     scan: bool = True,
     progress: bool = False,
-) -> tuple[list[str], list[str]]:
-    """Check a store; returns (problems, notes). Problems make ``cache verify`` exit 1."""
+) -> VerifyReport:
+    """Check a store (see the module docstring)."""
     from dfmsd_cli.errors import UserError
 
-    problems: list[str] = []
-    notes: list[str] = []
+    report = VerifyReport()
+    problems, notes = report.problems, report.notes
     store = TeacherStore.open(path)
     m = store.meta
+    if not store.checksummed:
+        notes.append(
+            f"store schema {m.attrs.get('schema_version')} (written before dfmsd stored chunk "
+            "checksums): unchecksummed — a damaged chunk is caught only by the statistics check "
+            "below; precompute it anew to get crc32c on every chunk"
+        )
     if ann_file is not None:
         from dfmsd_cli.data.coco import CocoDetection
         from dfmsd_cli.utils.io import sha256_file
@@ -175,6 +192,9 @@ def verify_store(
         with bar:
             task = bar.add_task("verify", total=len(complete), info="")
             for i in complete:
-                problems += _check_image(store, int(i))
+                found = _check_image(store, int(i))
+                if found:
+                    problems += found
+                    report.damaged.append(int(i))
                 bar.advance(task)
-    return problems, notes
+    return report

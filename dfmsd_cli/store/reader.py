@@ -38,6 +38,7 @@ import zarr
 from dfmsd_cli.data.geometry import Geometry
 from dfmsd_cli.errors import UserError, suggest
 from dfmsd_cli.store import schema
+from dfmsd_cli.store.integrity import ChunkGuard, corrupt, is_checksum_error
 from dfmsd_cli.store.quantize import dequantize_uint8
 
 ENHANCE_KINDS = {0: "none", 1: "noise", 2: "crop"}
@@ -66,11 +67,20 @@ class StoreMeta:
     attrs: dict = field(repr=False)
 
 
-def open_group(path: str | os.PathLike, mode: str = "r") -> zarr.Group:
-    """Open a store group with a clear error when ``path`` holds none."""
+def open_group(
+    path: str | os.PathLike, mode: str = "r", guard: ChunkGuard | None = None
+) -> zarr.Group:
+    """Open a store group with a clear error when ``path`` holds none.
+
+    With ``guard``, reads go through that :class:`ChunkGuard` (created around zarr's own store
+    for ``path``), which records the chunks a read did not find.
+    """
     path = str(path)
     try:
         group = zarr.open_group(path, mode=mode)
+        if guard is not None:
+            guard._store = group.store
+            group = zarr.open_group(store=guard, mode=mode)
     except (FileNotFoundError, zarr.errors.GroupNotFoundError) as exc:
         raise UserError(
             f"no teacher store at {path}: run 'dfmsd precompute' for this teacher and split first"
@@ -89,12 +99,15 @@ class TeacherStore:
         self._group: zarr.Group | None = None
         self._arrays: dict[str, zarr.Array] = {}
         self._small: dict[str, np.ndarray] | None = None
+        self._guard: ChunkGuard | None = None
         a = dict(self.group.attrs)[schema.ATTR_KEY]
-        if a.get("schema_version") != schema.SCHEMA_VERSION:
+        if a.get("schema_version") not in schema.READABLE_VERSIONS:
             raise UserError(
                 f"store {self.path} has schema version {a.get('schema_version')}, this dfmsd "
-                f"reads {schema.SCHEMA_VERSION}: precompute it again with this version"
+                f"reads {list(schema.READABLE_VERSIONS)}: precompute it again with this version"
             )
+        # v2+: crc32c on every chunk and every chunk written, so absence is corruption
+        self.checksummed = int(a["schema_version"]) >= schema.CHECKSUMMED_SINCE
         self.meta = StoreMeta(
             path=self.path,
             teacher=a["teacher"],
@@ -127,13 +140,37 @@ class TeacherStore:
     @property
     def group(self) -> zarr.Group:
         if self._group is None:
-            self._group = open_group(self.path, self.mode)
+            self._guard = ChunkGuard(None)
+            self._group = open_group(self.path, self.mode, guard=self._guard)
         return self._group
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
-        state.update(_group=None, _arrays={}, _small=None)
+        state.update(_group=None, _guard=None, _arrays={}, _small=None)
         return state
+
+    def _read(self, name: str, sel: Any, where: str) -> np.ndarray:
+        """``array[sel]`` as numpy; a checksum mismatch becomes a one-line StoreCorrupt."""
+        try:
+            return np.asarray(self._array(name)[sel])
+        except ValueError as exc:
+            if is_checksum_error(exc):
+                raise corrupt(self.path, where, f"chunk of '{name}' fails its crc32c") from exc
+            raise
+
+    def _check_missing(self, where: str, blocks: np.ndarray | None = None) -> None:
+        """Raise if a read since the last check met an absent chunk of a complete image.
+
+        ``blocks`` (small-array reads of every image): only chunks of blocks that hold a
+        complete image count; pending blocks were simply never written.
+        """
+        lost = self._guard.take() if self._guard is not None else []
+        if not self.checksummed:
+            return  # v1 stores skipped all-zero chunks: absence proves nothing there
+        for array, coords in lost:
+            if blocks is not None and not blocks[coords[0]]:
+                continue
+            raise corrupt(self.path, where, f"chunk {coords} of '{array}' is missing")
 
     def _array(self, name: str) -> zarr.Array:
         if name not in self._arrays:
@@ -149,7 +186,16 @@ class TeacherStore:
             names = ["done", "pad_size", "size", "transposed"] + [
                 f"valid/{s}" for s in self.meta.strides
             ]
-            self._small = {n: np.asarray(self._array(n)[:]) for n in names}
+            if self._guard is not None:
+                self._guard.take()
+            small = {n: self._read(n, slice(None), "the per-image arrays") for n in names}
+            b = self.meta.block
+            ok = small["done"] == schema.DONE_OK
+            blocks = np.zeros(-(-len(ok) // b) + 1, dtype=bool)
+            blocks[np.flatnonzero(ok) // b] = True
+            where = "the per-image arrays (a block with complete images)"
+            self._check_missing(where, blocks)
+            self._small = small
         return self._small
 
     def refresh(self) -> None:
@@ -219,21 +265,37 @@ class TeacherStore:
                     f"{self.path}: finish it with 'dfmsd precompute' (it resumes)"
                 )
         transposed = bool(sm["transposed"][index])
+        image = f"image {m.image_ids[index]} (index {index}) view {view}"
+        if self._guard is not None:
+            self._guard.take()
         feats, att_s, att_c, valid = {}, {}, {}, {}
         for s in strides or m.strides:
+            where = f"{image} stride {s}"
             h, w = (int(x) for x in sm[f"valid/{s}"][index])
             sh, sw = (w, h) if transposed else (h, w)
-            raw = np.asarray(self._array(f"feat/{view}/{s}")[index, :, :sh, :sw])
+            raw = self._read(f"feat/{view}/{s}", (index, slice(None), slice(sh), slice(sw)), where)
             if m.dtype == "uint8":
-                f = dequantize_uint8(raw, self._array(f"qparams/{view}/{s}")[index])
+                f = dequantize_uint8(raw, self._read(f"qparams/{view}/{s}", index, where))
             else:
                 f = torch.from_numpy(raw.astype(np.float32))
-            sp = torch.from_numpy(np.asarray(self._array(f"att_s/{view}/{s}")[index, :sh, :sw]))
+            sp = torch.from_numpy(
+                self._read(f"att_s/{view}/{s}", (index, slice(sh), slice(sw)), where)
+            )
             if transposed:
                 f, sp = f.transpose(-1, -2), sp.transpose(-1, -2)
             feats[s], att_s[s], valid[s] = f.contiguous(), sp.contiguous(), (h, w)
-            att_c[s] = torch.from_numpy(np.asarray(self._array(f"att_c/{view}/{s}")[index]))
-        n = int(self._array(f"det/{view}/count")[index])
+            att_c[s] = torch.from_numpy(self._read(f"att_c/{view}/{s}", index, where))
+            self._check_missing(where)
+        where = f"{image} (detections)"
+        n = int(self._read(f"det/{view}/count", index, where))
+        # whole rows (K entries): an empty slice would not even fetch a lost chunk
+        det = {
+            k: self._read(f"det/{view}/{k}", index, where)[:n]
+            for k in ("boxes", "scores", "labels")
+        }
+        ratio = float(self._read(f"area_ratio/{view}", index, where))
+        enhance = self.enhance_params(index) if view == "me" else None
+        self._check_missing(where)
         out: dict[str, Any] = {
             "index": int(index),
             "image_id": m.image_ids[index],
@@ -244,13 +306,11 @@ class TeacherStore:
             "valid": valid,
             "att_spatial": att_s,
             "att_channel": att_c,
-            "boxes": torch.from_numpy(np.asarray(self._array(f"det/{view}/boxes")[index, :n])),
-            "scores": torch.from_numpy(np.asarray(self._array(f"det/{view}/scores")[index, :n])),
-            "labels": torch.from_numpy(
-                np.asarray(self._array(f"det/{view}/labels")[index, :n]).astype(np.int64)
-            ),
-            "area_ratio": float(self._array(f"area_ratio/{view}")[index]),
-            "enhance": self.enhance_params(index) if view == "me" else None,
+            "boxes": torch.from_numpy(det["boxes"]),
+            "scores": torch.from_numpy(det["scores"]),
+            "labels": torch.from_numpy(det["labels"].astype(np.int64)),
+            "area_ratio": ratio,
+            "enhance": enhance,
         }
         return out
 
@@ -258,8 +318,9 @@ class TeacherStore:
         """The stored ME choice of image ``index`` (see ``dfmsd_cli.data.enhance``)."""
         from dfmsd_cli.data.enhance import EnhanceParams
 
-        p = np.asarray(self._array("enhance/params")[index], dtype=np.float64)
-        checksum = int(self._array("enhance/checksum")[index])
+        where = f"image {self.meta.image_ids[index]} (index {index}) view me"
+        p = np.asarray(self._read("enhance/params", index, where), dtype=np.float64)
+        checksum = int(self._read("enhance/checksum", index, where))
         return EnhanceParams.from_array(p, checksum).to_dict()
 
     def area_ratios(self, view: str = "orig") -> np.ndarray:

@@ -50,7 +50,9 @@ import numpy as np
 
 from dfmsd_cli.errors import UserError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: crc32c on every chunk, every chunk written (store/integrity.py)
+READABLE_VERSIONS = (1, 2)
+CHECKSUMMED_SINCE = 2
 ATTR_KEY = "dfmsd"
 
 DONE_PENDING, DONE_OK, DONE_UNREADABLE = 0, 1, 2

@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 import zarr
-from zarr.codecs import BloscCodec, ZstdCodec
+from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 
 from dfmsd_cli.errors import UserError
 from dfmsd_cli.store import schema
@@ -41,6 +41,9 @@ from dfmsd_cli.store.quantize import quantize_uint8, to_float16
 
 ZSTD_LEVEL = 3
 CODECS = ("zstd", "blosc")
+# Every chunk is written, zeros too: a chunk absent while its image is complete is then a
+# fault the reader can name (zarr would return the fill value for it in silence).
+WRITE_CONFIG = {"write_empty_chunks": True}
 
 
 def feature_codec(name: str, dtype: str):
@@ -118,7 +121,7 @@ class StoreSpec:
             },
             "dtype": self.dtype,
             "quantization": quant,
-            "codec": {"name": self.codec, "level": ZSTD_LEVEL},
+            "codec": {"name": self.codec, "level": ZSTD_LEVEL, "checksum": "crc32c"},
             "views": list(self.views),
             "block": int(self.block),
             "topk": int(self.topk),
@@ -151,10 +154,18 @@ def _allocate(group: zarr.Group, a: dict, image_ids: list[int]) -> None:
     zstd = ZstdCodec(level=ZSTD_LEVEL)
     big = feature_codec(a["codec"]["name"], a["dtype"])
     big32 = feature_codec(a["codec"]["name"], "float32")
+    checked = int(a["schema_version"]) >= schema.CHECKSUMMED_SINCE
 
     def arr(name: str, shape: tuple, chunks: tuple, dtype: str, comp=zstd) -> zarr.Array:
+        # crc32c last: zarr checks every chunk it decodes against it (store/integrity.py)
         return group.create_array(
-            name, shape=shape, chunks=chunks, dtype=dtype, compressors=comp, fill_value=0
+            name,
+            shape=shape,
+            chunks=chunks,
+            dtype=dtype,
+            compressors=[comp, Crc32cCodec()] if checked else comp,
+            fill_value=0,
+            config=WRITE_CONFIG,
         )
 
     ids = arr("image_ids", (n,), (max(1, min(n, 1 << 16)),), "int64")
@@ -284,7 +295,7 @@ class StoreWriter:
 
     def _a(self, name: str) -> zarr.Array:
         if name not in self._arrays:
-            self._arrays[name] = self.group[name]
+            self._arrays[name] = self.group[name].with_config(WRITE_CONFIG)
         return self._arrays[name]
 
     def done(self) -> np.ndarray:

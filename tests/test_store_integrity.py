@@ -1,0 +1,196 @@
+"""A damaged store never feeds training: crc32c on every chunk, missing chunks named, one line
+from distill (exit 2), ``cache verify --repair`` recomputes exactly the damaged images, and
+stores written before checksums still open."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+
+from dfmsd_cli.cli import main
+from dfmsd_cli.errors import UserError
+from dfmsd_cli.store import schema
+from dfmsd_cli.store.integrity import split_chunk_key
+from dfmsd_cli.store.reader import TeacherStore
+
+SCALE = ["--img-scale", "128,96"]
+CPU = ["--num-workers", "0", "--device", "cpu"]
+
+
+def _run(argv: list[str]) -> tuple[int, str]:
+    try:
+        main(argv)
+    except SystemExit as exc:
+        return int(exc.code or 0), ""
+    return 0, ""
+
+
+def _precompute(root: str, cache: Path) -> Path:
+    code, _ = _run(
+        [
+            "precompute",
+            "--teacher",
+            "retina_tiny",
+            "--data",
+            root,
+            "--cache",
+            str(cache),
+            *SCALE,
+            *CPU,
+            "--batch-size",
+            "2",
+            "--block",
+            "4",
+        ]
+    )
+    assert code == 0
+    return cache / "retina_tiny" / "train2017.zarr"
+
+
+@pytest.fixture(scope="module")
+def clean(synthetic_root, tmp_path_factory) -> tuple[str, Path]:
+    cache = tmp_path_factory.mktemp("integrity") / "cache"
+    _precompute(str(synthetic_root), cache)
+    return str(synthetic_root), cache
+
+
+@pytest.fixture
+def env(clean, tmp_path) -> dict:
+    root, cache = clean
+    copy = tmp_path / "cache"
+    shutil.copytree(cache, copy)
+    store = copy / "retina_tiny" / "train2017.zarr"
+    return {"root": root, "cache": copy, "store": store, "tmp": tmp_path}
+
+
+def _chunk(store: Path, array: str, index: int) -> Path:
+    c = store / array / "c"
+    files = sorted(
+        p for p in c.rglob("*") if p.is_file() and p.relative_to(c).parts[0] == str(index)
+    )
+    assert files, f"no chunk of {array} for index {index}"
+    return files[0]
+
+
+def _flip(path: Path) -> None:
+    b = bytearray(path.read_bytes())
+    b[len(b) // 2] ^= 0x10
+    path.write_bytes(bytes(b))
+
+
+def _distill(env: dict, capsys) -> tuple[int, str]:
+    argv = [
+        "distill",
+        "--student",
+        "retina_tiny",
+        "--stages",
+        "retina_tiny",
+        "--method",
+        "mgd",
+        "--data",
+        env["root"],
+        "--cache",
+        str(env["cache"]),
+        "--out",
+        str(env["tmp"] / "run"),
+        *SCALE,
+        *CPU,
+        "--batch-size",
+        "2",
+        "--no-eval",
+        "--epochs",
+        "1",
+        "--no-flip",
+    ]
+    code, _ = _run(argv)
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return code, "\n".join(ln for ln in err.splitlines() if ln.startswith("error:"))
+
+
+def _image_id(store: Path, index: int) -> int:
+    return int(zarr.open_group(str(store), mode="r")["image_ids"][index])
+
+
+def test_split_chunk_key():
+    assert split_chunk_key("feat/orig/8/c/3/0/0/0") == ("feat/orig/8", (3, 0, 0, 0))
+    assert split_chunk_key("done/c/2") == ("done", (2,))
+    assert split_chunk_key("feat/orig/8/zarr.json") is None
+
+
+def test_every_array_carries_crc32c(clean):
+    _, cache = clean
+    g = zarr.open_group(str(cache / "retina_tiny" / "train2017.zarr"), mode="r")
+    arrays = [a for _, a in g.members(max_depth=None) if isinstance(a, zarr.Array)]
+    assert len(arrays) > 10
+    for a in arrays:
+        codecs = [type(c).__name__ for c in a.compressors]
+        assert codecs[-1] == "Crc32cCodec", (a.path, codecs)
+    assert g.attrs[schema.ATTR_KEY]["schema_version"] == 2
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fault", ["flip", "delete"])
+def test_damaged_feature_chunk_stops_distill_with_one_line(env, fault, capsys):
+    store, k = env["store"], 0  # index 5 has no object and is skipped by training
+    path = _chunk(store, "feat/orig/16", k)
+    _flip(path) if fault == "flip" else path.unlink()
+    code, err = _distill(env, capsys)
+    assert code == 2, err
+    assert str(store) in err and f"image {_image_id(store, k)} " in err, err
+    assert "view orig stride 16" in err and "cache verify" in err and "--repair" in err, err
+    assert ("crc32c" in err) if fault == "flip" else ("missing" in err)
+    assert not (env["tmp"] / "run" / "student.pth").exists()
+
+
+def test_damaged_small_chunk_is_named(env):
+    store = env["store"]
+    _chunk(store, "det/orig/boxes", 1).unlink()  # block 1 = images 4..7
+    t = TeacherStore.open(store)
+    t.get(0, "orig")  # another block: fine
+    with pytest.raises(
+        UserError, match=r"missing at image \d+ \(index 5\) view orig \(detections\)"
+    ):
+        t.get(5, "orig")
+    _chunk(store, "valid/8", 0).unlink()
+    with pytest.raises(UserError, match="missing at the per-image arrays.*--repair"):
+        TeacherStore.open(store).get(0, "orig")
+
+
+@pytest.mark.slow
+def test_verify_repair_recomputes_exactly_the_damaged_images(env, clean, capsys):
+    store = env["store"]
+    _flip(_chunk(store, "feat/orig/8", 2))
+    _chunk(store, "att_s/orig/32", 9).unlink()
+    code, _ = _run(["cache", "verify", str(store)])
+    cap = capsys.readouterr()
+    out = cap.out + cap.err
+    assert code == 1 and "2 problem(s)" in out, out
+    code, _ = _run(["cache", "verify", str(store), "--repair"])
+    assert code == 2  # --repair needs --data
+    code, _ = _run(["cache", "verify", str(store), "--repair", "--data", env["root"], *CPU])
+    cap = capsys.readouterr()
+    out = cap.out + cap.err
+    assert code == 0 and "recomputing 2 damaged image(s)" in out and "OK" in out, out
+    ref = zarr.open_group(str(clean[1] / "retina_tiny" / "train2017.zarr"), mode="r")
+    got = zarr.open_group(str(store), mode="r")
+    for name in ("feat/orig/8", "att_s/orig/32", "done", "det/orig/boxes"):
+        assert np.array_equal(np.asarray(ref[name][:]), np.asarray(got[name][:])), name
+
+
+def test_store_written_before_checksums_still_opens(synthetic_root, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(schema, "SCHEMA_VERSION", 1)
+    store = _precompute(str(synthetic_root), tmp_path / "cache")
+    monkeypatch.undo()
+    a = zarr.open_group(str(store), mode="r")["feat/orig/8"]
+    assert "Crc32cCodec" not in [type(c).__name__ for c in a.compressors]
+    t = TeacherStore.open(store)
+    assert not t.checksummed and t.get(3, "orig")["features"][8].numel() > 0
+    code, _ = _run(["cache", "verify", str(store)])
+    cap = capsys.readouterr()
+    out = cap.out + cap.err
+    assert code == 0 and "unchecksummed" in out, out
