@@ -42,6 +42,7 @@ from dfmsd_cli.store.integrity import ChunkGuard, corrupt, is_checksum_error
 from dfmsd_cli.store.quantize import dequantize_uint8
 
 ENHANCE_KINDS = {0: "none", 1: "noise", 2: "crop"}
+_DET = ("boxes", "scores", "labels")
 
 
 @dataclass
