@@ -342,3 +342,17 @@ def test_trust_flag_is_accepted_anywhere(monkeypatch):
     monkeypatch.setattr(cli, "app", app)
     cli.main(["eval", "x.pth", "--trust-checkpoint"])
     assert seen == {"args": ["eval", "x.pth"], "trust": True}
+
+
+def test_convert_mmdet_keeps_tensors_and_never_runs_the_payload(tmp_path):
+    """MMEngine pickles objects into ``meta``: conversion maps every foreign global to an inert
+    stand-in under weights_only=True, so a payload there is dropped, not run."""
+    from dfmsd_cli.models.convert.mmdet import load_mmdet_checkpoint
+
+    marker = tmp_path / "PWNED"
+    path = tmp_path / "mm.pth"
+    sd = {"backbone.conv1.weight": torch.ones(2, 3, 1, 1)}
+    torch.save({"state_dict": sd, "meta": {"hook": _Payload(marker), "epoch": np.int64(12)}}, path)
+    state, meta = load_mmdet_checkpoint(path)
+    assert torch.equal(state["backbone.conv1.weight"], sd["backbone.conv1.weight"])
+    assert set(meta) == {"hook", "epoch"} and not marker.exists()

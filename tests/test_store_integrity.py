@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import zarr
 
 from dfmsd_cli.cli import main
@@ -194,3 +195,32 @@ def test_store_written_before_checksums_still_opens(synthetic_root, tmp_path, mo
     cap = capsys.readouterr()
     out = cap.out + cap.err
     assert code == 0 and "unchecksummed" in out, out
+
+
+@pytest.mark.parametrize("dtype,codec", [("float16", "blosc"), ("uint8", "zstd")])
+def test_fast_row_path_equals_zarr(synthetic_root, tmp_path, monkeypatch, dtype, codec):
+    """store/chunks.py decodes exactly what zarr's getitem returns, for every array and view."""
+    from dfmsd_cli.store import chunks
+
+    code, _ = _run(["precompute", "--teacher", "retina_tiny", "--data", str(synthetic_root),
+                    "--cache", str(tmp_path), *SCALE, *CPU, "--block", "4", "--dtype", dtype,
+                    "--codec", codec, "--views", "orig,hflip"])  # fmt: skip
+    assert code == 0
+    path = tmp_path / "retina_tiny" / "train2017.zarr"
+    fast = TeacherStore.open(path)
+    assert all(fast._row_codec(n) is not None for n in ("feat/orig/8", "det/hflip/boxes"))
+    with monkeypatch.context() as m:
+        m.setattr(chunks.RowCodec, "of", classmethod(lambda cls, a: None))
+        slow = TeacherStore.open(path)
+        ref = [slow.get(i, v) for i in range(len(slow)) for v in ("orig", "hflip")]
+    got = [fast.get(i, v) for i in range(len(fast)) for v in ("orig", "hflip")]
+    transposed = 0
+    for a, b in zip(ref, got, strict=True):
+        for key in ("features", "att_spatial", "att_channel"):
+            for s in a[key]:
+                assert torch.equal(a[key][s], b[key][s]), (key, s)
+        for key in ("boxes", "scores", "labels"):
+            assert torch.equal(a[key], b[key])
+        assert a["area_ratio"] == b["area_ratio"] and a["valid"] == b["valid"]
+        transposed += a["pad_size"][0] > a["pad_size"][1]
+    assert transposed > 0  # portrait images (stored transposed) are covered

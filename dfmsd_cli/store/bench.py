@@ -238,6 +238,56 @@ def read_throughput(
     return {"images": n, "seconds": dt, "images_per_s": n / dt, "num_workers": num_workers}
 
 
+def _decode_direct(store, index: int, view: str) -> dict[str, np.ndarray]:
+    """Decode the chunks ``store.get(index, view)`` needs straight from the files with numcodecs
+    (no zarr): the floor a reader can approach. Local stores only."""
+    m, root = store.meta, Path(store.path)
+    out = {}
+    names = [f"{k}/{view}/{st}" for st in m.strides for k in ("feat", "att_s", "att_c")]
+    names += [f"det/{view}/{k}" for k in ("count", "boxes", "scores", "labels")]
+    names.append(f"area_ratio/{view}")
+    for name in names:
+        a = store._array(name)
+        block = a.chunks[0]
+        key = "/".join([str(index // block)] + ["0"] * (len(a.shape) - 1))
+        data = (root / name / "c" / key).read_bytes()
+        comp, *rest = a.compressors
+        data = data[:-4] if rest and type(rest[-1]).__name__ == "Crc32cCodec" else data
+        codec = numcodecs.Blosc() if type(comp).__name__ == "BloscCodec" else numcodecs.Zstd()
+        x = np.frombuffer(codec.decode(data), dtype=a.dtype).reshape(a.chunks)
+        out[name] = x[index % block]
+        if name.startswith("feat/"):
+            out[name] = out[name].astype(np.float32)
+    return out
+
+
+def read_overhead(path: str, view: str = "orig", repeats: int = 3) -> dict[str, Any]:
+    """CPU ms per sample of ``TeacherStore.get`` vs decoding the same chunks directly
+    (``_decode_direct``), alternating the two over ``repeats`` passes over every image."""
+    from dfmsd_cli.store.reader import TeacherStore
+
+    store = TeacherStore.open(path)
+    idx = [int(i) for i in store.complete_indices()]
+    store.get(idx[0], view)  # warm-up: opens every array
+    _decode_direct(store, idx[0], view)
+    cpu = {"get": 0.0, "direct": 0.0}
+    for r in range(repeats):
+        order = ("get", "direct") if r % 2 == 0 else ("direct", "get")
+        for kind in order:
+            t0 = time.process_time()
+            for i in idx:
+                store.get(i, view) if kind == "get" else _decode_direct(store, i, view)
+            cpu[kind] += time.process_time() - t0
+    n = repeats * len(idx)
+    return {
+        "images": len(idx),
+        "repeats": repeats,
+        "get_ms": 1e3 * cpu["get"] / n,
+        "direct_decode_ms": 1e3 * cpu["direct"] / n,
+        "ratio": cpu["get"] / cpu["direct"],
+    }
+
+
 def student_step_rate(student, ds: CocoDetection, indices: list[int], batch_size: int) -> float:
     """Images/s of a plain student train step (forward + backward) — what distill consumes."""
     student.train()
@@ -326,6 +376,8 @@ def bench_store(
             dt: read_throughput(p, num_workers=num_workers, batch_size=batch_size, epochs=3)
             for dt, p in stores.items()
         }
+        res["read_one_sample"] = read_overhead(stores["float16"])
+        log(f"one sample: {res['read_one_sample']}")
         rate = student_step_rate(stu, ds, idx[: 2 * batch_size], batch_size)
         res["student_train_images_per_s"] = rate
         res["read_vs_student"] = {dt: r["images_per_s"] / rate for dt, r in res["read"].items()}
