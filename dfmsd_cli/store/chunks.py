@@ -58,9 +58,13 @@ class RowCodec:
         order = "<" if endian is None or getattr(endian, "value", endian) == "little" else ">"
         comp = meta.codecs[1]
         if names[1] == "ZstdCodec":
-            compressor = numcodecs.Zstd(level=comp.level)
+            compressor = numcodecs.Zstd(level=comp.level, checksum=comp.checksum)
         elif names[1] == "BloscCodec":
-            compressor = numcodecs.Blosc()
+            shuffle = {"noshuffle": 0, "shuffle": 1, "bitshuffle": 2}[_name(comp.shuffle)]
+            compressor = numcodecs.Blosc(
+                cname=_name(comp.cname), clevel=comp.clevel, shuffle=shuffle,
+                blocksize=comp.blocksize,
+            )  # fmt: skip
         else:
             return None
         return cls(
@@ -76,6 +80,15 @@ class RowCodec:
         coords = (row // self.chunk[0],) + (0,) * (len(self.chunk) - 1)
         return f"{self.path}/{self.encode_key(coords)}" if self.path else self.encode_key(coords)
 
+    def encode_chunk(self, x: np.ndarray) -> bytes:
+        """Bytes of one whole chunk ``x`` (shape ``chunk``), as zarr's codec chain writes them."""
+        if tuple(x.shape) != self.chunk:
+            raise ValueError(f"chunk of shape {tuple(x.shape)}, expected {self.chunk}")
+        data = bytes(self.compressor.encode(np.ascontiguousarray(x, dtype=self.dtype)))
+        if self.crc:
+            data += np.uint32(google_crc32c.value(data)).astype("<u4").tobytes()
+        return data
+
     def decode_row(self, data: bytes, row: int) -> np.ndarray:
         if self.crc:
             want = int.from_bytes(data[-4:], "little")
@@ -85,6 +98,25 @@ class RowCodec:
         x = np.empty(self.chunk, dtype=self.dtype)  # decoded in place: writable, no copy
         self.compressor.decode(data, out=x)
         return x[row % self.chunk[0]].astype(self.dtype.newbyteorder("="), copy=False)
+
+
+def _name(x: Any) -> str:
+    return str(getattr(x, "value", x))
+
+
+def put_chunks(store: Any, chunks: list[tuple[RowCodec, int, np.ndarray]]) -> None:
+    """Write whole chunks ``(codec, row, data)`` (the chunk holding ``row``) in one round trip.
+
+    Each chunk is a separate key, written atomically by the store (temporary file + rename
+    locally, one PUT on object storage), so concurrent writers of other chunks are safe.
+    """
+    proto = default_buffer_prototype()
+    items = [(c.key(row), proto.buffer.from_bytes(c.encode_chunk(x))) for c, row, x in chunks]
+
+    async def _set_all() -> None:
+        await asyncio.gather(*(store.set(k, b) for k, b in items))
+
+    zarr_sync(_set_all())
 
 
 def fetch_rows(

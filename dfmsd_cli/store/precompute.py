@@ -326,6 +326,7 @@ def precompute(
         if any(done[i] == schema.DONE_PENDING for i in b)
     ]
     todo = sum(int(done[i] == schema.DONE_PENDING) for b in plan for i in b)
+    writer.expect(i for b in plan for i in b if done[i] == schema.DONE_PENDING)
     stats = {"written": 0, "unreadable": 0}
 
     from dfmsd_cli.engine.progress import make_progress
@@ -354,7 +355,7 @@ def precompute(
     )
     throttle = float(os.environ.get(THROTTLE_ENV, "0") or 0)
     t_forward = 0.0
-    t_loop = time.perf_counter()
+    t_loop, c_loop = time.perf_counter(), time.process_time()
     try:
         with progress:
             for items in loader:
@@ -374,7 +375,7 @@ def precompute(
                 if throttle:
                     time.sleep(throttle)
             bg.close()
-        t_loop = time.perf_counter() - t_loop
+        t_loop, c_loop = time.perf_counter() - t_loop, time.process_time() - c_loop
     except BaseException:
         bg.close()
         raise
@@ -392,6 +393,7 @@ def precompute(
         "wall_s": time.perf_counter() - t_start,
         "teacher_s": t_forward,
         "loop_s": t_loop,
+        "loop_cpu_s": c_loop,  # this process, all threads (writer threads included)
         "load_stats": dict(ds.stats),
     }
 

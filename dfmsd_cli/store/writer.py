@@ -25,6 +25,7 @@ import os
 import queue
 import shutil
 import threading
+import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +38,7 @@ from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 
 from dfmsd_cli.errors import UserError
 from dfmsd_cli.store import schema
+from dfmsd_cli.store.chunks import RowCodec, put_chunks
 from dfmsd_cli.store.quantize import quantize_uint8, to_float16
 
 ZSTD_LEVEL = 3
@@ -286,34 +288,64 @@ def _place(x: np.ndarray, hc: int, wc: int, transposed: bool) -> np.ndarray:
 
 
 class StoreWriter:
-    """Synchronous per-image writer for an open store group (one per process)."""
+    """Per-image writer for an open store group (one per process).
 
-    def __init__(self, group: zarr.Group):
+    Per-image chunks (``feat``, ``att_s``) are encoded here and written whole, all of an image's
+    in one store round trip (``store/chunks.py``). The small block-chunked rows are buffered
+    per block and each block's chunk is written ONCE when the block's last expected image is in
+    (``expect``), at ``flush()``, or every ``flush_seconds`` — instead of a read-modify-write of
+    the block's chunk for every image. The completion markers of a block are written last, after
+    its rows, so a killed process leaves its buffered images pending (they are recomputed), never
+    half-complete; rows of a block written by an earlier run are read once and kept.
+    """
+
+    def __init__(self, group: zarr.Group, flush_seconds: float = 60.0):
         self.group = group
         self.attrs = dict(group.attrs)[schema.ATTR_KEY]
+        self.block = int(self.attrs["block"])
+        self.n = int(self.attrs["dataset"]["num_images"])
+        self.flush_seconds = flush_seconds
         self._arrays: dict[str, zarr.Array] = {}
+        self._codecs: dict[str, RowCodec | None] = {}
+        self._rows: dict[int, dict[str, dict[int, np.ndarray]]] = {}  # block -> name -> i -> row
+        self._expected: dict[int, int] = {}
+        self._finished: dict[int, int] = {}
+        self._last_flush = time.monotonic()
 
     def _a(self, name: str) -> zarr.Array:
         if name not in self._arrays:
             self._arrays[name] = self.group[name].with_config(WRITE_CONFIG)
         return self._arrays[name]
 
+    def _codec(self, name: str) -> RowCodec | None:
+        if name not in self._codecs:
+            self._codecs[name] = RowCodec.of(self._a(name))
+        return self._codecs[name]
+
     def done(self) -> np.ndarray:
         return np.asarray(self._a("done")[:])
 
+    def expect(self, indices) -> None:
+        """The images this run will finish (or mark unreadable): a block is written as soon as
+        its last expected image is in."""
+        for i in indices:
+            b = int(i) // self.block
+            self._expected[b] = self._expected.get(b, 0) + 1
+
     def mark_unreadable(self, index: int) -> None:
-        self._a("done")[index] = schema.DONE_UNREADABLE
+        self._put(index, "done", np.uint8(schema.DONE_UNREADABLE))
+        self._finished_one(index)
 
     def write_chunks(self, r: ImageResult) -> dict[str, np.ndarray]:
-        """Phase 1 (any thread): quantise and write the per-image chunks (``feat``, ``att_s``).
-
-        These chunks belong to image ``r.index`` alone, so several threads may run this phase
-        for different images at once. Returns the small per-image rows for ``finish``.
+        """Phase 1 (any thread): quantise, encode and write the per-image chunks (``feat``,
+        ``att_s``) in one round trip. They belong to image ``r.index`` alone, so several threads
+        may run this phase for different images at once. Returns the small rows for ``finish``.
         """
         a, i = self.attrs, r.index
         hp, wp = r.pad_size
         transposed = hp > wp
         rows: dict[str, np.ndarray] = {}
+        chunks: list[tuple[str, np.ndarray]] = []
         for s in a["strides"]:
             hc, wc = a["level_shapes"][str(s)]
             for v in a["views"]:
@@ -324,24 +356,28 @@ class StoreWriter:
                     data = to_float16(f, what)
                 else:
                     data, rows[f"qparams/{v}/{s}"] = quantize_uint8(f, what)
-                self._a(f"feat/{v}/{s}")[i] = _place(data, hc, wc, transposed)
+                chunks.append((f"feat/{v}/{s}", _place(data, hc, wc, transposed)))
                 sp, ch = attention_stats(f)
-                self._a(f"att_s/{v}/{s}")[i] = _place(sp.numpy(), hc, wc, transposed)
+                chunks.append((f"att_s/{v}/{s}", _place(sp.numpy(), hc, wc, transposed)))
                 rows[f"att_c/{v}/{s}"] = ch.numpy()
+        fast = [(self._codec(n), i, x[None]) for n, x in chunks if self._codec(n) is not None]
+        if fast:
+            put_chunks(self.group.store, fast)
+        for n, x in chunks:
+            if self._codec(n) is None:
+                self._a(n)[i] = x
         return rows
 
     def finish(self, r: ImageResult, rows: dict[str, np.ndarray]) -> None:
-        """Phase 2 (ONE thread per process): the small block-chunked rows, then the marker.
-
-        Small arrays hold ``block`` images per chunk, so a single thread does their
-        read-modify-write; the completion marker is written last.
-        """
+        """Phase 2 (ONE thread per process): buffer the small rows and the marker of the image;
+        its block is written when complete (``expect``) or at ``flush``."""
         a, i = self.attrs, r.index
-        self._a("pad_size")[i] = np.asarray(r.pad_size, dtype=np.int32)
-        self._a("size")[i] = np.asarray(r.size, dtype=np.int32)
-        self._a("transposed")[i] = r.pad_size[0] > r.pad_size[1]
+        put = self._put
+        put(i, "pad_size", np.asarray(r.pad_size, dtype=np.int32))
+        put(i, "size", np.asarray(r.size, dtype=np.int32))
+        put(i, "transposed", np.bool_(r.pad_size[0] > r.pad_size[1]))
         for name, row in rows.items():
-            self._a(name)[i] = row
+            put(i, name, row)
         k, thr = a["topk"], a["score_thr"]
         for v in a["views"]:
             vr = r.views[v]
@@ -353,21 +389,57 @@ class StoreWriter:
             boxes[:n] = vr.boxes[order].float().numpy()
             scores[:n] = vr.scores[order].float().numpy()
             labels[:n] = vr.labels[order].numpy()
-            self._a(f"det/{v}/boxes")[i] = boxes
-            self._a(f"det/{v}/scores")[i] = scores
-            self._a(f"det/{v}/labels")[i] = labels
-            self._a(f"det/{v}/count")[i] = n
-            self._a(f"area_ratio/{v}")[i] = area_ratio(vr.boxes, vr.scores, r.size, thr)
+            put(i, f"det/{v}/boxes", boxes)
+            put(i, f"det/{v}/scores", scores)
+            put(i, f"det/{v}/labels", labels)
+            put(i, f"det/{v}/count", np.int32(n))
+            put(i, f"area_ratio/{v}", np.float32(area_ratio(vr.boxes, vr.scores, r.size, thr)))
         if "me" in a["views"]:
             if r.enhance is None:
                 raise ValueError(f"image {i}: the store has an 'me' view but no enhancement params")
-            self._a("enhance/params")[i] = np.asarray(r.enhance["params"], dtype=np.float64)
-            self._a("enhance/checksum")[i] = np.uint64(r.enhance["checksum"])
-        self._a("done")[i] = schema.DONE_OK  # last: the image is complete only now
+            put(i, "enhance/params", np.asarray(r.enhance["params"], dtype=np.float64))
+            put(i, "enhance/checksum", np.uint64(r.enhance["checksum"]))
+        put(i, "done", np.uint8(schema.DONE_OK))  # written last, with its block
+        self._finished_one(i)
 
     def write(self, r: ImageResult) -> None:
         """Write everything for one image, then its completion marker (synchronously)."""
         self.finish(r, self.write_chunks(r))
+        self.flush()
+
+    def _put(self, i: int, name: str, row: Any) -> None:
+        self._rows.setdefault(i // self.block, {}).setdefault(name, {})[i] = np.asarray(row)
+
+    def _finished_one(self, i: int) -> None:
+        b = i // self.block
+        self._finished[b] = self._finished.get(b, 0) + 1
+        if self._finished[b] >= self._expected.get(b, self.block + 1):
+            self._flush_block(b)
+        if time.monotonic() - self._last_flush > self.flush_seconds:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write every buffered block (partial ones merged with what the store holds)."""
+        for b in sorted(self._rows):
+            self._flush_block(b)
+        self._last_flush = time.monotonic()
+
+    def _flush_block(self, b: int) -> None:
+        """Write block ``b``'s buffered rows, one chunk per array, the markers last."""
+        buffered = self._rows.pop(b, None)
+        if not buffered:
+            return
+        b0, b1 = b * self.block, min((b + 1) * self.block, self.n)
+        names = sorted(buffered, key=lambda n: n == "done")  # the markers last
+        for name in names:
+            arr, rows = self._a(name), buffered[name]
+            if len(rows) == b1 - b0:  # every row of the block is new: no read needed
+                block = np.zeros((b1 - b0, *arr.shape[1:]), dtype=arr.dtype)
+            else:  # rows from an earlier run (or a partial flush) stay
+                block = np.asarray(arr[b0:b1]).copy()
+            for i, row in rows.items():
+                block[i - b0] = row
+            arr[b0:b1] = block
 
 
 class BackgroundWriter:
@@ -444,4 +516,9 @@ class BackgroundWriter:
             t.join()
         self._fin.put(None)
         self._finisher.join()
+        try:  # the buffered blocks of every image that finished (also after an error)
+            self.writer.flush()
+        except BaseException as exc:  # noqa: BLE001 - the first error is the one to report
+            if self._error is None:
+                self._error = exc
         self._raise()

@@ -1,0 +1,93 @@
+"""The writer writes each small block chunk once per block (no read-modify-write per image),
+keeps the rows an earlier run wrote into a partially filled block, and writes the markers last."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import torch
+import zarr
+from test_store_layer import result, spec
+from zarr.storage import LocalStore, WrapperStore
+
+from dfmsd_cli.store.reader import TeacherStore
+from dfmsd_cli.store.writer import StoreWriter, create_or_open
+
+
+class _Counting(WrapperStore):
+    """Counts writes per key and remembers their order."""
+
+    def __init__(self, store, log=None):
+        super().__init__(store)
+        self.log = [] if log is None else log
+
+    def _with_store(self, store):
+        return type(self)(store, self.log)
+
+    async def set(self, key, value):
+        self.log.append(key)
+        return await self._store.set(key, value)
+
+
+def _writer(path, log=None) -> tuple[StoreWriter, _Counting]:
+    store = _Counting(LocalStore(str(path)), log)
+    return StoreWriter(zarr.open_group(store=store, mode="r+")), store
+
+
+def test_each_block_chunk_is_written_once(tmp_path):
+    path = tmp_path / "s.zarr"
+    create_or_open(path, spec(), fix="x")  # 4 images, block 2
+    w, store = _writer(path)
+    w.expect(range(4))
+    for i in range(4):
+        w.finish(result(i), w.write_chunks(result(i)))
+    counts = Counter(store.log)
+    g = zarr.open_group(str(path), mode="r")
+    for name in ("done", "pad_size", "det/orig/boxes", "att_c/hflip/16", "area_ratio/orig"):
+        meta = g[name].metadata
+        for b in (0, 1):
+            key = f"{name}/" + meta.encode_chunk_key((b,) + (0,) * (len(meta.shape) - 1))
+            assert counts[key] == 1, (key, counts[key])
+    # the markers of a block come after its rows
+    first_done = store.log.index("done/c/0")
+    assert all(store.log.index(k) < first_done for k in store.log if k.startswith("pad_size/c/0"))
+    t = TeacherStore.open(path)
+    assert (t.done() == 1).all()
+    assert torch.equal(
+        t.get(1, "orig")["boxes"][:2],
+        result(1)
+        .views["orig"]
+        .boxes.float()[torch.argsort(result(1).views["orig"].scores, descending=True, stable=True)][
+            :2
+        ],
+    )
+
+
+def test_partial_block_keeps_rows_of_an_earlier_run(tmp_path):
+    path = tmp_path / "s.zarr"
+    create_or_open(path, spec(), fix="x")
+    first, _ = _writer(path)
+    first.write(result(0))  # a run that stopped after one image of block 0
+    ref = {k: v.clone() for k, v in TeacherStore.open(path).get(0, "orig")["features"].items()}
+    w, _ = _writer(path)
+    w.expect([1, 2, 3])
+    for i in (1, 2, 3):
+        w.finish(result(i), w.write_chunks(result(i)))
+    t = TeacherStore.open(path)
+    assert list(t.done()) == [1, 1, 1, 1]
+    got = t.get(0, "orig")
+    assert all(torch.equal(ref[s], got["features"][s]) for s in ref)
+    assert got["size"] == result(0).size and t.get(1, "orig")["size"] == result(1).size
+
+
+def test_buffered_images_stay_pending_until_flushed(tmp_path):
+    """A process killed before its block is written leaves those images pending, not torn."""
+    path = tmp_path / "s.zarr"
+    create_or_open(path, spec(), fix="x")
+    w, _ = _writer(path)
+    w.expect(range(4))
+    w.finish(result(2), w.write_chunks(result(2)))  # block 1 still expects image 3
+    assert list(np.asarray(TeacherStore.open(path).done())) == [0, 0, 0, 0]
+    w.flush()
+    assert list(np.asarray(TeacherStore.open(path).done())) == [0, 0, 1, 0]
