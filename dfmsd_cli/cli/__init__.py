@@ -20,6 +20,9 @@ from dfmsd_cli.cli import (  # noqa: E402,F401  isort: skip
     demo_cmd,
     bench_cmd,
 )
+from dfmsd_cli.cli import checks  # noqa: E402  isort: skip
+
+checks.install(app)  # parse-time checks of every count/size option, all commands
 
 
 def main(argv: list[str] | None = None) -> None:

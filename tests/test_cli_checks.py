@@ -1,0 +1,76 @@
+"""Count and size options are checked at parse time, in every command, from flags and configs."""
+
+from __future__ import annotations
+
+import pytest
+
+from dfmsd_cli.cli import app, checks, main
+
+
+def _main(argv: list[str]) -> int:
+    try:
+        main(argv)
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    return 0
+
+
+@pytest.mark.parametrize(
+    "argv,flag",
+    [
+        ("train -m T --out {out} --batch-size 0", "--batch-size"),
+        ("train -m T --out {out} --epochs 0", "--epochs"),
+        ("train -m T --out {out} --num-workers -1", "--num-workers"),
+        ("train -m T --out {out} --steps 8,0", "--steps"),
+        ("train -m T --out {out} --img-scale 0,800", "--img-scale"),
+        ("distill -s T --out {out} --epochs 12,0", "--epochs"),
+        ("distill -s T --out {out} --max-steps 0", "--max-steps"),
+        ("precompute -t T --cache {tmp} --topk 0", "--topk"),
+        ("precompute -t T --cache {tmp} --block 0", "--block"),
+        ("precompute -t T --cache {tmp} --levels 8,x", "--levels"),
+        ("precompute -t T --cache {tmp} --max-images 0", "--max-images"),
+        ("eval --model T --batch-size 0", "--batch-size"),
+        ("make-data synthetic --out {tmp}/d --images 0", "--images"),
+        ("demo --out {tmp}/demo --images 0", "--images"),
+        ("bench distill --data {tmp} --steps 0", "--steps"),
+    ],
+)
+def test_bad_count_is_one_line_exit_2_before_any_work(argv, flag, tmp_path, capsys):
+    sub = {"{out}": str(tmp_path / "r"), "{tmp}": str(tmp_path), "T": "retina_tiny"}
+    argv = [sub.get(a, a).replace("{tmp}", str(tmp_path)) for a in argv.split()]
+    assert _main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and err.startswith(f"error: {flag} must be"), err
+    assert list(tmp_path.iterdir()) == []  # nothing was written
+
+
+def test_config_file_values_pass_the_same_check(tmp_path, capsys):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text("[train]\nbatch-size = 0\n")
+    argv = ["train", "-m", "retina_tiny", "--out", str(tmp_path / "r"), "--config", str(cfg)]
+    assert _main(argv) == 2
+    assert "--batch-size must be at least 1" in capsys.readouterr().err
+
+
+def test_every_integer_option_is_classified():
+    """A new int option must be declared a count (with its minimum) or explicitly not one."""
+    unclassified = sorted(
+        f"{cmd} --{name}"
+        for cmd, name, base, _ in checks.iter_options(app)
+        if base is int and name not in checks.COUNTS and name not in checks.NOT_COUNTS
+    )
+    assert unclassified == []
+    attached = [
+        (cmd, name)
+        for cmd, name, base, opt in checks.iter_options(app)
+        if name in checks.COUNTS and base in (int, str) and opt.callback is None
+    ]
+    assert attached == []
+
+
+def test_check_count_accepts_valid_values():
+    checks.check_count("--epochs", "12,12", 1, "epochs")
+    checks.check_count("--num-workers", 0, 0, "workers")
+    checks.check_count("--max-steps", None, 1, "steps")
+    with pytest.raises(Exception, match="--epochs is empty"):
+        checks.check_count("--epochs", ",", 1, "epochs")
