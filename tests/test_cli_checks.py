@@ -1,4 +1,5 @@
-"""Count and size options are checked at parse time, in every command, from flags and configs."""
+"""Parse-time checks of count/size options, and the CLI boundary: one line and exit 2 for
+operating-system faults (traceback with --debug), --resume without state, --max-steps."""
 
 from __future__ import annotations
 
@@ -74,3 +75,36 @@ def test_check_count_accepts_valid_values():
     checks.check_count("--max-steps", None, 1, "steps")
     with pytest.raises(Exception, match="--epochs is empty"):
         checks.check_count("--epochs", ",", 1, "epochs")
+
+
+def test_resume_without_state_warns_and_max_steps_writes_student(synthetic_root, tmp_path, capsys):
+    """From the CLI: --resume into a new folder says so in one line and starts anew (like
+    MMEngine's resume=True); a run stopped by --max-steps still writes student.pth."""
+    out = tmp_path / "run"
+    argv = [
+        "distill", "--student", "retina_tiny", "--method", "none", "--data", str(synthetic_root),
+        "--out", str(out), "--epochs", "2", "--max-steps", "1", "--num-workers", "0",
+        "--device", "cpu", "--img-scale", "96,64", "--no-eval", "--resume",
+    ]  # fmt: skip
+    assert _main(argv) == 0
+    err = capsys.readouterr().err
+    warnings = [ln for ln in err.splitlines() if ln.startswith("warning: --resume")]
+    assert len(warnings) == 1 and str(out) in warnings[0] and "starting a new run" in warnings[0]
+    assert (out / "student.pth").is_file() and (out / "last.pth").is_file()
+
+
+def test_debug_shows_the_traceback_of_an_os_error(monkeypatch, tmp_path):
+    import errno
+
+    import dfmsd_cli.cli as cli
+    from dfmsd_cli.cli.app import STATE
+
+    def app(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path))
+
+    monkeypatch.setattr(cli, "app", app)
+    monkeypatch.setitem(STATE, "debug", False)
+    with pytest.raises(SystemExit):
+        cli.main(["train"])
+    with pytest.raises(OSError):
+        cli.main(["train", "--debug"])
