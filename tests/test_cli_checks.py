@@ -108,3 +108,40 @@ def test_debug_shows_the_traceback_of_an_os_error(monkeypatch, tmp_path):
         cli.main(["train"])
     with pytest.raises(OSError):
         cli.main(["train", "--debug"])
+
+
+def test_full_disk_in_the_run_folder_keeps_last_checkpoint_and_resumes(
+    synthetic_root, tmp_path, monkeypatch, capsys
+):
+    """ENOSPC while train writes its run folder: one line naming the file and the free space;
+    the previous last.pth stays intact (atomic writes) and --resume finishes the run."""
+    import errno
+    import os
+
+    import torch
+
+    out = tmp_path / "run"
+    argv = [
+        "train", "-m", "retina_tiny", "--data", str(synthetic_root), "--out", str(out),
+        "--epochs", "1", "--max-steps", "3", "--save-interval", "1", "--num-workers", "0",
+        "--device", "cpu", "--img-scale", "96,64", "--no-eval", "--batch-size", "4",
+    ]  # fmt: skip
+    real, calls = os.fsync, [0]
+
+    def fsync(fd):
+        calls[0] += 1
+        if calls[0] >= 3:  # config.json and the step-1 last.pth are written, then the disk is full
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    assert _main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: no space left on the device of ") and "free)" in err[-1]
+    assert str(out / "last.pth") in err[-1] and "Traceback" not in "".join(err)
+    state = torch.load(out / "last.pth", map_location="cpu", weights_only=False)
+    assert state["iteration"] == 1  # the last good checkpoint is intact
+    assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]  # no partial file left
+    monkeypatch.undo()
+    assert _main([*argv, "--resume"]) == 0
+    assert torch.load(out / "last.pth", map_location="cpu", weights_only=False)["iteration"] == 3
