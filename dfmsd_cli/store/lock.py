@@ -130,8 +130,12 @@ def store_lock(store: str | os.PathLike, start: int, stop: int, shard: str) -> I
         fd = os.open(mine, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
     except FileExistsError:  # another process won the race for this very range
         raise _refuse(store, mine, _read(mine)) from None
-    with os.fdopen(fd, "w") as f:
-        json.dump(me, f)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(me, f)
+    except BaseException:  # e.g. a full disk: leave no half-written lock behind
+        mine.unlink(missing_ok=True)
+        raise
     try:
         rivals = [p for p in _overlapping(store, start, stop) if p != mine]
         if rivals:  # a different but overlapping range appeared meanwhile: both give way

@@ -298,7 +298,7 @@ def precompute(
         return _dry_run(ds, o, model, device, strides, views, start, stop, pad_sizes, path)
 
     # one writer per (store, image range); an OSError without a file name names the store
-    with _writer_lock(path, start, stop, part, parts), io_path(path):
+    with io_path(path), _writer_lock(path, start, stop, part, parts):
         return _write_store(
             ds, o, model, device, path, (start, stop), views, strides, pad_sizes,
             ann_sha, enhance_cfg, ratios, weak_done, t_start,
