@@ -93,11 +93,14 @@ def os_error_line(exc: OSError) -> str:
             "choose another --cache/--out, then run the same command again (it resumes)"
         )
     if exc.errno == errno.EROFS:
-        return f"{path} is on a read-only file system: pass a writable --cache/--out folder"
+        return (
+            f"{path} is on a read-only file system ({free_space(path)} free): pass a writable "
+            "--cache/--out folder"
+        )
     if exc.errno in (errno.EACCES, errno.EPERM):
         return (
-            f"permission denied on {path}: make it writable for this user or pass another "
-            "--cache/--out folder"
+            f"permission denied on {path} ({free_space(path)} free): make it writable for this "
+            "user or pass another --cache/--out folder"
         )
     if exc.errno == errno.ENOENT:
         return (

@@ -102,7 +102,7 @@ def test_read_only_cache_is_one_line(data, tmp_path, monkeypatch, capsys, code, 
     _fail_puts_from(monkeypatch, 0, OSError(code, os.strerror(code), target))
     assert _main(_args(data, tmp_path)) == 2
     line = _one_line(capsys)
-    assert words in line and target in line and "--cache" in line
+    assert words in line and target in line and "free)" in line and "--cache" in line
 
 
 def test_store_deleted_under_precompute_is_not_recreated(data, tmp_path, monkeypatch, capsys):
