@@ -34,6 +34,9 @@ def _main(argv: list[str]) -> int:
         ("make-data synthetic --out {tmp}/d --images 0", "--images"),
         ("demo --out {tmp}/demo --images 0", "--images"),
         ("bench distill --data {tmp} --steps 0", "--steps"),
+        ("train -m T --out {out} --lr -1", "--lr"),
+        ("distill -s T --out {out} --alpha -2", "--alpha"),
+        ("precompute -t T --cache {tmp} --score-thr 1.5", "--score-thr"),
     ],
 )
 def test_bad_count_is_one_line_exit_2_before_any_work(argv, flag, tmp_path, capsys):
@@ -61,10 +64,22 @@ def test_every_integer_option_is_classified():
         if base is int and name not in checks.COUNTS and name not in checks.NOT_COUNTS
     )
     assert unclassified == []
+    floats = sorted(
+        f"{cmd} --{name}"
+        for cmd, name, base, _ in checks.iter_options(app)
+        if base is float
+        and name not in checks.FLOATS
+        and name not in checks.FLOATS_CHECKED_ELSEWHERE
+    )
+    assert floats == []
     attached = [
         (cmd, name)
         for cmd, name, base, opt in checks.iter_options(app)
-        if name in checks.COUNTS and base in (int, str) and opt.callback is None
+        if opt.callback is None
+        and (
+            (name in checks.COUNTS and base in (int, str))
+            or (name in checks.FLOATS and base is float)
+        )
     ]
     assert attached == []
 

@@ -3,11 +3,12 @@
 A count option (``--batch-size``, ``--epochs``, ``--num-workers``, ``--images``, ``--topk``,
 ``--block``, ``--levels``, ...) is checked by NAME, whatever command declares it: ``install``
 attaches one typer callback to each such option, so ``train --batch-size 0`` stops before any
-work with ``error: --batch-size must be at least 1 (it is the number of images per step), got
-0`` (exit 2), and values read from ``--config`` files pass the same check. Comma lists
-(``--epochs 12,12``, ``--levels 8,16``, ``--steps 8,11``) are checked item by item, and
-``--img-scale`` must be two positive integers. ``tests/test_cli_checks.py`` fails when a
-command gains an integer option that is neither listed here nor in ``NOT_COUNTS``.
+work with ``error: --batch-size must be at least 1 (the number of images per step), got 0:
+pass a value >= 1`` (exit 2); values read from ``--config`` files pass the same check. Comma
+lists (``--epochs 12,12``, ``--levels 8,16``, ``--steps 8,11``) are checked item by item,
+``--img-scale`` must be two positive integers, and float options with a plain range (``--lr``,
+loss weights, ``--score-thr``) are checked the same way (``FLOATS``). ``tests/test_cli_checks.py``
+fails when a command gains an int or float option that is classified nowhere here.
 """
 
 from __future__ import annotations
@@ -46,6 +47,20 @@ COUNTS: dict[str, tuple[int, str]] = {
 }
 # Integer options that are not counts (any value is meaningful).
 NOT_COUNTS = frozenset({"seed"})
+# float option name -> (low, low is allowed, high or None, what the value is).
+FLOATS: dict[str, tuple[float, bool, float | None, str]] = {
+    "lr": (0.0, False, None, "the SGD learning rate"),
+    "grad_clip": (0.0, True, None, "a gradient-norm bound; 0 disables clipping"),
+    "alpha": (0.0, True, None, "a loss weight"),
+    "beta": (0.0, True, None, "a loss weight"),
+    "gamma": (0.0, True, None, "a loss weight"),
+    "score_thr": (0.0, True, 1.0, "a detection score threshold"),
+}
+# Float options whose range the library checks with their siblings (one message for the set).
+FLOATS_CHECKED_ELSEWHERE = frozenset(
+    {"enhance_theta", "enhance_p", "enhance_sigma", "crop_min", "crop_max", "lambda_s",
+     "lambda_c", "tau"}
+)  # fmt: skip
 PAIRS = {"img_scale": "the keep-ratio resize bound LONG,SHORT"}
 
 
@@ -91,6 +106,25 @@ def check_pair(flag: str, value: Any, meaning: str) -> None:
         raise UserError(
             f"{flag} must be two positive integers like 1333,800 ({meaning}), got '{value}'"
         )
+
+
+def check_float(flag: str, value: Any, rule: tuple[float, bool, float | None, str]) -> None:
+    """Raise a one-line UserError unless ``value`` lies in the range ``rule`` describes."""
+    if value is None:
+        return
+    low, low_ok, high, meaning = rule
+    v = float(value)
+    if v < low or (v == low and not low_ok) or (high is not None and v > high) or v != v:
+        bound = (">= " if low_ok else "> ") + f"{low:g}" + (f" and <= {high:g}" if high else "")
+        raise UserError(f"{flag} must be {bound} ({meaning}), got {value}: pass a value {bound}")
+
+
+def _float_callback(name: str):
+    def callback(param: typer.CallbackParam, value: Any) -> Any:
+        check_float(_flag(param, name), value, FLOATS[name])
+        return value
+
+    return callback
 
 
 def _count_callback(name: str):
@@ -140,3 +174,5 @@ def install(app: typer.Typer) -> None:
             opt.callback = _count_callback(pname)
         elif pname in PAIRS and base is str:
             opt.callback = _pair_callback(pname)
+        elif pname in FLOATS and base is float:
+            opt.callback = _float_callback(pname)
