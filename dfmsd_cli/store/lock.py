@@ -103,11 +103,17 @@ def _refuse(store: Path, path: Path, holder: dict | None) -> UserError:
 
 
 @contextmanager
-def store_lock(store: str | os.PathLike, start: int, stop: int, shard: str) -> Iterator[Path]:
+def store_lock(
+    store: str | os.PathLike, start: int, stop: int, shard: str
+) -> Iterator[Path | None]:
     """Hold the writer lock of images [start, stop) of ``store`` for the duration of the block.
 
     Raises ``UserError`` naming the holder when a live process holds an overlapping range.
+    An fsspec URL store is not locked.
     """
+    if "://" in str(store):
+        yield None
+        return
     store = Path(store)
     store.parent.mkdir(parents=True, exist_ok=True)
     mine = store.parent / f"{_PREFIX.format(name=store.name)}{start}-{stop}"

@@ -26,7 +26,6 @@ import math
 import os
 import time
 from collections import defaultdict
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -122,13 +121,6 @@ def _rank_shard(shard: tuple[int, int]) -> tuple[int, int]:
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     i, n = shard
     return i * world + rank, n * world
-
-
-def _writer_lock(path: str, start: int, stop: int, part: int, parts: int):
-    """The advisory lock of images [start, stop) of a local store (none for fsspec URLs)."""
-    if "://" in str(path):
-        return nullcontext()
-    return store_lock(path, start, stop, f"{part}/{parts}")
 
 
 def _device(name: str) -> torch.device:
@@ -298,7 +290,7 @@ def precompute(
         return _dry_run(ds, o, model, device, strides, views, start, stop, pad_sizes, path)
 
     # one writer per (store, image range); an OSError without a file name names the store
-    with io_path(path), _writer_lock(path, start, stop, part, parts):
+    with io_path(path), store_lock(path, start, stop, f"{part}/{parts}"):
         return _write_store(
             ds, o, model, device, path, (start, stop), views, strides, pad_sizes,
             ann_sha, enhance_cfg, ratios, weak_done, t_start,
