@@ -5,6 +5,7 @@ from __future__ import annotations
 import difflib
 import errno
 import os
+import re
 import shutil
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -85,7 +86,12 @@ def os_error_line(exc: OSError) -> str:
     run the same command again".
     """
     if exc.errno is None:  # e.g. re-raised from a DataLoader worker: only the text is left
-        return f"{one_line(exc)}: correct the cause and run the same command again (it resumes)"
+        last = one_line(exc)
+        m = re.search(r"\[Errno (\d+)\] ([^:]+)(?:: '(.*)')?$", last)
+        if m and "Original Traceback" in str(exc):
+            inner = OSError(int(m.group(1)), m.group(2), m.group(3))
+            return os_error_line(inner) + " (raised in a DataLoader worker)"
+        return f"{last}: correct the cause and run the same command again (it resumes)"
     path = exc.filename or "?"
     if exc.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", -1)):
         return (

@@ -72,3 +72,22 @@ def test_os_error_line_names_problem_path_and_fix(code, words):
         raise OSError(code, "message")  # like write() on a full disk: no file name
     line = os_error_line(info.value)
     assert words in line and "\n" not in line and ("--cache" in line or "again" in line)
+
+
+class _FullDisk:
+    def __len__(self) -> int:
+        return 1
+
+    def __getitem__(self, i: int):
+        raise OSError(errno.ENOSPC, "No space left on device", "/x/run/last.pth")
+
+
+def test_os_error_from_a_dataloader_worker_keeps_errno_and_path():
+    from torch.utils.data import DataLoader
+
+    with pytest.raises(OSError) as info:
+        next(iter(DataLoader(_FullDisk(), num_workers=1)))
+    assert info.value.errno is None  # what PyTorch re-raises in the main process
+    line = os_error_line(info.value)
+    assert line.startswith("no space left on the device of /x/run/last.pth (")
+    assert line.endswith("(raised in a DataLoader worker)") and "\n" not in line
