@@ -121,17 +121,27 @@ def test_two_stage_me_run_from_cli_builds_no_teacher(env, tmp_path, built_models
     assert any(not torch.equal(s1[k], s2[k]) for k in s1)
 
 
+def _assert_stopped_student(run: Path) -> None:
+    """student.pth of a run stopped by --max-steps: the weights of its last.pth, marked."""
+    ckpt = torch.load(run / "student.pth", map_location="cpu", weights_only=False)
+    assert ckpt["distill"]["stopped"] is True and "optimizer" not in ckpt
+    last = _state(run / "last.pth")
+    assert all(torch.equal(ckpt["state_dict"][k], last[k]) for k in last)
+
+
 def test_resume_is_bit_exact(env, tmp_path):
     full = distill(_opts(env, tmp_path / "full", epochs=(2, 1)))
     assert [s["iterations"] for s in full["stages"]] == [4, 2]
     part = tmp_path / "part"
     first = distill(_opts(env, part, epochs=(2, 1), max_steps=3))  # stops mid-epoch 2
-    assert first["stages"][0]["stopped"] and not (part / "student.pth").exists()
+    assert first["stages"][0]["stopped"]
+    _assert_stopped_student(part)  # --max-steps writes the student it stopped at
     second = distill(_opts(env, part, epochs=(2, 1), max_steps=1, resume=True))
     assert second["stages"][0]["complete"] and len(second["stages"]) == 1  # at the stage end
-    assert (part / "stage1_fcos_tiny.pth").is_file() and not (part / "student.pth").exists()
+    assert (part / "stage1_fcos_tiny.pth").is_file()
+    _assert_stopped_student(part)
     distill(_opts(env, part, epochs=(2, 1), max_steps=1, resume=True))  # mid stage 2
-    assert not (part / "student.pth").exists()
+    _assert_stopped_student(part)
     distill(_opts(env, part, epochs=(2, 1), resume=True))
     a, b = _state(tmp_path / "full" / "student.pth"), _state(part / "student.pth")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -74,6 +74,16 @@ def test_sampler_ranks_partition_the_epoch():
     assert set(items) == set(range(7))
 
 
+def test_resume_without_run_state_warns_in_one_line(tmp_path, capsys):
+    """MMEngine's resume=True: no checkpoint in the folder -> a new run (here: said loudly)."""
+    out = tmp_path / "new"
+    assert prepare_run_dir(out, "train", {"model": "a"}, resume=True, overwrite=False) is False
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("warning: --resume:") and "no last.pth" in err
+    assert prepare_run_dir(out, "train", {"model": "a"}, resume=False, overwrite=False) is False
+    assert capsys.readouterr().err == ""  # no warning without --resume
+
+
 def test_run_dir_refuses_a_different_run(tmp_path):
     out = tmp_path / "run"
     assert prepare_run_dir(out, "train", {"model": "a"}, resume=False, overwrite=False) is False

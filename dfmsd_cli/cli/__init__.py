@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 
 from dfmsd_cli.cli.app import STATE, app
-from dfmsd_cli.errors import UserError, one_line
+from dfmsd_cli.errors import UserError, one_line, os_error_line
 
 # Importing a module registers its commands on ``app``.
 from dfmsd_cli.cli import (  # noqa: E402,F401  isort: skip
@@ -20,10 +20,14 @@ from dfmsd_cli.cli import (  # noqa: E402,F401  isort: skip
     demo_cmd,
     bench_cmd,
 )
+from dfmsd_cli.cli import checks  # noqa: E402  isort: skip
+
+checks.install(app)  # parse-time checks of every count/size option, all commands
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point of the ``dfmsd`` console script: user errors exit 2 with one line."""
+    """Entry point of the ``dfmsd`` console script: user errors and operating-system faults
+    (``OSError``: full disk, read-only or vanished folder, ...) exit 2 with one line."""
     if argv is None:
         argv = sys.argv[1:]
     if "--debug" in argv:  # accepted anywhere on the line, not only before the command
@@ -41,4 +45,9 @@ def main(argv: list[str] | None = None) -> None:
         if STATE["debug"]:
             raise
         print(f"error: {one_line(exc)}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as exc:  # disk full, read-only, permissions, a folder deleted under us
+        if STATE["debug"]:
+            raise
+        print(f"error: {os_error_line(exc)}", file=sys.stderr)
         sys.exit(2)

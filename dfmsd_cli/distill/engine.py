@@ -142,7 +142,8 @@ def distill(opts: DistillOptions) -> dict[str, Any]:
 
     Writes ``OUT/config.json``, ``OUT/metrics.jsonl``, ``OUT/last.pth`` (training state, every
     epoch), ``OUT/stage{k}_{teacher}.pth`` (the student after stage k) and ``OUT/student.pth``
-    (the final student only: a dfmsd checkpoint whose ``state_dict`` is a plain state dict).
+    (the final student only: a dfmsd checkpoint whose ``state_dict`` is a plain state dict;
+    also after a stop by ``max_steps``, marked ``distill.stopped``).
     """
     from dfmsd_cli.data.coco import CocoDetection
     from dfmsd_cli.data.loader import resolve_data
@@ -230,12 +231,17 @@ def distill(opts: DistillOptions) -> dict[str, Any]:
             stopped = True
             break
     summary["seconds"] = round(time.perf_counter() - t0, 2)
-    if dist_info.is_main and not stopped:
+    # a run stopped by --max-steps also writes student.pth: the student the user stopped at
+    if dist_info.is_main:
         from dfmsd_cli.models.checkpoint import make_checkpoint
         from dfmsd_cli.utils.io import atomic_torch_save
 
         final = make_checkpoint(student, categories=coco.categories, geometry=geometry)
-        final["distill"] = {"method": cfg.to_dict(), "stages": [p.teacher for p in plans]}
+        final["distill"] = {
+            "method": cfg.to_dict(),
+            "stages": [p.teacher for p in plans],
+            "stopped": stopped,  # True: --max-steps ended the run before its last epoch
+        }
         atomic_torch_save(final, out / "student.pth")
         summary["student"] = str(out / "student.pth")
     cleanup(dist_info)

@@ -52,8 +52,10 @@ class MetricsLog:
     def write(self, record: dict[str, Any]) -> None:
         if not self.enabled:
             return
+        from dfmsd_cli.errors import io_path
+
         rec = {"time": round(time.time(), 3), **record}
-        with self.path.open("a") as f:
+        with io_path(self.path), self.path.open("a") as f:
             f.write(json.dumps(rec, default=_json_default) + "\n")
 
     def read(self) -> list[dict[str, Any]]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,11 @@ def prepare_run_dir(
 
     ``identity`` holds the options that define the run (model, data, ...). A folder that
     already holds a run is refused unless ``resume`` (same identity) or ``overwrite``.
+
+    ``resume`` with no run state (no ``last.pth``: a new folder, or a run killed before its
+    first checkpoint) starts a new run after a one-line warning on stderr — MMEngine's
+    ``resume=True`` behaves the same ("otherwise the training will be restarted from
+    scratch"), which lets a job scheduler pass ``--resume`` on every (re)start.
     """
     out = Path(out)
     if out.exists() and not out.is_dir():
@@ -26,7 +32,7 @@ def prepare_run_dir(
     cfg_path = out / "config.json"
     has_run = out.is_dir() and any((out / f).exists() for f in RUN_FILES)
     if not has_run:
-        return False
+        return _fresh(out, resume and not overwrite)
     if overwrite:
         for child in out.iterdir():
             if child.is_dir():
@@ -60,7 +66,17 @@ def prepare_run_dir(
                 f"{out} holds a different run ({'; '.join(diffs)}): "
                 "choose another --out or pass --overwrite"
             )
-    return (out / "last.pth").is_file()
+    return (out / "last.pth").is_file() or _fresh(out, True)
+
+
+def _fresh(out: Path, resume: bool) -> bool:
+    """A new run starts in ``out``; under ``--resume`` say so in one line (returns False)."""
+    if resume:
+        print(
+            f"warning: --resume: {out} holds no run state (no last.pth), starting a new run",
+            file=sys.stderr,
+        )
+    return False
 
 
 def _norm(v: Any) -> Any:

@@ -37,8 +37,9 @@ from torch.utils.data import DataLoader, Dataset
 from dfmsd_cli.data.coco import CocoDetection
 from dfmsd_cli.data.enhance import EnhanceConfig, apply_enhance, choose, input_checksum
 from dfmsd_cli.data.geometry import Geometry, apply_view_image, normalize, pad_batch
-from dfmsd_cli.errors import UserError, suggest
+from dfmsd_cli.errors import UserError, io_path, suggest
 from dfmsd_cli.store import schema
+from dfmsd_cli.store.lock import store_lock
 from dfmsd_cli.store.reader import TeacherStore
 from dfmsd_cli.store.schema import store_path
 from dfmsd_cli.store.writer import (
@@ -288,6 +289,32 @@ def precompute(
     if dry_run:
         return _dry_run(ds, o, model, device, strides, views, start, stop, pad_sizes, path)
 
+    # one writer per (store, image range); an OSError without a file name names the store
+    with io_path(path), store_lock(path, start, stop, f"{part}/{parts}"):
+        return _write_store(
+            ds, o, model, device, path, (start, stop), views, strides, pad_sizes,
+            ann_sha, enhance_cfg, ratios, weak_done, t_start,
+        )  # fmt: skip
+
+
+def _write_store(
+    ds: CocoDetection,
+    o: PrecomputeOptions,
+    model: torch.nn.Module,
+    device: torch.device,
+    path: str,
+    rng: tuple[int, int],
+    views: list[str],
+    strides: list[int],
+    pad_sizes: list[tuple[int, int]],
+    ann_sha: str,
+    enhance_cfg: dict | None,
+    ratios: np.ndarray | None,
+    weak_done: np.ndarray | None,
+    t_start: float,
+) -> dict[str, Any]:
+    """Create or open the store and write images [start, stop) still pending (locked)."""
+    (start, stop), n = rng, len(ds.image_ids)
     spec = StoreSpec(
         teacher=o.teacher,
         num_classes=ds.num_classes,

@@ -86,6 +86,11 @@ def open_group(
             guard._store = group.store
             group = zarr.open_group(store=guard, mode=mode)
     except (FileNotFoundError, zarr.errors.GroupNotFoundError) as exc:
+        from dfmsd_cli.store.guard import incomplete_store_error
+
+        incomplete = incomplete_store_error(path)
+        if incomplete is not None:
+            raise incomplete from exc
         raise UserError(
             f"no teacher store at {path}: run 'dfmsd precompute' for this teacher and split first"
         ) from exc
@@ -179,8 +184,24 @@ class TeacherStore:
 
     def _array(self, name: str) -> zarr.Array:
         if name not in self._arrays:
-            self._arrays[name] = self.group[name]
+            try:
+                self._arrays[name] = self.group[name]
+            except (KeyError, FileNotFoundError) as exc:
+                raise self._gone(f"its array '{name}' is missing") from exc
         return self._arrays[name]
+
+    def _gone(self, what: str) -> UserError:
+        return UserError(
+            f"teacher store {self.path} is incomplete or was deleted while in use ({what}): "
+            "re-run 'dfmsd precompute' for it (it resumes, or rebuilds a deleted store), then "
+            "run this command again (--resume continues a run)"
+        )
+
+    def _check_present(self) -> None:
+        """A local store deleted or emptied while in use reads as fill values (zeros) from
+        arrays already open; one stat per image catches that before any zero is returned."""
+        if "://" not in self.path and not os.path.isfile(os.path.join(self.path, "zarr.json")):
+            raise self._gone("its zarr.json metadata is gone")
 
     def __len__(self) -> int:
         return self.meta.num_images
@@ -260,6 +281,7 @@ class TeacherStore:
                 f"view '{view}' is not in store {self.path} (views: {', '.join(m.views)})"
                 f"{suggest(view, m.views)}: precompute it with --views"
             )
+        self._check_present()
         sm = self.small()
         if sm["done"][index] != schema.DONE_OK:
             self.refresh()
@@ -330,6 +352,7 @@ class TeacherStore:
             "area_ratio": float(got[f"area_ratio/{view}"]),
             "enhance": enhance,
         }
+        self._check_present()  # deleted during this read: some chunks read as zeros
         return out
 
     def _row_codec(self, name: str) -> RowCodec | None:

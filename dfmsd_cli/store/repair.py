@@ -63,11 +63,14 @@ def reset_markers(store: TeacherStore, indices: list[int]) -> None:
     """Mark ``indices`` pending again (their data stays until precompute overwrites it)."""
     import zarr
 
+    from dfmsd_cli.store.lock import store_lock
     from dfmsd_cli.store.writer import WRITE_CONFIG
 
-    done = zarr.open_group(store.path, mode="r+")["done"].with_config(WRITE_CONFIG)
-    for i in sorted(set(int(i) for i in indices)):
-        done[i] = schema.DONE_PENDING
+    # no precompute may write this store meanwhile (the same lock precompute takes)
+    with store_lock(store.path, 0, store.meta.num_images, "repair"):
+        done = zarr.open_group(store.path, mode="r+")["done"].with_config(WRITE_CONFIG)
+        for i in sorted(set(int(i) for i in indices)):
+            done[i] = schema.DONE_PENDING
     store.refresh()
 
 

@@ -39,6 +39,7 @@ from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 from dfmsd_cli.errors import UserError
 from dfmsd_cli.store import schema
 from dfmsd_cli.store.chunks import RowCodec, put_chunks
+from dfmsd_cli.store.guard import GuardedLocalStore, incomplete_store_error
 from dfmsd_cli.store.quantize import quantize_uint8, to_float16
 
 ZSTD_LEVEL = 3
@@ -205,6 +206,9 @@ def create_or_open(path: str | os.PathLike, spec: StoreSpec, fix: str) -> zarr.G
     """
     path = str(path)
     wanted = spec.attrs()
+    incomplete = incomplete_store_error(path)
+    if incomplete is not None:  # never write into (or rename onto) a folder without metadata
+        raise incomplete
     if not store_exists(path):
         if _is_remote(path):
             group = zarr.open_group(path, mode="w-")
@@ -222,7 +226,8 @@ def create_or_open(path: str | os.PathLike, spec: StoreSpec, fix: str) -> zarr.G
             finally:
                 if tmp.exists():
                     shutil.rmtree(tmp, ignore_errors=True)
-    group = zarr.open_group(path, mode="r+")
+    # a local store is written through the guard: a store deleted mid-run is never re-created
+    group = zarr.open_group(path if _is_remote(path) else GuardedLocalStore(path), mode="r+")
     stored = dict(group.attrs).get(schema.ATTR_KEY)
     if not isinstance(stored, dict):
         raise UserError(f"{path} is not a dfmsd teacher store: choose another --cache folder")
