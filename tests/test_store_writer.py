@@ -91,3 +91,45 @@ def test_buffered_images_stay_pending_until_flushed(tmp_path):
     assert list(np.asarray(TeacherStore.open(path).done())) == [0, 0, 0, 0]
     w.flush()
     assert list(np.asarray(TeacherStore.open(path).done())) == [0, 0, 1, 0]
+
+
+def test_bfloat16_and_keepbits_by_hand():
+    from dfmsd_cli.store.quantize import from_bfloat16, to_bfloat16, to_float16
+
+    # bfloat16 keeps float32's range: 1e6 survives (float16 would overflow), 8 significant bits
+    x = torch.tensor([1.0, -3.0, 1e6, 1.0 + 2**-9, 1.0 + 3 * 2**-9])
+    y = from_bfloat16(to_bfloat16(x))
+    assert y[:3].tolist() == [1.0, -3.0, 999424.0]  # 1e6 = 0x4974_2400 -> 0x4974 (nearest)
+    assert y[3] == 1.0 and y[4] == 1.0 + 2**-7  # ties to even, then round up
+    # keepbits: k mantissa bits, round to nearest (numcodecs BitRound)
+    x = torch.tensor([1.0, 1.1875, 1.3, 1.5, -1.8])
+    assert to_float16(x, keepbits=2).astype("float32").tolist() == [1.0, 1.25, 1.25, 1.5, -1.75]
+    assert from_bfloat16(to_bfloat16(x, keepbits=2)).tolist() == [1.0, 1.25, 1.25, 1.5, -1.75]
+
+
+def test_bfloat16_store_round_trip(tmp_path):
+    path = tmp_path / "b.zarr"
+    w = StoreWriter(create_or_open(path, spec(dtype="bfloat16", keepbits=5), fix="x"))
+    big = result(1, scale=1e5)  # beyond float16's range
+    w.write(big)
+    t = TeacherStore.open(path)
+    assert t.meta.attrs["quantization"] == {
+        "kind": "bfloat16", "note": "upper 16 bits of float32, stored as uint16", "keepbits": 5
+    }  # fmt: skip
+    got = t.get(1, "orig")["features"]
+    for s, f in big.views["orig"].features.items():
+        rel = (got[s] - f).abs() / f.abs().clamp(min=1e-30)
+        assert float(rel.max()) <= 2**-6 + 1e-6  # 5 kept bits: half a unit in the 5th place
+
+
+def test_for_student_keeps_the_shared_levels(synthetic_root, tmp_path):
+    from dfmsd_cli.data.geometry import Geometry
+    from dfmsd_cli.store.precompute import PrecomputeOptions, precompute
+
+    root = synthetic_root
+    o = PrecomputeOptions(
+        teacher="cmr_tiny", for_student="retina_tiny", cache=str(tmp_path), device="cpu",
+        num_workers=0, max_images=2, geometry=Geometry(img_scale=(128, 96)), progress=False,
+    )  # fmt: skip
+    path = precompute(root / "annotations/instances_train2017.json", root / "train2017", o)["path"]
+    assert TeacherStore.open(path).meta.strides == (8, 16, 32, 64)  # no stride-4 map

@@ -44,6 +44,7 @@ COUNTS: dict[str, tuple[int, str]] = {
     "max_size": (32, "an image side in pixels"),
     "max_objects": (1, "the most objects per image"),
     "num_classes": (1, "the number of classes"),
+    "keepbits": (1, "a number of mantissa bits kept"),
 }
 # Integer options that are not counts (any value is meaningful).
 NOT_COUNTS = frozenset({"seed"})

@@ -40,7 +40,21 @@ def precompute_cmd(
     levels: str | None = typer.Option(
         None, "--levels", help="FPN strides to store, e.g. 8,16,32,64,128 (default: all)."
     ),
-    dtype: str = typer.Option("float16", "--dtype", help="float16 or uint8 (per-channel affine)."),
+    dtype: str = typer.Option(
+        "float16",
+        "--dtype",
+        help="float16, bfloat16 (float32's range) or uint8 (per-image, per-channel affine).",
+    ),
+    keepbits: int | None = typer.Option(
+        None,
+        "--keepbits",
+        help="Round float16/bfloat16 mantissas to K bits before compression (smaller store).",
+    ),
+    for_student: str | None = typer.Option(
+        None,
+        "--for-student",
+        help="Store only the levels this student has (e.g. retina_r50 skips a P2 map).",
+    ),
     views: str = typer.Option("orig", "--views", help="Views: orig[,hflip]."),
     enhance_from: str | None = typer.Option(
         None,
@@ -99,6 +113,8 @@ def precompute_cmd(
         cache=cache,
         levels=parse_int_list(levels, "--levels") if levels else None,
         dtype=dtype,
+        keepbits=keepbits,
+        for_student=for_student,
         views=[v.strip() for v in views.split(",") if v.strip()],
         enhance_from=enhance_from,
         enhance=EnhanceConfig(

@@ -1,4 +1,13 @@
-"""Store quantisation: float16 with a range check, uint8 per-image per-channel affine.
+"""Store quantisation: float16 with a range check, bfloat16, uint8 per-image per-channel affine,
+and optional mantissa bit rounding (``keepbits``) of the float encodings.
+
+bfloat16: the upper 16 bits of float32 (round to nearest even), stored as uint16 (zarr has no
+bfloat16 dtype): float32's range, so a teacher whose features exceed float16's ±65504 needs no
+uint8; 8 significant bits (relative error ≤ 2^-9).
+
+keepbits (numcodecs ``BitRound``, Klöwer et al. 2021): keep k mantissa bits (float16 has 10,
+bfloat16 7), rounding to nearest; the zeroed low bits compress away under zstd/blosc. The
+stored values are plain float16/bfloat16, so a reader needs no codec to decode them.
 
 float16 (default): values are cast; |x| > 65504 (float16 max) or a non-finite value raises
 ``FeatureRangeError`` instead of silently writing inf (FPN outputs of real detectors stay far
@@ -16,6 +25,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from numcodecs import BitRound
 
 from dfmsd_cli.errors import UserError
 
@@ -42,10 +52,48 @@ def check_finite_range(x: torch.Tensor, what: str, limit: float | None = FLOAT16
             )
 
 
-def to_float16(x: torch.Tensor, what: str = "an image") -> np.ndarray:
-    """Cast a float32 map to float16 after the range check (never writes inf)."""
+FLOAT_DTYPES = {"float16": 10, "bfloat16": 7}  # mantissa bits of each float encoding
+
+
+def check_keepbits(dtype: str, keepbits: int | None) -> None:
+    if keepbits is None:
+        return
+    if dtype not in FLOAT_DTYPES:
+        raise UserError(f"--keepbits applies to float16 or bfloat16, not --dtype {dtype}")
+    if not 0 < keepbits <= FLOAT_DTYPES[dtype]:
+        raise UserError(
+            f"--keepbits {keepbits}: {dtype} has {FLOAT_DTYPES[dtype]} mantissa bits; use "
+            f"1..{FLOAT_DTYPES[dtype]}"
+        )
+
+
+def to_float16(x: torch.Tensor, what: str = "an image", keepbits: int | None = None) -> np.ndarray:
+    """Cast a float32 map to float16 after the range check (never writes inf); ``keepbits``
+    then rounds the mantissa (numcodecs BitRound)."""
     check_finite_range(x, what)
-    return x.to(torch.float16).cpu().numpy()
+    out = x.to(torch.float16).cpu().numpy()
+    if keepbits is not None and keepbits < FLOAT_DTYPES["float16"]:
+        out = np.asarray(BitRound(keepbits).encode(out)).view(np.float16)
+    return out
+
+
+def to_bfloat16(x: torch.Tensor, what: str = "an image", keepbits: int | None = None) -> np.ndarray:
+    """bfloat16 bits of a float32 map as uint16 (finiteness checked; no range limit).
+
+    With ``keepbits`` the float32 mantissa is first bit-rounded to k bits (k ≤ 7), so the
+    conversion to bfloat16 is then exact.
+    """
+    check_finite_range(x, what, limit=None)
+    x = x.float().cpu()
+    if keepbits is not None and keepbits < FLOAT_DTYPES["bfloat16"]:
+        x = torch.from_numpy(np.asarray(BitRound(keepbits).encode(x.numpy())).view(np.float32))
+    return x.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+
+
+def from_bfloat16(u: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """float32 values of bfloat16 bits stored as uint16."""
+    u = np.ascontiguousarray(u)
+    return torch.from_numpy(u.view(np.int16)).view(torch.bfloat16).float()
 
 
 def quantize_uint8(x: torch.Tensor, what: str = "an image") -> tuple[np.ndarray, np.ndarray]:

@@ -42,7 +42,7 @@ from dfmsd_cli.errors import UserError, suggest
 from dfmsd_cli.store import schema
 from dfmsd_cli.store.chunks import RowCodec, fetch_rows
 from dfmsd_cli.store.integrity import ChunkGuard, corrupt, is_checksum_error
-from dfmsd_cli.store.quantize import dequantize_uint8
+from dfmsd_cli.store.quantize import dequantize_uint8, from_bfloat16
 
 ENHANCE_KINDS = {0: "none", 1: "noise", 2: "crop"}
 _DET = ("boxes", "scores", "labels")
@@ -321,6 +321,8 @@ class TeacherStore:
             raw = got[f"feat/{view}/{s}"]
             if m.dtype == "uint8":
                 f = dequantize_uint8(raw, got[f"qparams/{view}/{s}"])
+            elif m.dtype == "bfloat16":
+                f = from_bfloat16(raw)
             else:
                 f = torch.from_numpy(raw.astype(np.float32))
             sp = torch.from_numpy(got[f"att_s/{view}/{s}"])

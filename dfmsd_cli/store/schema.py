@@ -57,7 +57,7 @@ ATTR_KEY = "dfmsd"
 
 DONE_PENDING, DONE_OK, DONE_UNREADABLE = 0, 1, 2
 VIEWS_ALL = ("orig", "hflip", "me")
-DTYPES = ("float16", "uint8")
+DTYPES = ("float16", "uint8", "bfloat16")
 
 # Fields whose mismatch makes a store unusable for a request, with a human name each.
 FINGERPRINT_FIELDS: dict[str, str] = {
@@ -75,6 +75,7 @@ FINGERPRINT_FIELDS: dict[str, str] = {
     "strides": "levels (strides)",
     "channels": "channels",
     "dtype": "dtype",
+    "quantization.keepbits": "mantissa bits kept (--keepbits)",
     "views": "views",
     "block": "block (images per small chunk)",
     "topk": "top-K detections",

@@ -40,13 +40,18 @@ from dfmsd_cli.errors import UserError
 from dfmsd_cli.store import schema
 from dfmsd_cli.store.chunks import RowCodec, put_chunks
 from dfmsd_cli.store.guard import GuardedLocalStore, incomplete_store_error
-from dfmsd_cli.store.quantize import quantize_uint8, to_float16
+from dfmsd_cli.store.quantize import quantize_uint8, to_bfloat16, to_float16
 
 ZSTD_LEVEL = 3
 CODECS = ("zstd", "blosc")
 # Every chunk is written, zeros too: a chunk absent while its image is complete is then a
 # fault the reader can name (zarr would return the fill value for it in silence).
 WRITE_CONFIG = {"write_empty_chunks": True}
+
+
+def storage_dtype(dtype: str) -> str:
+    """The zarr dtype of a feature encoding (zarr has no bfloat16: its bits as uint16)."""
+    return "uint16" if dtype == "bfloat16" else dtype
 
 
 def feature_codec(name: str, dtype: str):
@@ -86,6 +91,7 @@ class StoreSpec:
     codec: str = "blosc"
     weights_path: str | None = None
     categories: list[dict] | None = None
+    keepbits: int | None = None
 
     def attrs(self) -> dict:
         from dfmsd_cli import __version__
@@ -94,15 +100,14 @@ class StoreSpec:
         long_max, short_max = g["img_scale"]
         div = g["pad_divisor"]
         canvas = [-(-long_max // div) * div, -(-short_max // div) * div]
-        quant = (
-            {"kind": "float16", "note": "cast after a |x| <= 65504 and finiteness check"}
-            if self.dtype == "float16"
-            else {
-                "kind": "uint8-affine",
-                "per": "image,channel",
-                "params": "qparams (scale, offset)",
-            }
-        )
+        if self.dtype == "uint8":
+            quant = {"kind": "uint8-affine", "per": "image,channel", "params": "qparams"}
+        elif self.dtype == "bfloat16":
+            quant = {"kind": "bfloat16", "note": "upper 16 bits of float32, stored as uint16"}
+        else:
+            quant = {"kind": "float16", "note": "cast after a |x| <= 65504 and finiteness check"}
+        if self.keepbits is not None:
+            quant["keepbits"] = int(self.keepbits)  # numcodecs BitRound before compression
         return {
             "schema_version": schema.SCHEMA_VERSION,
             "teacher": self.teacher,
@@ -181,7 +186,7 @@ def _allocate(group: zarr.Group, a: dict, image_ids: list[int]) -> None:
         hc, wc = a["level_shapes"][str(s)]
         arr(f"valid/{s}", (n, 2), (b, 2), "int32")
         for v in a["views"]:
-            arr(f"feat/{v}/{s}", (n, c, hc, wc), (1, c, hc, wc), a["dtype"], big)
+            arr(f"feat/{v}/{s}", (n, c, hc, wc), (1, c, hc, wc), storage_dtype(a["dtype"]), big)
             if a["dtype"] == "uint8":
                 arr(f"qparams/{v}/{s}", (n, c, 2), (b, c, 2), "float32")
             arr(f"att_s/{v}/{s}", (n, hc, wc), (1, hc, wc), "float32", big32)
@@ -357,8 +362,11 @@ class StoreWriter:
                 f = r.views[v].features[s]
                 rows[f"valid/{s}"] = np.asarray(f.shape[-2:], dtype=np.int32)
                 what = f"image {i} view {v} stride {s}"
+                keep = a["quantization"].get("keepbits")
                 if a["dtype"] == "float16":
-                    data = to_float16(f, what)
+                    data = to_float16(f, what, keep)
+                elif a["dtype"] == "bfloat16":
+                    data = to_bfloat16(f, what, keep)
                 else:
                     data, rows[f"qparams/{v}/{s}"] = quantize_uint8(f, what)
                 chunks.append((f"feat/{v}/{s}", _place(data, hc, wc, transposed)))
