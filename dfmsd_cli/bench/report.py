@@ -43,21 +43,23 @@ def store_tables(r: dict[str, Any]) -> list[Table]:
     tables = []
     q = r.get("quantization")
     if q:
-        t = Table(title=f"store bytes/image on {q['images']} {r['teacher']} images")
-        for c in ("dtype", "codec", "bytes/image", "ratio", "encode MB/s", "rel. RMSE",
-                  "loss change"):  # fmt: skip
+        t = Table(
+            title=f"store encodings on {q['images']} {r['teacher']} images "
+            "(blosc-zstd3, byte shuffle; bit shuffle for uint8)"
+        )
+        for c in ("encoding", "bytes/image", "÷ float32", "encode MB/s", "decode MB/s",
+                  "rel. RMSE", "loss change"):  # fmt: skip
             t.add_column(c, justify="right")
-        for dt, d in q["dtypes"].items():
-            for codec, c in d["codecs"].items():
-                t.add_row(
-                    dt,
-                    codec,
-                    _kb(c["bytes_per_image"]),
-                    _f(c["ratio"], "{:.2f}"),
-                    _f(c["encode_MBps"], "{:.0f}"),
-                    _f(d["relative_rmse_mean"], "{:.2e}"),
-                    _f(d.get("loss_relative_change_mean"), "{:.2e}"),
-                )
+        for name, d in q["encodings"].items():
+            t.add_row(
+                name,
+                _kb(d["bytes_per_image"]),
+                _f(d["vs_float32"], "{:.3f}"),
+                _f(d["encode_MBps"], "{:.0f}"),
+                _f(d["decode_MBps"], "{:.0f}"),
+                _f(d["relative_rmse_mean"], "{:.2e}"),
+                _f(d.get("loss_relative_change_mean"), "{:.2e}"),
+            )
         tables.append(t)
     if r.get("read"):
         rate = r.get("student_train_images_per_s")

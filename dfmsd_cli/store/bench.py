@@ -79,74 +79,99 @@ def _codecs() -> dict[str, Any]:
     return out
 
 
+# name -> (encode (C,h,w) float32 -> (stored array, side bytes), decode stored -> float32)
+def _encodings() -> dict[str, tuple[Any, Any]]:
+    from dfmsd_cli.store.quantize import from_bfloat16, to_bfloat16, to_float16
+
+    def uint8(f):
+        q, p = quantize_uint8(f)
+        return q, p
+
+    out: dict[str, tuple[Any, Any]] = {
+        "float16": (lambda f: (to_float16(f), None), lambda x, p: torch.from_numpy(x).float()),
+        "bfloat16": (lambda f: (to_bfloat16(f), None), lambda x, p: from_bfloat16(x)),
+        "uint8": (uint8, lambda x, p: dequantize_uint8(x, p)),
+    }
+    for k in (7, 5, 3):
+        out[f"float16+keep{k}"] = (
+            lambda f, k=k: (to_float16(f, keepbits=k), None),
+            lambda x, p: torch.from_numpy(x).float(),
+        )
+    for k in (5, 3):
+        out[f"bfloat16+keep{k}"] = (
+            lambda f, k=k: (to_bfloat16(f, keepbits=k), None),
+            lambda x, p: from_bfloat16(x),
+        )
+    return out
+
+
 @torch.inference_mode()
 def quantization_report(
     model, ds: CocoDetection, indices: list[int], student=None
 ) -> dict[str, Any]:
-    """Bytes/image per (dtype, codec) and the error of float16 / uint8 against float32."""
+    """Per encoding (dtype, keepbits): bytes/image under each codec, encode/decode MB/s of the
+    default codec (blosc-zstd3-shuffle; bitshuffle for uint8), the relative RMSE against
+    float32 and the relative change of a feature-distillation loss sum (S - T)^2."""
     canvas = ds.geometry.canvas()
     codecs = _codecs()
+    encodings = _encodings()
     nbytes: dict[str, float] = {}
-    raw_bytes = {"float16": 0, "uint8": 0}
+    raw_f32 = 0
     enc_time: dict[str, float] = {}
-    err: dict[str, list[float]] = {"float16": [], "uint8": []}
-    loss_change: dict[str, list[float]] = {"float16": [], "uint8": []}
+    dec_time: dict[str, float] = {}
+    err: dict[str, list[float]] = {e: [] for e in encodings}
+    loss_change: dict[str, list[float]] = {e: [] for e in encodings}
     for i in indices:
         x, size = _own_input(ds, i)
         feats = model(x, [size]).features
         sfeats = student(x, [size]).features if student is not None else None
         hp, wp = x.shape[-2:]
         transposed = hp > wp
-        loss = {"float32": 0.0, "float16": 0.0, "uint8": 0.0}
+        loss = dict.fromkeys(["float32", *encodings], 0.0)
         for s in model.strides:
             f = feats[s][0].float()
-            f16 = f.half()
-            q, p = quantize_uint8(f)
-            deq = {"float16": f16.float(), "uint8": dequantize_uint8(q, p)}
+            raw_f32 += f.numel() * 4
             hc, wc = level_shape(canvas, s)
-            chunks = {
-                "float16": _place(f16.numpy(), hc, wc, transposed),
-                "uint8": _place(q, hc, wc, transposed),
-            }
-            for dt, chunk in chunks.items():
-                raw_bytes[dt] += f.numel() * (2 if dt == "float16" else 1)
-                for cname, codec in codecs.items():
-                    t0 = time.perf_counter()
-                    n = len(codec.encode(np.ascontiguousarray(chunk)))
-                    enc_time[f"{dt}/{cname}"] = enc_time.get(f"{dt}/{cname}", 0.0) + (
-                        time.perf_counter() - t0
-                    )
-                    nbytes[f"{dt}/{cname}"] = nbytes.get(f"{dt}/{cname}", 0) + n
-                if dt == "uint8":
-                    nbytes[f"{dt}/zstd-3"] += p.nbytes  # the per-channel scales
+            st = None
             if sfeats is not None and sfeats[s].shape == feats[s].shape:
                 st = sfeats[s][0].float()
                 loss["float32"] += float((st - f).pow(2).sum())
-                for dt in ("float16", "uint8"):
-                    loss[dt] += float((st - deq[dt]).pow(2).sum())
-            for dt in ("float16", "uint8"):
-                err[dt].append(relative_rmse(deq[dt], f))
+            for e, (encode, decode) in encodings.items():
+                stored, side = encode(f)
+                chunk = np.ascontiguousarray(_place(stored, hc, wc, transposed))
+                default = "blosc-zstd3-bitshuffle" if e == "uint8" else "blosc-zstd3-shuffle"
+                for cname, codec in codecs.items():
+                    t0 = time.perf_counter()
+                    blob = codec.encode(chunk)
+                    if cname == default:
+                        enc_time[e] = enc_time.get(e, 0.0) + time.perf_counter() - t0
+                        t0 = time.perf_counter()
+                        codec.decode(blob)
+                        dec_time[e] = dec_time.get(e, 0.0) + time.perf_counter() - t0
+                    key = f"{e}/{cname}"
+                    nbytes[key] = (
+                        nbytes.get(key, 0) + len(blob) + (side.nbytes if side is not None else 0)
+                    )
+                back = decode(stored, side)
+                err[e].append(relative_rmse(back, f))
+                if st is not None:
+                    loss[e] += float((st - back).pow(2).sum())
         if sfeats is not None and loss["float32"] > 0:
-            for dt in ("float16", "uint8"):
-                loss_change[dt].append(abs(loss[dt] - loss["float32"]) / loss["float32"])
+            for e in encodings:
+                loss_change[e].append(abs(loss[e] - loss["float32"]) / loss["float32"])
     n = len(indices)
-    out: dict[str, Any] = {"images": n, "dtypes": {}}
-    for dt in ("float16", "uint8"):
-        out["dtypes"][dt] = {
-            "raw_bytes_per_image": raw_bytes[dt] / n,
-            "relative_rmse_mean": float(np.mean(err[dt])),
-            "relative_rmse_max": float(np.max(err[dt])),
-            "loss_relative_change_mean": float(np.mean(loss_change[dt]))
-            if loss_change[dt]
-            else None,
-            "codecs": {
-                c: {
-                    "bytes_per_image": nbytes[f"{dt}/{c}"] / n,
-                    "ratio": raw_bytes[dt] / nbytes[f"{dt}/{c}"],
-                    "encode_MBps": raw_bytes[dt] / 1e6 / max(enc_time[f"{dt}/{c}"], 1e-9),
-                }
-                for c in codecs
-            },
+    out: dict[str, Any] = {"images": n, "raw_float32_bytes_per_image": raw_f32 / n, "encodings": {}}
+    for e in encodings:
+        default = "blosc-zstd3-bitshuffle" if e == "uint8" else "blosc-zstd3-shuffle"
+        out["encodings"][e] = {
+            "bytes_per_image": nbytes[f"{e}/{default}"] / n,
+            "vs_float32": nbytes[f"{e}/{default}"] / raw_f32,
+            "relative_rmse_mean": float(np.mean(err[e])),
+            "relative_rmse_max": float(np.max(err[e])),
+            "loss_relative_change_mean": float(np.mean(loss_change[e])) if loss_change[e] else None,
+            "encode_MBps": raw_f32 / 2 / 1e6 / max(enc_time[e], 1e-9),
+            "decode_MBps": raw_f32 / 2 / 1e6 / max(dec_time[e], 1e-9),
+            "codecs": {c: nbytes[f"{e}/{c}"] / n for c in codecs},
         }
     return out
 
