@@ -220,3 +220,23 @@ def test_cli_one_line_errors(env, tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         main(["viz", "masks", str(env["store"]), "--index", "0", "--method", "mgd", "-o", str(out)])
     assert exc.value.code in (0, None) and out.read_bytes().startswith(b"%PDF")
+
+
+def test_chart_helpers_draw_the_values():
+    """Bar heights are the values (NaN leaves a gap); loss lines are the logged points."""
+    from dfmsd_cli.viz.common import new_figure
+    from dfmsd_cli.viz.compare_bars import bar_axes
+    from dfmsd_cli.viz.run_curves import RunLog, detection_loss, loss_axes
+
+    fig, axes = new_figure(2, 1)
+    bar_axes(
+        axes[0, 0], ["mAP", "APs"], {"a": [(1.0, 0.5), (float("nan"), 0)], "b": [(3.0, 0)] * 2}
+    )
+    heights = [p.get_height() for p in axes[0, 0].patches]
+    assert heights[0] == 1.0 and np.isnan(heights[1]) and heights[2:] == [3.0, 3.0]
+    log = RunLog("r", losses={"loss": [(1, 3.0), (2, 2.0)], "loss_kd": [(1, 0.5), (2, 0.25)]})
+    assert detection_loss(log) == [(1, 2.5), (2, 1.75)]
+    loss_axes(axes[0, 1], [log], log_y=True, keys=("loss",))
+    (line,) = axes[0, 1].get_lines()
+    np.testing.assert_array_equal(line.get_ydata(), [3.0, 2.0])
+    assert axes[0, 1].get_yscale() == "log"

@@ -91,3 +91,7 @@ def test_pca_basis_with_fewer_directions_than_components():
     assert basis.components.shape == (3, 2)
     assert np.allclose(basis.components[1:], 0)
     assert abs(basis.components[0, 0]) == pytest.approx(1.0) and basis.components[0, 0] > 0
+
+
+def test_constant_map_gets_a_readable_range():
+    assert display_limits(np.ones((1, 1)), 128, (96, 128)) == (0.5, 1.5)

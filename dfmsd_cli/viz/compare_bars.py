@@ -63,18 +63,25 @@ def summarize(values: list[dict[str, float]], column: str) -> tuple[float, float
     return statistics.mean(xs), statistics.stdev(xs) if len(xs) > 1 else 0.0
 
 
+def bar_axes(ax, groups, series: dict[str, list[tuple[float, float]]], ylabel: str = "") -> None:
+    """Grouped bars on ``ax``: per group one bar per named series of (value, error) pairs
+    (NaN values leave a gap; error 0 draws no bar cap)."""
+    width = 0.8 / max(1, len(series))
+    for i, (name, stats) in enumerate(series.items()):
+        xs = np.arange(len(groups)) + (i - (len(series) - 1) / 2) * width
+        errs = [e if e and math.isfinite(e) else 0.0 for _, e in stats]
+        ax.bar(xs, [m for m, _ in stats], width, yerr=errs if any(errs) else None, capsize=2,
+               color=PALETTE[i % len(PALETTE)], label=name)  # fmt: skip
+    ax.set_xticks(np.arange(len(groups)), list(groups))
+    ax.set_ylabel(ylabel)
+    ax.legend(fontsize=7, ncol=2)
+
+
 def compare_figure(rows: dict[str, list[dict[str, float]]], title: str = ""):
     """Grouped bars with error bars (see the module doc)."""
     fig, axes = new_figure(1, 1, panel=(max(6.0, 1.3 * len(COLUMNS) * max(1, len(rows)) / 3), 4.0))
     ax = axes[0, 0]
-    width = 0.8 / len(rows)
-    for i, (method, vals) in enumerate(rows.items()):
-        stats = [summarize(vals, c) for c in COLUMNS]
-        xs = np.arange(len(COLUMNS)) + (i - (len(rows) - 1) / 2) * width
-        ax.bar(xs, [m for m, _ in stats], width, yerr=[s for _, s in stats], capsize=2,
-               color=PALETTE[i % len(PALETTE)], label=f"{method} (n={len(vals)})")  # fmt: skip
-    ax.set_xticks(np.arange(len(COLUMNS)), COLUMNS)
-    ax.set_ylabel("x100 (mean ± std over seeds)")
-    ax.legend(fontsize=7, ncol=2)
+    series = {f"{m} (n={len(v)})": [summarize(v, c) for c in COLUMNS] for m, v in rows.items()}
+    bar_axes(ax, COLUMNS, series, "x100 (mean ± std over seeds)")
     ax.set_title(title or "methods compared", fontsize=9)
     return fig

@@ -63,11 +63,15 @@ def upsample_to_extent(
 def display_limits(
     level_map: np.ndarray, stride: int, size: tuple[int, int]
 ) -> tuple[float, float]:
-    """(min, max) of the map over the cells that overlap the image (padding cells excluded)."""
+    """(min, max) of the map over the cells that overlap the image (padding cells excluded);
+    a constant map gets a range around its value (one cell with A_s = 1 -> (0.5, 1.5))."""
     r, c = image_cells(size, stride)
     inside = np.asarray(level_map)[:r, :c]
     lo, hi = float(inside.min()), float(inside.max())
-    return (lo, hi) if hi > lo else (lo, lo + 1e-12)
+    if hi > lo:
+        return lo, hi
+    pad = 0.5 * max(abs(lo), 1e-6)
+    return lo - pad, hi + pad
 
 
 def level_vectors(feature: np.ndarray, stride: int, size: tuple[int, int]) -> np.ndarray:

@@ -35,6 +35,17 @@ class RunLog:
     evals: list[tuple[str, dict[str, float]]] = field(default_factory=list)
 
 
+def detection_loss(
+    log: RunLog, terms=("loss_kd", "loss_sfa", "loss_me")
+) -> list[tuple[float, float]]:
+    """``loss`` minus the distillation ``terms`` logged with it: the detection loss alone."""
+    extra: dict[float, float] = {}
+    for k in terms:
+        for x, y in log.losses.get(k, []):
+            extra[x] = extra.get(x, 0.0) + y
+    return [(x, y - extra.get(x, 0.0)) for x, y in log.losses.get("loss", [])]
+
+
 def read_run(run: str | Path, name: str | None = None) -> RunLog:
     """Parse ``run/metrics.jsonl`` (bad lines skipped: a killed run may end mid-line)."""
     run = Path(run)
@@ -78,8 +89,29 @@ def read_run(run: str | Path, name: str | None = None) -> RunLog:
 
 def _plot(ax, pts, log_y: bool, **kw) -> None:
     pts = [(x, y) for x, y in pts if math.isfinite(y) and (y > 0 or not log_y)]
-    if pts:
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], lw=1.2, **kw)
+    if pts:  # a lone point (a run that logged once) gets a marker, a line would be invisible
+        marker = "o" if len(pts) == 1 else None
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], lw=1.2, marker=marker, ms=4, **kw)
+
+
+def loss_axes(ax, runs: list[RunLog], log_y: bool = False, keys=None) -> None:
+    """Loss series of ``runs`` on ``ax``: one colour per component, one line style per run,
+    dotted stage boundaries. ``keys`` restricts the components (default: all)."""
+    names = sorted({k for r in runs for k in r.losses}, key=lambda k: (k != "loss", k))
+    names = [k for k in names if keys is None or k in keys]
+    colour = {k: PALETTE[i % len(PALETTE)] for i, k in enumerate(names)}
+    for i, r in enumerate(runs):
+        ls = STYLES[i % len(STYLES)]
+        prefix = f"{r.name}: " if len(runs) > 1 else ""
+        for k in names:
+            if k in r.losses:
+                _plot(ax, r.losses[k], log_y, color=colour[k], ls=ls, label=prefix + k)
+        for b in r.boundaries:
+            ax.axvline(b, color="grey", ls=":", lw=1)
+    if log_y:
+        ax.set_yscale("log")
+    ax.set(title="loss components (dotted: stage boundary)", xlabel="optimizer step")
+    ax.legend(fontsize=6, ncol=2)
 
 
 def run_figure(runs: list[RunLog], log_y: bool = False, title: str = ""):
@@ -87,36 +119,26 @@ def run_figure(runs: list[RunLog], log_y: bool = False, title: str = ""):
     has_eval = any(r.evals for r in runs)
     fig, axes = new_figure(2 + int(has_eval), 1, panel=(5.0, 3.6))
     ax_loss, ax_lr = axes[0, 0], axes[0, 1]
-    names = sorted({k for r in runs for k in r.losses}, key=lambda k: (k != "loss", k))
-    colour = {k: PALETTE[i % len(PALETTE)] for i, k in enumerate(names)}
+    loss_axes(ax_loss, runs, log_y)
     for i, r in enumerate(runs):
         ls = STYLES[i % len(STYLES)]
-        prefix = f"{r.name}: " if len(runs) > 1 else ""
-        for k, pts in r.losses.items():
-            _plot(ax_loss, pts, log_y, color=colour[k], ls=ls, label=prefix + k)
         _plot(ax_lr, r.lr, False, color=PALETTE[i % len(PALETTE)], ls=ls, label=r.name)
         for b in r.boundaries:
-            for ax in (ax_loss, ax_lr):
-                ax.axvline(b, color="grey", ls=":", lw=1)
-    if log_y:
-        ax_loss.set_yscale("log")
-    ax_loss.set(title="loss components (dotted: stage boundary)", xlabel="optimizer step")
+            ax_lr.axvline(b, color="grey", ls=":", lw=1)
     ax_lr.set(title="learning rate", xlabel="optimizer step")
-    ax_loss.legend(fontsize=6, ncol=2)
     ax_lr.legend(fontsize=6)
     if has_eval:
-        ax = axes[0, 2]
-        width = 0.8 / max(1, len(runs))
-        for i, r in enumerate(runs):
-            for j, (stage, vals) in enumerate(r.evals):
-                xs = [k + (i + j / max(1, len(r.evals))) * width for k in range(len(METRICS))]
-                ys = [100 * vals.get(m, float("nan")) for m in METRICS]
-                label = f"{r.name} {stage}"
-                ax.bar(xs, ys, width / max(1, len(r.evals)), label=label,
-                       color=PALETTE[(i * 3 + j) % len(PALETTE)])  # fmt: skip
-        ax.set_xticks([k + 0.4 - width / 2 for k in range(len(METRICS))], METRICS)
-        ax.set(title="evaluation (x100) per stage")
-        ax.legend(fontsize=6)
+        from dfmsd_cli.viz.compare_bars import bar_axes
+
+        series = {
+            f"{r.name} {at}": [
+                (100 * v[m] if v.get(m, -1) >= 0 else math.nan, 0.0) for m in METRICS
+            ]
+            for r in runs
+            for at, v in r.evals
+        }
+        bar_axes(axes[0, 2], METRICS, series, "x100")
+        axes[0, 2].set_title("evaluation per stage")
     if title:
         fig.suptitle(title, fontsize=9)
     return fig
