@@ -50,8 +50,10 @@ def store_cmd(
     out: Path = _out("viz_store.png"),
     fmt: str | None = FORMAT,
 ) -> None:
-    """Teacher spatial attention per level over the image, channel attention strips, top-K
-    boxes; for the me view the original next to the enhanced input."""
+    """Teacher attention on one stored image.
+
+    Spatial attention per level over the image, channel attention strips, top-K boxes; for
+    the me view the original next to the enhanced input."""
     from dfmsd_cli.viz import viz_store
 
     _done(viz_store(store, out, image=image, index=index, view=view, data=data, split=split,
@@ -75,7 +77,7 @@ def masks_cmd(
     out: Path = _out("viz_masks.png"),
     fmt: str | None = FORMAT,
 ) -> None:
-    """The spatial and channel masks METHOD applies on the image, per level, for every rule."""
+    """The masks a method applies on one image, per level and rule."""
     from dfmsd_cli.viz import viz_masks
 
     _done(viz_masks(store, out, method=method, image=image, index=index, view=view, data=data,
@@ -95,8 +97,10 @@ def features_cmd(
     out: Path = _out("viz_features.png"),
     fmt: str | None = FORMAT,
 ) -> None:
-    """Teacher vs student FPN features: channel-mean maps, shared-basis PCA RGB, squared
-    difference, raw and standardised histograms."""
+    """Teacher vs student FPN features on one image.
+
+    Channel-mean maps, shared-basis PCA RGB, squared difference, raw and standardised
+    histograms."""
     from dfmsd_cli.viz import viz_features
 
     _done(viz_features(student, store, out, image=image, index=index, view=view, data=data,
