@@ -157,6 +157,11 @@ def test_features_figure_two_students(env, tmp_path):
 
 
 def test_run_figure(env, tmp_path):
+    from dfmsd_cli.viz.run_curves import read_run
+
+    real = read_run(env["run"])  # the detector's own terms are components too
+    assert {"loss", "classification", "bbox_regression"} <= set(real.losses)
+    assert "lr" not in real.losses and "iteration" not in real.losses
     _png(viz_run([env["run"]], tmp_path / "r.png", log_y=True), (2 * 5.0, 3.6))
     # a distill-style log with two stages and evaluations, overlaid with the real run
     fake = tmp_path / "dist"
@@ -169,7 +174,6 @@ def test_run_figure(env, tmp_path):
     ] + [{"phase": "val", "stage": 1, "bbox": {"mAP": 0.1, "APs": -1.0}}, {"phase": "val",
           "stage": 2, "mAP": 0.2}]  # fmt: skip
     (fake / "metrics.jsonl").write_text("\n".join(map(json.dumps, rows)) + "\n{truncated")
-    from dfmsd_cli.viz.run_curves import read_run
 
     log = read_run(fake)
     assert log.boundaries == [3.0] and log.losses["loss"][-1] == (6.0, 2.0 / 3)

@@ -1,12 +1,12 @@
 """``dfmsd viz run``: training curves of one or more run folders on shared axes.
 
 Reads ``RUN/metrics.jsonl`` as ``dfmsd train`` and ``dfmsd distill`` write it (every version:
-``train`` rows with ``iteration``, ``lr``, ``loss`` and its ``loss_*`` components, ``stage`` for
-distill runs; ``val`` rows with the COCO metrics flat or under ``bbox``). The x axis is the
-optimizer step counted across stages (each stage's ``iteration`` restarts at 1, so a stage is
-offset by the steps before it); stage boundaries are dotted vertical lines. Panels: every loss
-component (one colour per component, one line style per run), the learning rate, and the
-evaluation metrics per stage.
+``train`` rows with ``iteration``, ``lr``, ``loss`` and its components (every other number),
+``stage`` for distill runs; ``val`` rows with the COCO metrics flat or under ``bbox``). The x
+axis is the optimizer step counted across stages (each stage's ``iteration`` restarts at 1, so
+a stage is offset by the steps before it); stage boundaries are dotted vertical lines. Panels:
+every loss component (one colour per component, one line style per run), the learning rate,
+and the evaluation metrics per stage.
 """
 
 from __future__ import annotations
@@ -21,6 +21,9 @@ from dfmsd_cli.viz.common import PALETTE, new_figure
 
 METRICS = ("mAP", "APs", "APm", "APl", "mAR")
 STYLES = ("-", "--", ":", "-.")
+# every other numeric key of a train row is a loss: "loss" (the total), the detector's own
+# terms (e.g. "classification", "bbox_regression", "loss_rpn_cls") and "loss_kd"/"loss_me"/...
+NOT_LOSSES = frozenset({"time", "epoch", "step", "iteration", "lr", "stage"})
 
 
 @dataclass
@@ -78,7 +81,7 @@ def read_run(run: str | Path, name: str | None = None) -> RunLog:
         x = offset + float(rec["iteration"])
         last_x = x
         for k, v in rec.items():
-            if (k == "loss" or k.startswith("loss_")) and isinstance(v, (int, float)):
+            if k not in NOT_LOSSES and isinstance(v, (int, float)) and not isinstance(v, bool):
                 log.losses.setdefault(k, []).append((x, float(v)))
         if isinstance(rec.get("lr"), (int, float)):
             log.lr.append((x, float(rec["lr"])))
