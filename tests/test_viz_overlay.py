@@ -95,3 +95,27 @@ def test_pca_basis_with_fewer_directions_than_components():
 
 def test_constant_map_gets_a_readable_range():
     assert display_limits(np.ones((1, 1)), 128, (96, 128)) == (0.5, 1.5)
+
+
+def test_me_caption_and_view_inputs():
+    import torch
+
+    from dfmsd_cli.data.enhance import EnhanceParams, apply_enhance, input_checksum
+    from dfmsd_cli.viz.source import enhance_caption, view_input
+
+    crop = EnhanceParams("crop", 7, 0.0, (1, 2, 9, 8))
+    rec = {"enhance": crop.to_dict(), "area_ratio": 0.625}
+    assert enhance_caption(rec) == "crop 1,2,9,8; weaker teacher's area ratio 0.625"
+    noise = {"enhance": EnhanceParams("noise", 3, 10.0).to_dict(), "area_ratio": float("nan")}
+    assert enhance_caption(noise) == "noise σ=10"
+    raw = torch.arange(3 * 10 * 12, dtype=torch.float32).reshape(3, 10, 12) % 255
+    sample = {"raw": raw}
+    assert torch.equal(view_input(sample, "hflip", {})[0], raw.flip(-1))
+    x = apply_enhance(raw, crop)
+    rec["enhance"] = EnhanceParams("crop", 7, 0.0, (1, 2, 9, 8), input_checksum(x)).to_dict()
+    got, note = view_input(sample, "me", rec)
+    assert torch.equal(got, x) and note == ""
+    rec["enhance"]["checksum"] += 1  # another decoder/resize: drawn, and said so
+    assert "differs" in view_input(sample, "me", rec)[1]
+    got, note = view_input(sample, "adv", {})
+    assert torch.equal(got, raw) and "not reproducible" in note
