@@ -91,6 +91,7 @@ def test_store_figure_every_view(env, tmp_path):
     p = viz_store(env["store"], tmp_path / "x.png", index=0, levels=[8, 16])
     _png(p, (3 * 2.6, 2 * 2.2))
     assert viz_store(env["store"], tmp_path / "x", index=0, fmt="svg").suffix == ".svg"
+    _png(viz_store(env["store"], tmp_path / "d.png", index=0, dpi=50), (6 * 2.6 / 2, 2 * 2.2 / 2))
 
 
 def test_store_errors_are_one_line(env, tmp_path):

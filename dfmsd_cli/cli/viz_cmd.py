@@ -22,6 +22,7 @@ DATA = typer.Option(None, "--data", help="COCO root with the images (ROOT/SPLIT/
 SPLIT = typer.Option(None, "--split", help="Split of --data (default: the store's).")
 LEVELS = typer.Option(None, "--levels", help="Strides to draw, e.g. 8,16 (default: all).")
 FORMAT = typer.Option(None, "--format", help="png, svg or pdf (default: from --out, else png).")
+DPI = typer.Option(None, "--dpi", help="Pixels per inch of a PNG (default 100).")
 
 
 def _out(default: str) -> typer.Option:
@@ -49,6 +50,7 @@ def store_cmd(
     levels: str | None = LEVELS,
     out: Path = _out("viz_store.png"),
     fmt: str | None = FORMAT,
+    dpi: int | None = DPI,
 ) -> None:
     """Teacher attention on one stored image.
 
@@ -57,7 +59,7 @@ def store_cmd(
     from dfmsd_cli.viz import viz_store
 
     _done(viz_store(store, out, image=image, index=index, view=view, data=data, split=split,
-                    tau=tau, topk=topk, levels=_lv(levels), fmt=fmt))  # fmt: skip
+                    tau=tau, topk=topk, levels=_lv(levels), fmt=fmt, dpi=dpi))  # fmt: skip
 
 
 @viz_app.command("masks")
@@ -76,12 +78,13 @@ def masks_cmd(
     levels: str | None = LEVELS,
     out: Path = _out("viz_masks.png"),
     fmt: str | None = FORMAT,
+    dpi: int | None = DPI,
 ) -> None:
     """The masks a method applies on one image, per level and rule."""
     from dfmsd_cli.viz import viz_masks
 
     _done(viz_masks(store, out, method=method, image=image, index=index, view=view, data=data,
-                    split=split, student=student, seed=seed, levels=_lv(levels), fmt=fmt))  # fmt: skip
+                    split=split, student=student, seed=seed, levels=_lv(levels), fmt=fmt, dpi=dpi))  # fmt: skip
 
 
 @viz_app.command("features")
@@ -96,6 +99,7 @@ def features_cmd(
     levels: str | None = LEVELS,
     out: Path = _out("viz_features.png"),
     fmt: str | None = FORMAT,
+    dpi: int | None = DPI,
 ) -> None:
     """Teacher vs student FPN features on one image.
 
@@ -104,7 +108,7 @@ def features_cmd(
     from dfmsd_cli.viz import viz_features
 
     _done(viz_features(student, store, out, image=image, index=index, view=view, data=data,
-                       split=split, levels=_lv(levels), fmt=fmt))  # fmt: skip
+                       split=split, levels=_lv(levels), fmt=fmt, dpi=dpi))  # fmt: skip
 
 
 @viz_app.command("run")
@@ -113,11 +117,12 @@ def run_cmd(
     log: bool = typer.Option(False, "--log", help="Log-scale loss axis."),
     out: Path = _out("viz_run.png"),
     fmt: str | None = FORMAT,
+    dpi: int | None = DPI,
 ) -> None:
     """Loss components per stage, learning rate, evaluation per stage; runs overlaid."""
     from dfmsd_cli.viz import viz_run
 
-    _done(viz_run(runs, out, log_y=log, fmt=fmt))
+    _done(viz_run(runs, out, log_y=log, fmt=fmt, dpi=dpi))
 
 
 @viz_app.command("compare")
@@ -125,11 +130,12 @@ def compare_cmd(
     compare_dir: Path = typer.Argument(..., help="OUT of examples/compare.sh."),
     out: Path = _out("viz_compare.png"),
     fmt: str | None = FORMAT,
+    dpi: int | None = DPI,
 ) -> None:
     """The compare table as grouped bars, error bars over seeds."""
     from dfmsd_cli.viz import viz_compare
 
-    _done(viz_compare(compare_dir, out, fmt=fmt))
+    _done(viz_compare(compare_dir, out, fmt=fmt, dpi=dpi))
 
 
 @viz_app.command("detections")
@@ -142,9 +148,10 @@ def detections_cmd(
     score_thr: float = typer.Option(0.3, "--score-thr", help="Draw predictions scoring above."),
     out: Path = _out("viz_detections.png"),
     fmt: str | None = FORMAT,
+    dpi: int | None = DPI,
 ) -> None:
     """Predictions vs ground truth on one image, one panel per checkpoint."""
     from dfmsd_cli.viz import viz_detections
 
     _done(viz_detections(checkpoints, out, data=data, split=split, image=image, index=index,
-                         score_thr=score_thr, fmt=fmt))  # fmt: skip
+                         score_thr=score_thr, fmt=fmt, dpi=dpi))  # fmt: skip

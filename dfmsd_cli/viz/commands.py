@@ -47,7 +47,7 @@ def _pixels(store, record: dict, data, split) -> dict[str, Any]:
 
 def viz_store(
     store_path, out, *, image=None, index=None, view="orig", data=None, split=None,
-    tau=0.5, topk=10, levels=None, fmt=None,
+    tau=0.5, topk=10, levels=None, fmt=None, dpi=None,
 ) -> Path:  # fmt: skip
     """``dfmsd viz store``: teacher attention, channel attention and top-K boxes of one image."""
     from dfmsd_cli.viz.source import enhance_caption
@@ -67,7 +67,7 @@ def viz_store(
         title=f"{store.meta.teacher} on image {rec['image_id']} ({view}){px['note']}",
         caption=caption,
     )
-    return save(fig, out, fmt)
+    return save(fig, out, fmt, dpi)
 
 
 def _levels(levels, available) -> list[int] | None:
@@ -81,7 +81,7 @@ def _levels(levels, available) -> list[int] | None:
 
 def viz_masks(
     store_path, out, *, method, image=None, index=None, view="orig", data=None, split=None,
-    student="retina_r50", seed=0, levels=None, fmt=None,
+    student="retina_r50", seed=0, levels=None, fmt=None, dpi=None,
 ) -> Path:  # fmt: skip
     """``dfmsd viz masks``: the masks ``method`` would apply on one stored image."""
     from dfmsd_cli.viz.masks_fig import masks_figure, method_masks
@@ -92,12 +92,12 @@ def viz_masks(
         rec, method, student, px["gt"], seed, levels=_levels(levels, rec["att_spatial"])
     )
     title = f"{method} masks, {store.meta.teacher} on image {rec['image_id']} ({view}){px['note']}"
-    return save(masks_figure(panels, px["input"], tuple(rec["size"]), title), out, fmt)
+    return save(masks_figure(panels, px["input"], tuple(rec["size"]), title), out, fmt, dpi)
 
 
 def viz_features(
     students, store_path, out, *, image=None, index=None, view="orig", data=None, split=None,
-    levels=None, fmt=None,
+    levels=None, fmt=None, dpi=None,
 ) -> Path:  # fmt: skip
     """``dfmsd viz features``: teacher vs student FPN features on one stored image."""
     from dfmsd_cli.models.checkpoint import build_from_checkpoint
@@ -126,17 +126,17 @@ def viz_features(
         levels=lv,
         title=f"{store.meta.teacher} (teacher) vs students on image {rec['image_id']} ({view})",
     )
-    return save(fig, out, fmt)
+    return save(fig, out, fmt, dpi)
 
 
-def viz_run(runs, out, *, log_y=False, fmt=None) -> Path:
+def viz_run(runs, out, *, log_y=False, fmt=None, dpi=None) -> Path:
     """``dfmsd viz run``: curves of one or more run folders."""
     from dfmsd_cli.viz.run_curves import read_run, run_figure
 
     if not runs:
         raise UserError("pass at least one RUN_DIR")
     logs = [read_run(r, _run_name(r)) for r in runs]
-    return save(run_figure(logs, log_y=log_y), out, fmt)
+    return save(run_figure(logs, log_y=log_y), out, fmt, dpi)
 
 
 def _run_name(run) -> str:
@@ -146,16 +146,25 @@ def _run_name(run) -> str:
     )
 
 
-def viz_compare(compare_dir, out, *, fmt=None) -> Path:
+def viz_compare(compare_dir, out, *, fmt=None, dpi=None) -> Path:
     """``dfmsd viz compare``: the compare table as grouped bars with error bars."""
     from dfmsd_cli.viz.compare_bars import compare_figure, read_compare
 
     rows = read_compare(compare_dir)
-    return save(compare_figure(rows, title=f"{Path(compare_dir).name}: bbox on val"), out, fmt)
+    return save(compare_figure(rows, title=f"{Path(compare_dir).name}: bbox on val"), out, fmt, dpi)
 
 
 def viz_detections(
-    checkpoints, out, *, data, split="val2017", image=None, index=None, score_thr=0.3, fmt=None
+    checkpoints,
+    out,
+    *,
+    data,
+    split="val2017",
+    image=None,
+    index=None,
+    score_thr=0.3,
+    fmt=None,
+    dpi=None,
 ) -> Path:
     """``dfmsd viz detections``: predictions of each checkpoint vs ground truth on one image."""
     from dfmsd_cli.data.geometry import Geometry
@@ -183,7 +192,7 @@ def viz_detections(
     fig = detections_figure(
         pixels, gt, preds, categories or ds0.categories, score_thr, title=f"image {image_id}"
     )
-    return save(fig, out, fmt)
+    return save(fig, out, fmt, dpi)
 
 
 __all__ = ["viz_compare", "viz_detections", "viz_features", "viz_masks", "viz_run", "viz_store"]

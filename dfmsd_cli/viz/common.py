@@ -36,11 +36,16 @@ def output_path(out: str | Path, fmt: str | None = None) -> Path:
     return out if suffix == fmt else out.with_suffix(f".{fmt}")
 
 
-def save(fig: Any, out: str | Path, fmt: str | None = None) -> Path:
-    """Save ``fig`` to ``out`` (parent folders created), close it, return the path."""
+def save(fig: Any, out: str | Path, fmt: str | None = None, dpi: int | None = None) -> Path:
+    """Save ``fig`` to ``out`` at ``dpi`` (default ``DPI``; parent folders created), close it,
+    return the path."""
     path = output_path(out, fmt)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, format=path.suffix.lstrip("."), dpi=DPI)
+    fmt = path.suffix.lstrip(".")
+    extra = {"pil_kwargs": {"optimize": True}} if fmt == "png" else {}  # smaller, same pixels
+    if dpi is not None and dpi <= 0:
+        raise UserError(f"--dpi must be positive, got {dpi}")
+    fig.savefig(path, format=fmt, dpi=dpi or DPI, **extra)
     plt.close(fig)
     return path
 
