@@ -245,3 +245,26 @@ def test_chart_helpers_draw_the_values():
     (line,) = axes[0, 1].get_lines()
     np.testing.assert_array_equal(line.get_ydata(), [3.0, 2.0])
     assert axes[0, 1].get_yscale() == "log"
+
+
+def test_store_written_by_an_earlier_schema(synthetic_root, tmp_path, monkeypatch):
+    """A schema-1 store (before chunk checksums) draws like a current one."""
+    from dfmsd_cli.store import schema
+    from dfmsd_cli.store.precompute import PrecomputeOptions, precompute
+    from dfmsd_cli.store.reader import TeacherStore
+
+    monkeypatch.setattr(schema, "SCHEMA_VERSION", 1)
+    summary = precompute(
+        synthetic_root / "annotations" / "instances_train2017.json",
+        synthetic_root / "train2017",
+        PrecomputeOptions(teacher="retina_tiny", cache=str(tmp_path / "c"), geometry=GEOM,
+                          num_workers=0, device="cpu", max_images=2, progress=False),
+    )  # fmt: skip
+    monkeypatch.undo()
+    store = TeacherStore.open(summary["path"])
+    assert not store.checksummed
+    levels = len(store.meta.strides)
+    p = viz_store(summary["path"], tmp_path / "s.png", index=1, data=synthetic_root)
+    _png(p, ((1 + levels) * 2.6, 2 * 2.2))
+    p = viz_masks(summary["path"], tmp_path / "m.png", method="dmkd", index=1)
+    _png(p, (5 * 2.4, levels * 2.0))
