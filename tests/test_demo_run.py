@@ -62,7 +62,10 @@ def test_demo_quick_writes_results_and_png(tmp_path, teacher_dir):
         saved["metrics"]["DFMSD"]["bbox"]["mAP"] - saved["metrics"]["baseline"]["bbox"]["mAP"]
     )
     png = Image.open(out / "demo.png")
-    assert png.format == "PNG" and png.width > png.height > 100
+    assert png.format == "PNG" and png.size == (1400, 480)
+    att = Image.open(out / "attention.png")  # 5 levels x (A_s + 3 rules + channel strip)
+    assert att.format == "PNG" and att.size == (5 * 240, 5 * 200)
+    assert saved["attention_png"] == str(out / "attention.png")
     # same epochs: the baseline ran as many optimizer steps as both stages together
     stage_steps = sum(s["iterations"] for s in saved["distill"]["stages"])
     assert saved["baseline_run"]["iterations"] == stage_steps

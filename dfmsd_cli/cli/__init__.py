@@ -19,6 +19,7 @@ from dfmsd_cli.cli import (  # noqa: E402,F401  isort: skip
     convert_cmd,
     demo_cmd,
     bench_cmd,
+    viz_cmd,
 )
 from dfmsd_cli.cli import checks  # noqa: E402  isort: skip
 

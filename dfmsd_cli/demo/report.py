@@ -1,9 +1,11 @@
-"""The demo's outputs: a rich table, ``results.json`` and ``demo.png`` (loss curves + mAP bars).
+"""The demo's outputs: a rich table, ``results.json``, ``demo.png`` and ``attention.png``.
 
 Metrics are COCO bbox fractions in [0, 1] (``dfmsd_cli.eval``), printed x100 as in the paper.
-The PNG puts two PIL charts (``dfmsd_cli.utils.plot``) side by side: the total training loss
-of the baseline and of each DFMSD stage against the optimizer step, and grouped bars of
-mAP / APs / APm / APl / mAR for the teachers, the baseline and the DFMSD student.
+The figures are drawn by ``dfmsd viz``'s functions (:mod:`dfmsd_cli.viz`): ``demo.png`` puts
+the training loss of the baseline and of each DFMSD stage (total and L_det) against the
+optimizer step next to grouped bars of mAP / APs / APm / APl / mAR for the teachers, the
+baseline and the DFMSD student; ``attention.png`` shows the stronger teacher's attention and
+the DFMSD masks of every rule on a validation image.
 """
 
 from __future__ import annotations
@@ -110,91 +112,60 @@ def print_report(results: dict[str, Any]) -> None:
     console.print(s)
 
 
-DISTILL_TERMS = ("loss_kd", "loss_sfa", "loss_me")
-
-
-def loss_series(
-    metrics_jsonl: Path, stage: int | None = None, det_only: bool = False
-) -> list[tuple[float, float]]:
-    """(step, loss) from a ``metrics.jsonl`` (one stage's rows when ``stage``); ``det_only``
-    subtracts the distillation terms, leaving the detection loss."""
-    if not metrics_jsonl.is_file():
-        return []
-    pts = []
-    for line in metrics_jsonl.read_text().splitlines():
-        if not line.strip():
-            continue
-        rec = json.loads(line)
-        if rec.get("phase") != "train" or "loss" not in rec:
-            continue
-        if stage is not None and rec.get("stage") != stage:
-            continue
-        y = float(rec["loss"])
-        if det_only:
-            y -= sum(float(rec.get(k, 0.0)) for k in DISTILL_TERMS)
-        pts.append((float(rec["iteration"]), y))
-    return pts
-
-
 def write_png(results: dict[str, Any], out: Path) -> Path:
-    """``out/demo.png``: loss curves (left) and metric bars (right) in one image."""
-    import tempfile
+    """``out/demo.png``: loss curves (left) and metric bars (right), drawn by ``dfmsd viz``'s
+    chart functions (:mod:`dfmsd_cli.viz.run_curves`, :mod:`dfmsd_cli.viz.compare_bars`)."""
+    from dfmsd_cli.viz.common import new_figure, save
+    from dfmsd_cli.viz.compare_bars import bar_axes
+    from dfmsd_cli.viz.run_curves import RunLog, detection_loss, loss_axes, read_run
 
-    from PIL import Image
-
-    from dfmsd_cli.utils.plot import bar_chart, line_chart
-
-    series: dict[str, list[tuple[float, float]]] = {}
-    base = loss_series(out / "baseline" / "metrics.jsonl")
-    if base:
-        series["baseline (L_det)"] = base
-    offset = 0.0
-    for st in results["distill"]["stages"]:
-        k = st["stage"]
-        pts = loss_series(out / "dfmsd" / "metrics.jsonl", k)
-        det = loss_series(out / "dfmsd" / "metrics.jsonl", k, det_only=True)
-        if pts:
-            series[f"DFMSD stage {k} total"] = [(x + offset, y) for x, y in pts]
-            series[f"DFMSD stage {k} L_det"] = [(x + offset, y) for x, y in det]
-            offset += pts[-1][0]
+    runs = []
+    if (out / "baseline" / "metrics.jsonl").is_file():
+        base = read_run(out / "baseline")
+        runs.append(RunLog("baseline", losses={"L_det": base.losses.get("loss", [])}))
+    if (out / "dfmsd" / "metrics.jsonl").is_file():
+        dist = read_run(out / "dfmsd")
+        losses = {"total": dist.losses.get("loss", []), "L_det": detection_loss(dist)}
+        runs.append(RunLog("DFMSD", losses=losses, boundaries=dist.boundaries))
     names = [n for n in results["metrics"] if bbox(results["metrics"][n])]
     bars = {
-        n: [max(0.0, 100 * bbox(results["metrics"][n]).get(c, math.nan)) for c in COLUMNS]
+        n: [(max(0.0, 100 * bbox(results["metrics"][n]).get(c, math.nan)), 0.0) for c in COLUMNS]
         for n in names
     }
-    with tempfile.TemporaryDirectory() as tmp:
-        left = right = None
-        if series:
-            left = line_chart(
-                series,
-                Path(tmp) / "loss.png",
-                title="training loss per stage",
-                xlabel="optimizer step",
-                ylabel="loss",
-                size=(700, 480),
-            )
-        if bars:
-            right = bar_chart(
-                list(COLUMNS),
-                bars,
-                Path(tmp) / "bars.png",
-                title="COCO bbox metrics on val (x100)",
-                ylabel="x100",
-                size=(700, 480),
-            )
-        images = [Image.open(p).convert("RGB") for p in (left, right) if p is not None]
-        if not images:
-            raise RuntimeError("nothing to plot: no loss and no metrics were recorded")
-        w = sum(i.width for i in images)
-        h = max(i.height for i in images)
-        canvas = Image.new("RGB", (w, h), (255, 255, 255))
-        x = 0
-        for im in images:
-            canvas.paste(im, (x, 0))
-            x += im.width
-        path = out / "demo.png"
-        canvas.save(path, format="PNG")
-    return path
+    if not runs and not bars:
+        raise RuntimeError("nothing to plot: no loss and no metrics were recorded")
+    fig, axes = new_figure(2, 1, panel=(7.0, 4.8))
+    if runs:
+        loss_axes(axes[0, 0], runs)
+        axes[0, 0].set_title("training loss per stage (dotted: DFMSD stage boundary)")
+    if bars:
+        bar_axes(axes[0, 1], COLUMNS, bars, "x100")
+        axes[0, 1].set_title("COCO bbox metrics on val (x100)")
+    return save(fig, out / "demo.png")
+
+
+def write_attention_png(results: dict[str, Any], out: Path) -> Path:
+    """``out/attention.png``: the stronger teacher's attention and the DFMSD masks (every rule)
+    on the first validation image, drawn by ``dfmsd viz masks``' functions from a live
+    teacher pass (the stores hold training images only)."""
+    from dfmsd_cli.data.geometry import Geometry
+    from dfmsd_cli.store.precompute import load_teacher
+    from dfmsd_cli.viz.common import save
+    from dfmsd_cli.viz.masks_fig import masks_figure, method_masks
+    from dfmsd_cli.viz.source import dataset_for, live_record
+
+    cfg = results["config"]
+    teacher = results["teachers"][-1]
+    geometry = Geometry(img_scale=tuple(cfg["img_scale"]))
+    ds = dataset_for(out / "data", "val2017", geometry)
+    sample = next(s for s in (ds.get(i, "orig") for i in range(len(ds.image_ids))) if s)
+    model = load_teacher(teacher, ds.num_classes, results["teacher_weights"][teacher], cfg["seed"])
+    rec = live_record(model, sample, geometry)
+    panels = method_masks(rec, "dfmsd", results["student"], sample["boxes"], seed=cfg["seed"])
+    title = f"teacher {teacher}: attention and DFMSD masks, val image {sample['image_id']}"
+    return save(
+        masks_figure(panels, sample["raw"], tuple(sample["size"]), title), out / "attention.png"
+    )
 
 
 def write_report(results: dict[str, Any], out: Path, ann_val: Path | None = None) -> None:
@@ -204,6 +175,9 @@ def write_report(results: dict[str, Any], out: Path, ann_val: Path | None = None
     d = margin(results, "mAP")
     results["margin_mAP"] = None if math.isnan(d) else d
     results["png"] = str(write_png(results, out))
+    results["attention_png"] = str(write_attention_png(results, out))
     atomic_write_text(out / "results.json", json.dumps(results, indent=2, default=str) + "\n")
     print_report(results)
-    console.print(f"results: {out / 'results.json'}  plot: {results['png']}")
+    console.print(
+        f"results: {out / 'results.json'}  plots: {results['png']} {results['attention_png']}"
+    )

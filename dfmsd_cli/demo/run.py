@@ -12,7 +12,9 @@ Phases (each timed; all through the library functions the CLI commands wrap):
 5. ``distill``    DFMSD in two stages (SAL: weaker, then stronger; ME and SFA in the last
                   stage) from the stores, with the same batch size, learning rate and epochs as
                   the baseline; the student is evaluated after each stage.
-6. ``report``     the table, ``results.json`` and ``demo.png`` (``dfmsd_cli.demo.report``).
+6. ``report``     the table, ``results.json``, ``demo.png`` (curves + bars) and ``attention.png``
+                  (the stronger teacher's attention and DFMSD masks on a validation image),
+                  drawn by ``dfmsd viz``'s functions (``dfmsd_cli.demo.report``).
 
 The comparison is fair by construction: same data, same initial weights (same seed), same
 number of optimizer steps, same recipe; only the teachers' knowledge differs.
