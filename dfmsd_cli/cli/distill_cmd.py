@@ -61,6 +61,18 @@ def distill_cmd(
     mask_rule: str | None = typer.Option(
         None, "--mask-rule", help="Mask selection: sample (∝ attention), top, or random."
     ),
+    sfa_levels: str | None = typer.Option(
+        None,
+        "--sfa-levels",
+        help="dfmsd: SFA on the N finest shared levels, averaged (Eq. 5; default 3, the "
+        "paper's P1-P3), or 'all'.",
+    ),
+    kd_warmup: int | None = typer.Option(
+        None,
+        "--kd-warmup",
+        help="Ramp every distillation weight linearly from 0 over the first N iterations of "
+        "each stage (0: off, the default).",
+    ),
     split: str = typer.Option("train2017", "--split", help="Training split (the stores' split)."),
     val_split: str = typer.Option("val2017", "--val-split", help="Split evaluated after stages."),
     ann: Path | None = typer.Option(None, "--ann", help="Annotation file (overrides --data)."),
@@ -130,6 +142,8 @@ def distill_cmd(
         lambda_c=lambda_c,
         tau=tau,
         mask_rule=mask_rule,
+        sfa_levels=sfa_levels,
+        kd_warmup=kd_warmup,
         batch_size=batch_size,
         lr=lr,
         warmup_iters=warmup_iters,

@@ -83,6 +83,8 @@ class DistillOptions:
     lambda_c: float | None = None
     tau: float | None = None
     mask_rule: str | None = None
+    sfa_levels: str | None = None  # dfmsd: 'all' or N finest shared levels (default 3)
+    kd_warmup: int | None = None  # linear warm-up of the distillation weights (iterations)
     batch_size: int = 2
     lr: float = 0.01
     warmup_iters: int = 500
@@ -120,6 +122,8 @@ def resolve_method(opts: DistillOptions) -> MethodConfig:
         lambda_c=opts.lambda_c,
         tau=opts.tau,
         mask_rule=opts.mask_rule,
+        sfa_levels=(opts.sfa_levels if is_dfmsd else None),
+        kd_warmup=opts.kd_warmup,
     )
 
 
@@ -377,6 +381,7 @@ def _run_stage(
                     continue
                 lr = schedule.apply(optimizer, iteration, epoch)
                 optimizer.zero_grad(set_to_none=True)
+                model.kd_scale = kd_warmup_factor(iteration, cfg.kd_warmup)
                 values, loss = train_step(ddp_model, batch, device, use_amp, scaler, online)
                 if not torch.isfinite(loss):
                     last = ctx.out / "last.pth"
@@ -471,6 +476,14 @@ def _run_stage(
                 ctx.log.write({"phase": "val", "stage": plan.index + 1, **result["val"]})
     barrier(dist_info)
     return result
+
+
+def kd_warmup_factor(iteration: int, warmup: int) -> float:
+    """The factor on every distillation weight at 0-based ``iteration`` of a stage: a linear
+    ramp ``min(1, (iteration + 1) / warmup)``, 1 when ``warmup`` is 0 (``--kd-warmup``)."""
+    if warmup <= 0:
+        return 1.0
+    return min(1.0, (iteration + 1) / warmup)
 
 
 __all__ = ["DistillModel", "DistillOptions", "distill", "resolve_method"]

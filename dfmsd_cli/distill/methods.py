@@ -17,8 +17,11 @@ Where a default comes from (see docs/method.md):
   ``sample``: our choices where DMKD publishes none.
 * MGD α = 2e-5 / λ = 0.65 (RetinaNet students), α = 5e-7 / λ = 0.45 (two-stage).
 * PKD weight 10 (RetinaNet X101→R50) for one-stage students, 6 for two-stage.
-* FGD one-stage α=1e-3 β=5e-4 γ=5e-4 λ=5e-6 (T = 0.8 for FCOS, else 0.5); two-stage
-  α=5e-5 β=2.5e-5 γ=5e-5 λ=5e-7.
+* FGD, per head as yzd-v/FGD's configs: RetinaNet/GFL α=1e-3 β=5e-4 γ=5e-4 λ=5e-6 (T = 0.5);
+  FCOS α=1.6e-3 β=8e-4 γ=8e-4 λ=8e-6 (T = 0.8); two-stage α=5e-5 β=2.5e-5 γ=5e-5 λ=5e-7.
+* DFMSD SFA: the 3 finest shared levels, averaged (Eq. 5, Table 9); γ is our choice.
+* ``kd_warmup``: every distillation weight ramps linearly from 0 over the first N iterations
+  of each stage (``--kd-warmup``; 0 = off, the default).
 """
 
 from __future__ import annotations
@@ -52,6 +55,8 @@ class MethodConfig:
     me: bool = False
     sfa: bool = False
     me_stages: str = "last"
+    sfa_levels: int | None = 3  # the N finest shared levels SFA aligns (None: all); Table 9
+    kd_warmup: int = 0  # iterations of linear warm-up of every distillation weight (0: off)
     loss_kwargs: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -68,7 +73,10 @@ class MethodConfig:
         if self.me:
             parts.append(f"L_ME β={self.beta:g} ({self.me_stages} stage(s))")
         if self.sfa:
-            parts.append(f"L_SFA γ={self.gamma:g}")
+            lv = "all levels" if self.sfa_levels is None else f"{self.sfa_levels} finest levels"
+            parts.append(f"L_SFA γ={self.gamma:g} ({lv})")
+        if self.kd_warmup:
+            parts.append(f"KD warm-up {self.kd_warmup} it")
         parts.append("SAL" if self.sal else "single stage")
         if self.loss_kwargs:
             parts.append(" ".join(f"{k}={v}" for k, v in self.loss_kwargs.items()))
@@ -103,6 +111,8 @@ def method_config(
     lambda_c: float | None = None,
     tau: float | None = None,
     mask_rule: str | None = None,
+    sfa_levels: str | None = None,
+    kd_warmup: int | None = None,
 ) -> MethodConfig:
     """Defaults of ``method`` for ``student``'s family, with explicit overrides applied.
 
@@ -137,7 +147,10 @@ def method_config(
             if one
             else {"alpha_fg": 5e-5, "beta_bg": 2.5e-5, "gamma_mask": 5e-5, "lambda_rela": 5e-7}
         )
-        temperature = 0.8 if student.startswith(("fcos", "mmfcos")) else 0.5
+        fcos = student.startswith(("fcos", "mmfcos"))
+        if fcos:  # yzd-v/FGD's FCOS config: its own weights and T = 0.8
+            inner = {"alpha_fg": 1.6e-3, "beta_bg": 8e-4, "gamma_mask": 8e-4, "lambda_rela": 8e-6}
+        temperature = 0.8 if fcos else 0.5
         cfg = MethodConfig(
             method, family, "fgd", alpha=1.0, loss_kwargs={**inner, "temperature": temperature}
         )
@@ -160,6 +173,14 @@ def method_config(
         if me_stages not in ("last", "all", "none"):
             raise UserError(f"--me-stages must be last, all or none, got '{me_stages}'")
         cfg = replace(cfg, me_stages=me_stages, me=cfg.me and me_stages != "none")
+    if sfa_levels is not None:
+        cfg = replace(cfg, sfa_levels=parse_sfa_levels(sfa_levels))
+    if kd_warmup is not None:
+        if int(kd_warmup) < 0:
+            raise UserError(
+                f"--kd-warmup must be 0 (off) or a number of iterations, got {kd_warmup}"
+            )
+        cfg = replace(cfg, kd_warmup=int(kd_warmup))
     numeric = {"alpha": alpha, "beta": beta, "gamma": gamma}
     cfg = replace(cfg, **{k: float(v) for k, v in numeric.items() if v is not None})
     dfm = {"lambda_s": lambda_s, "lambda_c": lambda_c, "tau": tau, "rule": mask_rule}
@@ -185,6 +206,19 @@ def method_config(
     return cfg
 
 
+def parse_sfa_levels(value: str | int) -> int | None:
+    """``--sfa-levels``: ``all`` (None) or N ≥ 1, the N finest levels shared by both sides."""
+    text = str(value).strip().lower()
+    if text == "all":
+        return None
+    if not text.isdigit() or int(text) < 1:
+        raise UserError(
+            f"--sfa-levels must be 'all' or a positive number of finest levels (3: P3-P5 of a "
+            f"RetinaNet student, the paper's 'P1 to P3'), got '{value}'"
+        )
+    return int(text)
+
+
 def stage_has_me(cfg: MethodConfig, stage: int, num_stages: int) -> bool:
     """Whether stage ``stage`` (0-based) adds L_ME: the last, or all with ``--me-stages all``."""
     if not cfg.me:
@@ -206,7 +240,13 @@ def build_stage_losses(
     """
     from torch import nn
 
-    from dfmsd_cli.distill.losses import DualMaskingLoss, FGDLoss, MGDLoss, SFALoss
+    from dfmsd_cli.distill.losses import (
+        DualMaskingLoss,
+        FGDLoss,
+        MGDLoss,
+        SFALoss,
+        finest_levels,
+    )
 
     builders = {"dfm": DualMaskingLoss, "mgd": MGDLoss, "pkd": SFALoss, "fgd": FGDLoss}
     mods: dict[str, nn.Module] = {}
@@ -214,8 +254,10 @@ def build_stage_losses(
         mods["stage"] = builders[cfg.stage_loss](
             levels, student_channels, teacher_channels, **cfg.loss_kwargs
         )
-    if with_me:
-        mods["me"] = DualMaskingLoss(levels, student_channels, teacher_channels, **cfg.loss_kwargs)
-    if cfg.sfa:
-        mods["sfa"] = SFALoss(levels, student_channels, teacher_channels)
+    if with_me:  # Eq. 8: a mean per level (L_stage keeps Eq. 7's sum / B)
+        kw = {**cfg.loss_kwargs, "reduction": "mean"}
+        mods["me"] = DualMaskingLoss(levels, student_channels, teacher_channels, **kw)
+    if cfg.sfa:  # Eq. 5: the average over the finest shared levels (Table 9: P1-P3)
+        sfa_levels = finest_levels(levels, cfg.sfa_levels)
+        mods["sfa"] = SFALoss(sfa_levels, student_channels, teacher_channels, average=True)
     return nn.ModuleDict(mods)

@@ -19,6 +19,7 @@ class DistillModel(nn.Module):
         self.student = student
         self.losses = losses
         self.cfg = cfg
+        self.kd_scale = 1.0  # --kd-warmup: the engine ramps this from ~0 to 1 (every KD term)
 
     def forward(
         self,
@@ -44,10 +45,10 @@ class DistillModel(nn.Module):
             term = self.losses["stage"](
                 feats, teacher["features"], teacher["valid"], _stats(teacher), targets
             )
-            losses["loss_kd"] = cfg.alpha * term
+            losses["loss_kd"] = self.kd_scale * cfg.alpha * term
         if "sfa" in self.losses:
             term = self.losses["sfa"](feats, teacher["features"], teacher["valid"])
-            losses["loss_sfa"] = cfg.gamma * term
+            losses["loss_sfa"] = self.kd_scale * cfg.gamma * term
         if part == "all":
             losses.update(self._me_loss(me_images, teacher_me))
         return losses
@@ -64,7 +65,7 @@ class DistillModel(nn.Module):
         term = self.losses["me"](
             me_feats, teacher_me["features"], teacher_me["valid"], _stats(teacher_me)
         )
-        return {"loss_me": self.cfg.beta * term}
+        return {"loss_me": self.kd_scale * self.cfg.beta * term}
 
 
 def _stats(t: dict) -> dict:
