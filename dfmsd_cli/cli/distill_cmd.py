@@ -43,6 +43,15 @@ def distill_cmd(
     no_sal: bool = typer.Option(False, "--no-sal", help="dfmsd: one stage, the last teacher."),
     no_me: bool = typer.Option(False, "--no-me", help="dfmsd: no masking-enhancement loss."),
     no_sfa: bool = typer.Option(False, "--no-sfa", help="dfmsd: no semantic feature alignment."),
+    adv: bool | None = typer.Option(
+        None,
+        "--adv/--no-adv",
+        help="dfmsd: L_adv on the stored adversarial view in the last stage (default: when the "
+        "store has it; --adv requires it, --no-adv is the ablation).",
+    ),
+    adv_weight: float | None = typer.Option(
+        None, "--adv-weight", help="dfmsd: weight of L_adv (default: β's default)."
+    ),
     me_stages: str = typer.Option(
         "last", "--me-stages", help="dfmsd: stages with L_ME: last, all or none."
     ),
@@ -134,6 +143,8 @@ def distill_cmd(
         sal=not no_sal,
         me=not no_me,
         sfa=not no_sfa,
+        adv=adv,
+        adv_weight=adv_weight,
         me_stages=me_stages,
         alpha=alpha,
         beta=beta,

@@ -75,6 +75,8 @@ class DistillOptions:
     sal: bool = True
     me: bool = True
     sfa: bool = True
+    adv: bool | None = None  # None: L_adv when the last store has the 'adv' view
+    adv_weight: float | None = None
     me_stages: str = "last"
     alpha: float | None = None
     beta: float | None = None
@@ -114,6 +116,8 @@ def resolve_method(opts: DistillOptions) -> MethodConfig:
         sal=(opts.sal if is_dfmsd else None),
         me=(opts.me if is_dfmsd else None),
         sfa=(opts.sfa if is_dfmsd else None),
+        adv=(opts.adv if is_dfmsd else None),
+        adv_weight=opts.adv_weight,
         me_stages=(opts.me_stages if is_dfmsd else None),
         alpha=opts.alpha,
         beta=opts.beta,
@@ -154,6 +158,10 @@ def distill(opts: DistillOptions) -> dict[str, Any]:
     from dfmsd_cli.utils.io import sha256_file
 
     cfg = resolve_method(opts)
+    if opts.online and cfg.adv_required:
+        raise UserError(
+            "--adv replays perturbations stored by precompute: drop --online or drop --adv"
+        )
     plans = plan_stages(cfg, list(opts.stages), list(opts.epochs))
     if opts.batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {opts.batch_size}")
@@ -194,6 +202,7 @@ def distill(opts: DistillOptions) -> dict[str, Any]:
                 student_strides=tuple(student.strides),
                 want_views=("orig", "hflip") if opts.flip else ("orig",),
                 warn=console.print if dist_info.is_main else (lambda *_: None),
+                adv_required=cfg.adv_required,
             )
 
     resuming = False
@@ -291,10 +300,16 @@ def _run_stage(
         strides=tuple(ss.levels) if ss is not None else None,
         me=ss.me if ss is not None else False,
         keep_raw=online is not None and online.me,
+        adv=ss.adv if ss is not None else False,
     )
     if ss is not None:
         losses = build_stage_losses(
-            cfg, ss.levels, student.out_channels, ss.store.meta.channels, with_me=ss.me
+            cfg,
+            ss.levels,
+            student.out_channels,
+            ss.store.meta.channels,
+            with_me=ss.me,
+            with_adv=ss.adv,
         ).to(device)
     elif online is not None:
         losses = build_stage_losses(

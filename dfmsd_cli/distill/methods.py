@@ -31,6 +31,9 @@ from typing import Any
 
 from dfmsd_cli.errors import UserError, suggest
 
+# β of L_ME (Eq. 8's per-level mean); also the default weight of L_adv. See docs/method.md's
+# β sweep for how it was chosen.
+DFMSD_BETA = 2.5e-5
 METHODS: tuple[str, ...] = ("dfmsd", "dmkd", "mgd", "pkd", "fgd", "none")
 ONE_STAGE_HEADS = ("retina", "fcos", "gfl", "atss")
 TWO_STAGE_HEADS = ("frcnn", "mrcnn", "cmr", "crcnn")
@@ -57,6 +60,9 @@ class MethodConfig:
     me_stages: str = "last"
     sfa_levels: int | None = 3  # the N finest shared levels SFA aligns (None: all); Table 9
     kd_warmup: int = 0  # iterations of linear warm-up of every distillation weight (0: off)
+    adv: bool = False  # L_adv in the last stage when its store has the 'adv' view
+    adv_required: bool = False  # --adv: a last-stage store without the 'adv' view is an error
+    adv_weight: float = 0.0
     loss_kwargs: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -72,6 +78,8 @@ class MethodConfig:
             parts.append(f"L_{self.stage_loss} α={self.alpha:g}")
         if self.me:
             parts.append(f"L_ME β={self.beta:g} ({self.me_stages} stage(s))")
+        if self.adv:
+            parts.append(f"L_adv w={self.adv_weight:g} (last stage, if stored)")
         if self.sfa:
             lv = "all levels" if self.sfa_levels is None else f"{self.sfa_levels} finest levels"
             parts.append(f"L_SFA γ={self.gamma:g} ({lv})")
@@ -103,6 +111,8 @@ def method_config(
     sal: bool | None = None,
     me: bool | None = None,
     sfa: bool | None = None,
+    adv: bool | None = None,
+    adv_weight: float | None = None,
     me_stages: str | None = None,
     alpha: float | None = None,
     beta: float | None = None,
@@ -127,7 +137,17 @@ def method_config(
     one = family == "one_stage"
     if method == "dfmsd":
         cfg = MethodConfig(
-            method, family, "dfm", alpha=5e-5, beta=2.5e-5, gamma=6.0, sal=True, me=True, sfa=True
+            method,
+            family,
+            "dfm",
+            alpha=5e-5,
+            beta=DFMSD_BETA,
+            gamma=6.0,
+            sal=True,
+            me=True,
+            sfa=True,
+            adv=True,
+            adv_weight=DFMSD_BETA,
         )
     elif method == "dmkd":
         cfg = MethodConfig(method, family, "dfm", alpha=5e-5)
@@ -161,7 +181,7 @@ def method_config(
             cfg, loss_kwargs={"lambda_s": 0.65, "lambda_c": 0.5, "tau": 0.5, "rule": "sample"}
         )
 
-    for flag, value in (("sal", sal), ("me", me), ("sfa", sfa)):
+    for flag, value in (("sal", sal), ("me", me), ("sfa", sfa), ("adv", adv)):
         if value is None:
             continue
         if value and not getattr(cfg, flag):
@@ -169,6 +189,12 @@ def method_config(
                 f"--{flag} is part of --method dfmsd only: drop it or use --method dfmsd"
             )
         cfg = replace(cfg, **{flag: bool(value)})
+    if adv:
+        cfg = replace(cfg, adv_required=True)
+    if adv_weight is not None:
+        if not cfg.adv:
+            raise UserError("--adv-weight weights dfmsd's adversarial-view loss: drop it here")
+        cfg = replace(cfg, adv_weight=float(adv_weight))
     if me_stages is not None:
         if me_stages not in ("last", "all", "none"):
             raise UserError(f"--me-stages must be last, all or none, got '{me_stages}'")
@@ -219,6 +245,11 @@ def parse_sfa_levels(value: str | int) -> int | None:
     return int(text)
 
 
+def stage_has_adv(cfg: MethodConfig, stage: int, num_stages: int) -> bool:
+    """Whether stage ``stage`` (0-based) adds L_adv: the last one (as ME's best setting)."""
+    return cfg.adv and stage == num_stages - 1
+
+
 def stage_has_me(cfg: MethodConfig, stage: int, num_stages: int) -> bool:
     """Whether stage ``stage`` (0-based) adds L_ME: the last, or all with ``--me-stages all``."""
     if not cfg.me:
@@ -232,6 +263,7 @@ def build_stage_losses(
     student_channels: int,
     teacher_channels: int,
     with_me: bool,
+    with_adv: bool = False,
 ):
     """The per-stage loss modules ``{"stage": ..., "me": ..., "sfa": ...}`` (those in use).
 
@@ -257,6 +289,9 @@ def build_stage_losses(
     if with_me:  # Eq. 8: a mean per level (L_stage keeps Eq. 7's sum / B)
         kw = {**cfg.loss_kwargs, "reduction": "mean"}
         mods["me"] = DualMaskingLoss(levels, student_channels, teacher_channels, **kw)
+    if with_adv:  # its own DFM modules, Eq. 8's reduction as L_ME
+        kw = {**cfg.loss_kwargs, "reduction": "mean"}
+        mods["adv"] = DualMaskingLoss(levels, student_channels, teacher_channels, **kw)
     if cfg.sfa:  # Eq. 5: the average over the finest shared levels (Table 9: P1-P3)
         sfa_levels = finest_levels(levels, cfg.sfa_levels)
         mods["sfa"] = SFALoss(sfa_levels, student_channels, teacher_channels, average=True)

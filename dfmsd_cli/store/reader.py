@@ -251,8 +251,24 @@ class TeacherStore:
             ),
             "area_ratio": float(self._array(f"area_ratio/{view}")[index]),
             "enhance": self.enhance_params(index) if view == "me" else None,
+            "adversarial": self.adversarial(index) if view == "adv" else None,
         }
         return out
+
+    def adversarial(self, index: int) -> dict:
+        """The stored perturbation of image ``index``: ``delta`` int8 (3, h, w) (resized image
+        size, un-transposed) and the input ``checksum`` (``dfmsd_cli.data.adversarial``)."""
+        sm = self.small()
+        h, w = (int(x) for x in sm["size"][index])
+        transposed = bool(sm["transposed"][index])
+        sh, sw = (w, h) if transposed else (h, w)
+        delta = torch.from_numpy(np.asarray(self._array("adv/delta")[index, :, :sh, :sw]))
+        if transposed:
+            delta = delta.transpose(-1, -2)
+        return {
+            "delta": delta.contiguous(),
+            "checksum": int(self._array("adv/checksum")[index]),
+        }
 
     def enhance_params(self, index: int) -> dict:
         """The stored ME choice of image ``index`` (see ``dfmsd_cli.data.enhance``)."""

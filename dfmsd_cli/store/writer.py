@@ -77,6 +77,7 @@ class StoreSpec:
     topk: int = 100
     score_thr: float = 0.3
     enhance: dict | None = None
+    adv: dict | None = None  # AdvConfig.to_dict() when the store has the 'adv' view
     codec: str = "blosc"
     weights_path: str | None = None
     categories: list[dict] | None = None
@@ -124,6 +125,7 @@ class StoreSpec:
             "topk": int(self.topk),
             "score_thr": float(self.score_thr),
             "enhance": self.enhance,
+            "adv": self.adv,
             "dfmsd_version": __version__,
             "torch": torch.__version__,
             "zarr": zarr.__version__,
@@ -181,6 +183,10 @@ def _allocate(group: zarr.Group, a: dict, image_ids: list[int]) -> None:
     if "me" in a["views"]:
         arr("enhance/params", (n, 7), (b, 7), "float64")
         arr("enhance/checksum", (n,), (b,), "uint64")
+    if "adv" in a["views"]:  # δ of one image per chunk; ints in [-ε, ε] compress well
+        hi, wi = schema.level_shape(tuple(a["canvas"]), 1)
+        arr("adv/delta", (n, 3, hi, wi), (1, 3, hi, wi), "int8")
+        arr("adv/checksum", (n,), (b,), "uint64")
     group.attrs[schema.ATTR_KEY] = a
 
 
@@ -237,6 +243,7 @@ class ImageResult:
     pad_size: tuple[int, int]  # own padded (H, W)
     views: dict[str, ViewResult]
     enhance: dict | None = None  # {"params": float64 (7,), "checksum": int}
+    adv: dict | None = None  # {"delta": int8 (3, h, w), "checksum": int}
 
 
 def attention_stats(f: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -317,6 +324,12 @@ class StoreWriter:
                 sp, ch = attention_stats(f)
                 self._a(f"att_s/{v}/{s}")[i] = _place(sp.numpy(), hc, wc, transposed)
                 rows[f"att_c/{v}/{s}"] = ch.numpy()
+        if "adv" in a["views"]:
+            if r.adv is None:
+                raise ValueError(f"image {i}: the store has an 'adv' view but no perturbation")
+            hi, wi = schema.level_shape(tuple(a["canvas"]), 1)
+            delta = np.asarray(r.adv["delta"], dtype=np.int8)
+            self._a("adv/delta")[i] = _place(delta, hi, wi, transposed)
         return rows
 
     def finish(self, r: ImageResult, rows: dict[str, np.ndarray]) -> None:
@@ -352,6 +365,8 @@ class StoreWriter:
                 raise ValueError(f"image {i}: the store has an 'me' view but no enhancement params")
             self._a("enhance/params")[i] = np.asarray(r.enhance["params"], dtype=np.float64)
             self._a("enhance/checksum")[i] = np.uint64(r.enhance["checksum"])
+        if "adv" in a["views"]:
+            self._a("adv/checksum")[i] = np.uint64(r.adv["checksum"])
         self._a("done")[i] = schema.DONE_OK  # last: the image is complete only now
 
     def write(self, r: ImageResult) -> None:
