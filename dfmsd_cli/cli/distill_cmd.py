@@ -58,7 +58,7 @@ def distill_cmd(
     alpha: float | None = typer.Option(
         None, "--alpha", help="Weight of the stage loss (default per method and student family)."
     ),
-    beta: float | None = typer.Option(None, "--beta", help="Weight of L_ME (dfmsd: 2.5e-5)."),
+    beta: float | None = typer.Option(None, "--beta", help="Weight of L_ME (dfmsd: 0.25)."),
     gamma: float | None = typer.Option(None, "--gamma", help="Weight of L_SFA (dfmsd: 6)."),
     lambda_s: float | None = typer.Option(
         None, "--lambda-s", help="Dual masking: fraction of valid cells masked (0.65)."
