@@ -9,10 +9,14 @@
 #   JOBS=N    runs at once (default: 2, one thread each; use 1 on a GPU)
 #   EPOCHS=E  epochs per SAL stage (default 5: the demo's 5,5); single-stage runs get 2E
 #   SCALE=W,H the demo's --img-scale (default 320,256)
+#   ADV_EPS=E ADV_STEPS=K  the adversarial view of the `dfmsd-adv` row (default 4 grey levels,
+#             1 step = FGSM): the stronger teacher is precomputed once more, with --adv-eps, into
+#             DEMO/cache-adv (the weaker teacher's store is linked, not recomputed)
 # Same recipe for every run (the demo's): batch 4, lr 0.02, 50 warm-up iterations, 320x256,
 # the same total epochs (10): SAL runs 5+5 over both teachers, single-stage methods run 10
 # epochs with the stronger teacher (gfl_tiny), `none` is the student alone.
-# Cost: 27 runs of 480 optimizer steps (0.45-0.85 CPU-s each on this 2-core CPU): ~75 min.
+# Rows `fgd-warmup` (FGD with --kd-warmup 100) and `dfmsd-adv` (DFMSD + L_adv) are issue 12's.
+# Cost: 33 runs of 480 optimizer steps (0.45-0.85 CPU-s each on this 2-core CPU): ~90 min.
 # Rerunning resumes: finished runs are kept. Multi-GPU form of every run:
 #   torchrun --nproc_per_node=N $(which dfmsd) distill ...
 set -euo pipefail
@@ -31,6 +35,21 @@ export OUT
 mkdir -p "$OUT"
 start=$(date +%s)
 
+# the adversarial view: the stronger teacher's store again, with the 'adv' view added
+ADVCACHE=$DEMO/cache-adv
+mkdir -p "$ADVCACHE"
+ln -sfn "$(cd "$DEMO/cache/$WEAK" && pwd)" "$ADVCACHE/$WEAK"
+read -r TW TSEED < <(python - "$DEMO/cache/$STRONG/train2017.zarr/zarr.json" <<'PY'
+import json, sys
+a = json.load(open(sys.argv[1]))["attributes"]["dfmsd"]
+print(a["weights"]["path"], (a.get("enhance") or {}).get("seed", 0))
+PY
+)
+dfmsd precompute --teacher "$STRONG" --weights "$TW" --data "$DEMO/data" --cache "$ADVCACHE" \
+  --views orig,hflip --enhance-from "$WEAK" --seed "$TSEED" --img-scale "${SCALE:-320,256}" \
+  --batch-size 4 --num-workers 0 --adv-eps "${ADV_EPS:-4}" --adv-steps "${ADV_STEPS:-1}" \
+  > "$OUT/precompute-adv.log" 2>&1 || { echo "FAILED: adv precompute (see $OUT/precompute-adv.log)"; exit 1; }
+
 jobs_file="$OUT/jobs.txt"
 : > "$jobs_file"
 for s in $SEEDS; do
@@ -39,11 +58,13 @@ none $s --method none --epochs $E2
 mgd $s --method mgd --stages $STRONG --epochs $E2
 pkd $s --method pkd --stages $STRONG --epochs $E2
 fgd $s --method fgd --stages $STRONG --epochs $E2
+fgd-warmup $s --method fgd --stages $STRONG --epochs $E2 --kd-warmup 100
 dmkd $s --method dmkd --stages $STRONG --epochs $E2
 dfmsd $s --method dfmsd --stages $WEAK,$STRONG --epochs $E,$E
 dfmsd-no-sal $s --method dfmsd --stages $WEAK,$STRONG --epochs $E2 --no-sal
 dfmsd-no-me $s --method dfmsd --stages $WEAK,$STRONG --epochs $E,$E --no-me
 dfmsd-no-sfa $s --method dfmsd --stages $WEAK,$STRONG --epochs $E,$E --no-sfa
+dfmsd-adv $s --method dfmsd --stages $WEAK,$STRONG --epochs $E,$E --adv --cache $ADVCACHE
 EOF
 done
 

@@ -13,10 +13,11 @@ import sys
 from pathlib import Path
 
 COLUMNS = ("mAP", "APs", "APm", "APl", "mAR")
-ORDER = ("none", "mgd", "pkd", "fgd", "dmkd", "dfmsd", "dfmsd-no-sal", "dfmsd-no-me",
-         "dfmsd-no-sfa")  # fmt: skip
+ORDER = ("none", "mgd", "pkd", "fgd", "fgd-warmup", "dmkd", "dfmsd", "dfmsd-no-sal",
+         "dfmsd-no-me", "dfmsd-no-sfa", "dfmsd-adv")  # fmt: skip
 LABEL = {"none": "student alone", "dfmsd-no-sal": "DFMSD w/o SAL", "dfmsd-no-me": "DFMSD w/o ME",
-         "dfmsd-no-sfa": "DFMSD w/o SFA", "dfmsd": "DFMSD"}  # fmt: skip
+         "dfmsd-no-sfa": "DFMSD w/o SFA", "dfmsd": "DFMSD", "fgd-warmup": "FGD + KD warm-up",
+         "dfmsd-adv": "DFMSD + adv view"}  # fmt: skip
 
 
 def final_metrics(run: Path) -> dict[str, float] | None:

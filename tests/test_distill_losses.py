@@ -262,7 +262,7 @@ def test_method_defaults_per_family_and_overrides():
     one = method_config("dfmsd", "retina_r50")
     assert (one.alpha, one.beta, one.gamma, one.sal, one.me, one.sfa) == (
         5e-5,
-        2.5e-5,
+        0.25,
         6.0,
         True,
         True,

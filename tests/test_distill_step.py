@@ -75,3 +75,40 @@ def test_two_pass_step_equals_one_backward_of_the_sum():
     total = float(total.detach())
     assert abs(values["loss"] - total) < 1e-4 * total
     assert abs(values["loss_me"] - float(losses["loss_me"].detach())) < 1e-6 * total
+
+
+def test_three_pass_step_with_adv_equals_one_backward_of_the_sum():
+    from dfmsd_cli.distill.methods import build_stage_losses, method_config
+    from dfmsd_cli.distill.model import DistillModel
+
+    model = _model()
+    torch.manual_seed(0)
+    cfg = method_config("dfmsd", "retina_tiny", adv_weight=0.5)
+    channels = model.student.out_channels
+    losses = build_stage_losses(cfg, list(LEVELS), channels, 32, with_me=True, with_adv=True)
+    model = DistillModel(model.student, losses, cfg).train()
+    batch = _batch()
+    batch["teacher_adv"] = {
+        k: {s: v * 2.0 for s, v in d.items()} for k, d in batch["teacher"].items()
+    }
+    batch["teacher_adv"]["valid"] = batch["teacher"]["valid"]
+    batch["adv_images"] = batch["images"] + 0.05
+    torch.manual_seed(3)
+    out = model(
+        batch["images"], batch["image_sizes"], batch["targets"], batch["teacher"],
+        batch["me_images"], batch["teacher_me"], adv_images=batch["adv_images"],
+        teacher_adv=batch["teacher_adv"],
+    )  # fmt: skip
+    assert set(out) >= {"loss_kd", "loss_sfa", "loss_me", "loss_adv"}
+    sum(out.values()).backward()
+    expected = _grads(model)
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(3)
+    scaler = torch.amp.GradScaler("cuda", enabled=False)
+    values, _ = train_step(model, batch, torch.device("cpu"), False, scaler)
+    got = _grads(model)
+    assert set(got) == set(expected)
+    assert any(got[n].abs().sum() > 0 for n in got if n.startswith("losses.adv."))
+    for n in expected:
+        torch.testing.assert_close(got[n], expected[n], rtol=1e-4, atol=1e-6, msg=n)
+    assert abs(values["loss_adv"] - float(out["loss_adv"].detach())) < 1e-5

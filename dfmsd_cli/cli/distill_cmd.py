@@ -43,13 +43,22 @@ def distill_cmd(
     no_sal: bool = typer.Option(False, "--no-sal", help="dfmsd: one stage, the last teacher."),
     no_me: bool = typer.Option(False, "--no-me", help="dfmsd: no masking-enhancement loss."),
     no_sfa: bool = typer.Option(False, "--no-sfa", help="dfmsd: no semantic feature alignment."),
+    adv: bool | None = typer.Option(
+        None,
+        "--adv/--no-adv",
+        help="dfmsd: L_adv on the stored adversarial view in the last stage (default: when the "
+        "store has it; --adv requires it, --no-adv is the ablation).",
+    ),
+    adv_weight: float | None = typer.Option(
+        None, "--adv-weight", help="dfmsd: weight of L_adv (default: β's default)."
+    ),
     me_stages: str = typer.Option(
         "last", "--me-stages", help="dfmsd: stages with L_ME: last, all or none."
     ),
     alpha: float | None = typer.Option(
         None, "--alpha", help="Weight of the stage loss (default per method and student family)."
     ),
-    beta: float | None = typer.Option(None, "--beta", help="Weight of L_ME (dfmsd: 2.5e-5)."),
+    beta: float | None = typer.Option(None, "--beta", help="Weight of L_ME (dfmsd: 0.25)."),
     gamma: float | None = typer.Option(None, "--gamma", help="Weight of L_SFA (dfmsd: 6)."),
     lambda_s: float | None = typer.Option(
         None, "--lambda-s", help="Dual masking: fraction of valid cells masked (0.65)."
@@ -60,6 +69,18 @@ def distill_cmd(
     tau: float | None = typer.Option(None, "--tau", help="Attention temperature (0.5)."),
     mask_rule: str | None = typer.Option(
         None, "--mask-rule", help="Mask selection: sample (∝ attention), top, or random."
+    ),
+    sfa_levels: str | None = typer.Option(
+        None,
+        "--sfa-levels",
+        help="dfmsd: SFA on the N finest shared levels, averaged (Eq. 5; default 3, the "
+        "paper's P1-P3), or 'all'.",
+    ),
+    kd_warmup: int | None = typer.Option(
+        None,
+        "--kd-warmup",
+        help="Ramp every distillation weight linearly from 0 over the first N iterations of "
+        "each stage (0: off, the default).",
     ),
     split: str = typer.Option("train2017", "--split", help="Training split (the stores' split)."),
     val_split: str = typer.Option("val2017", "--val-split", help="Split evaluated after stages."),
@@ -122,6 +143,8 @@ def distill_cmd(
         sal=not no_sal,
         me=not no_me,
         sfa=not no_sfa,
+        adv=adv,
+        adv_weight=adv_weight,
         me_stages=me_stages,
         alpha=alpha,
         beta=beta,
@@ -130,6 +153,8 @@ def distill_cmd(
         lambda_c=lambda_c,
         tau=tau,
         mask_rule=mask_rule,
+        sfa_levels=sfa_levels,
+        kd_warmup=kd_warmup,
         batch_size=batch_size,
         lr=lr,
         warmup_iters=warmup_iters,

@@ -66,6 +66,15 @@ def precompute_cmd(
     enhance_sigma: float = typer.Option(10.0, "--enhance-sigma", help="Noise σ (0–255 scale)."),
     crop_min: float = typer.Option(0.05, "--crop-min", help="Smallest edge-crop fraction."),
     crop_max: float = typer.Option(0.2, "--crop-max", help="Largest edge-crop fraction."),
+    adv_eps: int = typer.Option(
+        0,
+        "--adv-eps",
+        help="Adversarial view 'adv': budget ε in grey levels (1..127; 0: no such view). "
+        "The perturbation maximises the teacher's detection loss on the ground truth.",
+    ),
+    adv_steps: int = typer.Option(
+        1, "--adv-steps", help="Adversarial view: 1 = FGSM, N > 1 = PGD with N sign steps."
+    ),
     img_scale: str = typer.Option("1333,800", "--img-scale", help="Resize bound LONG,SHORT."),
     batch_size: int = typer.Option(2, "--batch-size", "-b", help="Images per teacher pass."),
     num_workers: int = typer.Option(2, "--num-workers", help="DataLoader decode workers."),
@@ -100,6 +109,7 @@ def precompute_cmd(
     options = dict(locals())
     from rich.table import Table
 
+    from dfmsd_cli.data.adversarial import AdvConfig
     from dfmsd_cli.data.enhance import EnhanceConfig
     from dfmsd_cli.data.loader import resolve_data
     from dfmsd_cli.store.precompute import PrecomputeOptions, precompute
@@ -125,6 +135,7 @@ def precompute_cmd(
             crop_max=crop_max,
             seed=seed,
         ),
+        adv=AdvConfig(eps=adv_eps, steps=adv_steps, seed=seed) if adv_eps else None,
         geometry=Geometry(img_scale=parse_img_scale(img_scale)),
         batch_size=batch_size,
         num_workers=num_workers,

@@ -20,7 +20,7 @@ from torch.utils.data import Dataset
 
 from dfmsd_cli.data.geometry import normalize, pad_batch
 
-_TEACHER_KEYS = ("teacher", "teacher_me", "me_image")
+_TEACHER_KEYS = ("teacher", "teacher_me", "me_image", "teacher_adv", "adv_image")
 
 
 class DistillDataset(Dataset):
@@ -37,6 +37,7 @@ class DistillDataset(Dataset):
         me: bool = False,
         verify_me: bool = True,
         keep_raw: bool = False,
+        adv: bool = False,
     ) -> None:
         self.coco = coco
         self.store = store
@@ -44,8 +45,9 @@ class DistillDataset(Dataset):
         self.strides = tuple(strides) if strides else None
         self.me = bool(me and store is not None)
         self.verify_me = verify_me
+        self.adv = bool(adv and store is not None)
         self.keep_raw = keep_raw  # --online ME: the raw batch goes to the online teachers
-        coco.keep_raw = self.me or keep_raw
+        coco.keep_raw = self.me or self.adv or keep_raw
 
     @property
     def views(self) -> tuple[str, ...]:
@@ -74,6 +76,15 @@ class DistillDataset(Dataset):
             enhanced = regenerate(raw, t_me["enhance"], verify=self.verify_me)
             sample["me_image"] = normalize(enhanced, self.coco.geometry)
             sample["teacher_me"] = t_me
+        if self.adv:  # the stored δ on the original orientation (precompute attacked that)
+            from dfmsd_cli.data.adversarial import regenerate as replay_adv
+
+            raw = sample["raw"] if sample["view"] == "orig" else sample["raw"].flip(-1)
+            t_adv = self.store.get(row, "adv", strides=self.strides)
+            a = t_adv["adversarial"]
+            x = replay_adv(raw, a["delta"], a["checksum"], verify=self.verify_me)
+            sample["adv_image"] = normalize(x, self.coco.geometry)
+            sample["teacher_adv"] = t_adv
         sample.pop("raw", None)
         return sample
 
@@ -98,6 +109,12 @@ def collate_distill(samples: list[dict | None], pad_divisor: int = 32) -> dict |
         if tuple(me_images.shape[-2:]) != hw:  # same sizes as the originals by construction
             raise RuntimeError(f"ME batch {tuple(me_images.shape)} != image batch {hw}")
         batch["me_images"] = me_images
+    if "teacher_adv" in extra[0]:
+        batch["teacher_adv"] = collate_teacher([e["teacher_adv"] for e in extra], hw)
+        adv_images = pad_batch([e["adv_image"] for e in extra], pad_divisor)
+        if tuple(adv_images.shape[-2:]) != hw:
+            raise RuntimeError(f"adv batch {tuple(adv_images.shape)} != image batch {hw}")
+        batch["adv_images"] = adv_images
     return batch
 
 

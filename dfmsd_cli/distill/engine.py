@@ -75,6 +75,8 @@ class DistillOptions:
     sal: bool = True
     me: bool = True
     sfa: bool = True
+    adv: bool | None = None  # None: L_adv when the last store has the 'adv' view
+    adv_weight: float | None = None
     me_stages: str = "last"
     alpha: float | None = None
     beta: float | None = None
@@ -83,6 +85,8 @@ class DistillOptions:
     lambda_c: float | None = None
     tau: float | None = None
     mask_rule: str | None = None
+    sfa_levels: str | None = None  # dfmsd: 'all' or N finest shared levels (default 3)
+    kd_warmup: int | None = None  # linear warm-up of the distillation weights (iterations)
     batch_size: int = 2
     lr: float = 0.01
     warmup_iters: int = 500
@@ -112,6 +116,8 @@ def resolve_method(opts: DistillOptions) -> MethodConfig:
         sal=(opts.sal if is_dfmsd else None),
         me=(opts.me if is_dfmsd else None),
         sfa=(opts.sfa if is_dfmsd else None),
+        adv=(opts.adv if is_dfmsd else None),
+        adv_weight=opts.adv_weight,
         me_stages=(opts.me_stages if is_dfmsd else None),
         alpha=opts.alpha,
         beta=opts.beta,
@@ -120,6 +126,8 @@ def resolve_method(opts: DistillOptions) -> MethodConfig:
         lambda_c=opts.lambda_c,
         tau=opts.tau,
         mask_rule=opts.mask_rule,
+        sfa_levels=(opts.sfa_levels if is_dfmsd else None),
+        kd_warmup=opts.kd_warmup,
     )
 
 
@@ -151,6 +159,10 @@ def distill(opts: DistillOptions) -> dict[str, Any]:
     from dfmsd_cli.utils.io import sha256_file
 
     cfg = resolve_method(opts)
+    if opts.online and cfg.adv_required:
+        raise UserError(
+            "--adv replays perturbations stored by precompute: drop --online or drop --adv"
+        )
     plans = plan_stages(cfg, list(opts.stages), list(opts.epochs))
     if opts.batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {opts.batch_size}")
@@ -191,6 +203,7 @@ def distill(opts: DistillOptions) -> dict[str, Any]:
                 student_strides=tuple(student.strides),
                 want_views=("orig", "hflip") if opts.flip else ("orig",),
                 warn=console.print if dist_info.is_main else (lambda *_: None),
+                adv_required=cfg.adv_required,
             )
 
     resuming = False
@@ -293,10 +306,16 @@ def _run_stage(
         strides=tuple(ss.levels) if ss is not None else None,
         me=ss.me if ss is not None else False,
         keep_raw=online is not None and online.me,
+        adv=ss.adv if ss is not None else False,
     )
     if ss is not None:
         losses = build_stage_losses(
-            cfg, ss.levels, student.out_channels, ss.store.meta.channels, with_me=ss.me
+            cfg,
+            ss.levels,
+            student.out_channels,
+            ss.store.meta.channels,
+            with_me=ss.me,
+            with_adv=ss.adv,
         ).to(device)
     elif online is not None:
         losses = build_stage_losses(
@@ -383,6 +402,7 @@ def _run_stage(
                     continue
                 lr = schedule.apply(optimizer, iteration, epoch)
                 optimizer.zero_grad(set_to_none=True)
+                model.kd_scale = kd_warmup_factor(iteration, cfg.kd_warmup)
                 values, loss = train_step(ddp_model, batch, device, use_amp, scaler, online)
                 if not torch.isfinite(loss):
                     last = ctx.out / "last.pth"
@@ -477,6 +497,14 @@ def _run_stage(
                 ctx.log.write({"phase": "val", "stage": plan.index + 1, **result["val"]})
     barrier(dist_info)
     return result
+
+
+def kd_warmup_factor(iteration: int, warmup: int) -> float:
+    """The factor on every distillation weight at 0-based ``iteration`` of a stage: a linear
+    ramp ``min(1, (iteration + 1) / warmup)``, 1 when ``warmup`` is 0 (``--kd-warmup``)."""
+    if warmup <= 0:
+        return 1.0
+    return min(1.0, (iteration + 1) / warmup)
 
 
 __all__ = ["DistillModel", "DistillOptions", "distill", "resolve_method"]

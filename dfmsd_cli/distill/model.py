@@ -19,6 +19,7 @@ class DistillModel(nn.Module):
         self.student = student
         self.losses = losses
         self.cfg = cfg
+        self.kd_scale = 1.0  # --kd-warmup: the engine ramps this from ~0 to 1 (every KD term)
 
     def forward(
         self,
@@ -29,12 +30,16 @@ class DistillModel(nn.Module):
         me_images: Tensor | None = None,
         teacher_me: dict | None = None,
         part: str = "all",
+        adv_images: Tensor | None = None,
+        teacher_adv: dict | None = None,
     ) -> dict[str, Tensor]:
-        """``part``: ``"all"``; or ``"main"`` (detection, stage loss, SFA) and ``"me"`` (L_ME
-        alone) for a step that back-propagates them one after the other (the engine does, so
-        the ME pass's activations are not held together with the main pass's)."""
+        """``part``: ``"all"``; or ``"main"`` (detection, stage loss, SFA), ``"me"`` (L_ME
+        alone) and ``"adv"`` (L_adv alone) for a step that back-propagates them one after the
+        other (the engine does, so the passes' activations are never held together)."""
         if part == "me":
             return self._me_loss(me_images, teacher_me)
+        if part == "adv":
+            return self.adv_loss(adv_images, teacher_adv)
         out = self.student(images, image_sizes, targets)
         losses = dict(out.losses)
         if teacher is None:
@@ -44,12 +49,13 @@ class DistillModel(nn.Module):
             term = self.losses["stage"](
                 feats, teacher["features"], teacher["valid"], _stats(teacher), targets
             )
-            losses["loss_kd"] = cfg.alpha * term
+            losses["loss_kd"] = self.kd_scale * cfg.alpha * term
         if "sfa" in self.losses:
             term = self.losses["sfa"](feats, teacher["features"], teacher["valid"])
-            losses["loss_sfa"] = cfg.gamma * term
+            losses["loss_sfa"] = self.kd_scale * cfg.gamma * term
         if part == "all":
             losses.update(self._me_loss(me_images, teacher_me))
+            losses.update(self.adv_loss(adv_images, teacher_adv))
         return losses
 
     @property
@@ -64,7 +70,22 @@ class DistillModel(nn.Module):
         term = self.losses["me"](
             me_feats, teacher_me["features"], teacher_me["valid"], _stats(teacher_me)
         )
-        return {"loss_me": self.cfg.beta * term}
+        return {"loss_me": self.kd_scale * self.cfg.beta * term}
+
+    @property
+    def has_adv(self) -> bool:
+        return "adv" in self.losses
+
+    def adv_loss(self, adv_images: Tensor | None, teacher_adv: dict | None) -> dict[str, Tensor]:
+        """w_adv·L_adv: the student's backbone+FPN on the stored adversarial input vs the
+        teacher's stored features on it (DFM, Eq. 8's mean reduction; docs/method.md)."""
+        if not self.has_adv or adv_images is None or teacher_adv is None:
+            return {}
+        feats = self.student.extract_features(adv_images)
+        term = self.losses["adv"](
+            feats, teacher_adv["features"], teacher_adv["valid"], _stats(teacher_adv)
+        )
+        return {"loss_adv": self.kd_scale * self.cfg.adv_weight * term}
 
 
 def _stats(t: dict) -> dict:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dfmsd_cli.distill.losses.common import match_levels
-from dfmsd_cli.distill.methods import MethodConfig, stage_has_me
+from dfmsd_cli.distill.methods import MethodConfig, stage_has_adv, stage_has_me
 from dfmsd_cli.errors import UserError
 from dfmsd_cli.store.schema import DONE_OK
 
@@ -25,6 +25,7 @@ class StagePlan:
     teacher: str | None  # None: student alone (--method none)
     epochs: int
     me: bool  # add L_ME (if the store holds the 'me' view)
+    adv: bool = False  # add L_adv (if the store holds the 'adv' view)
 
     @property
     def tag(self) -> str:
@@ -53,7 +54,9 @@ def plan_stages(cfg: MethodConfig, teachers: list[str], epochs: list[int]) -> li
     if not cfg.sal:
         teachers, epochs = teachers[-1:], epochs[-1:]
     return [
-        StagePlan(k, t, e, stage_has_me(cfg, k, len(teachers)))
+        StagePlan(
+            k, t, e, stage_has_me(cfg, k, len(teachers)), stage_has_adv(cfg, k, len(teachers))
+        )
         for k, (t, e) in enumerate(zip(teachers, epochs, strict=True))
     ]
 
@@ -78,6 +81,7 @@ class StageStore:
     store_index: list[int]  # dataset image index -> store row
     me: bool  # the stage adds L_ME
     train_images: list[int]  # dataset image indices this stage trains on
+    adv: bool = False  # the stage adds L_adv
 
 
 def open_stage_store(
@@ -92,6 +96,7 @@ def open_stage_store(
     student_strides: tuple[int, ...],
     want_views: tuple[str, ...] = TRAIN_VIEWS,
     warn=print,
+    adv_required: bool = False,
 ) -> StageStore:
     """Open the stage's store and check it against the run; every mismatch is a UserError.
 
@@ -141,7 +146,13 @@ def open_stage_store(
             f"note: store {path} has no 'me' (masking-enhancement) view, stage {plan.index + 1} "
             "runs without L_ME; precompute it with --enhance-from WEAKER_TEACHER to enable ME"
         )
-    return StageStore(store, levels, views, store_index, me, keep)
+    adv = plan.adv and "adv" in store.meta.views
+    if plan.adv and adv_required and not adv:
+        raise UserError(
+            f"--adv: store {path} has no 'adv' (adversarial) view: precompute it with "
+            "--adv-eps GREY_LEVELS, or drop --adv"
+        )
+    return StageStore(store, levels, views, store_index, me, keep, adv)
 
 
 def run_geometry(
@@ -168,7 +179,7 @@ def print_plan(cfg: MethodConfig, plans, stores, opts, console) -> None:
     if opts.online and cfg.needs_store:
         console.print("--online: teachers run in the loop (no store is read)")
     table = Table(title="stages")
-    for col in ("stage", "teacher", "epochs", "levels", "views", "ME"):
+    for col in ("stage", "teacher", "epochs", "levels", "views", "ME", "adv"):
         table.add_column(col)
     for plan, ss in zip(plans, stores, strict=True):
         table.add_row(
@@ -178,5 +189,6 @@ def print_plan(cfg: MethodConfig, plans, stores, opts, console) -> None:
             ",".join(map(str, ss.levels)) if ss else "-",
             ",".join(ss.views) if ss else "orig,hflip" if opts.flip else "orig",
             "yes" if ss and ss.me else "no",
+            "yes" if ss and ss.adv else "no",
         )
     console.print(table)

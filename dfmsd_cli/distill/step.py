@@ -34,9 +34,16 @@ def train_step(
     teacher = teacher_to(batch["teacher"], device) if "teacher" in batch else None
     teacher_me = teacher_to(batch["teacher_me"], device) if "teacher_me" in batch else None
     me_images = batch["me_images"].to(device, non_blocking=True) if "me_images" in batch else None
+    teacher_adv = teacher_to(batch["teacher_adv"], device) if "teacher_adv" in batch else None
+    adv_images = batch["adv_images"].to(device) if "adv_images" in batch else None
     inner = getattr(model, "module", model)
-    two_pass = inner.has_me and me_images is not None and teacher_me is not None
-    passes = ["main", "me"] if two_pass else ["all"]
+    passes = ["main"]
+    if inner.has_me and me_images is not None and teacher_me is not None:
+        passes.append("me")
+    if getattr(inner, "has_adv", False) and adv_images is not None and teacher_adv is not None:
+        passes.append("adv")
+    if len(passes) == 1:
+        passes = ["all"]
     values: dict[str, float] = {}
     total = torch.zeros((), device=device)
     for k, part in enumerate(passes):
@@ -44,7 +51,8 @@ def train_step(
         with contextlib.nullcontext() if sync else model.no_sync():
             with torch.autocast(device.type, enabled=use_amp):
                 losses = model(images, batch["image_sizes"], targets, teacher, me_images,
-                               teacher_me, part=part)  # fmt: skip
+                               teacher_me, part=part, adv_images=adv_images,
+                               teacher_adv=teacher_adv)  # fmt: skip
             loss = sum(v.float() for v in losses.values())
             values.update({n: float(v.detach()) for n, v in losses.items()})
             total = total + loss.detach()

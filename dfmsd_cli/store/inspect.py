@@ -41,6 +41,8 @@ def _array_names(meta) -> list[str]:
         names.append(f"area_ratio/{v}")
     if "me" in meta.views:
         names += ["enhance/params", "enhance/checksum"]
+    if "adv" in meta.views:
+        names += ["adv/delta", "adv/checksum"]
     return names
 
 

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from dfmsd_cli.data.adversarial import AdvConfig
 from dfmsd_cli.data.coco import CocoDetection
 from dfmsd_cli.data.enhance import EnhanceConfig, apply_enhance, choose, input_checksum
 from dfmsd_cli.data.geometry import Geometry, apply_view_image, normalize, pad_batch
@@ -104,6 +105,7 @@ class PrecomputeOptions:
     views: list[str] = field(default_factory=lambda: ["orig"])
     enhance_from: str | None = None
     enhance: EnhanceConfig = field(default_factory=EnhanceConfig)
+    adv: AdvConfig | None = None  # the 'adv' view (data/adversarial.py); None: no such view
     geometry: Geometry = field(default_factory=Geometry)
     batch_size: int = 2
     num_workers: int = 2
@@ -138,6 +140,10 @@ def _check_options(o: PrecomputeOptions) -> list[str]:
         raise UserError("--views must include orig: the distillation loss uses it")
     if o.enhance_from and "me" not in views:
         views.append("me")
+    if o.adv is not None and "adv" not in views:
+        views.append("adv")
+    if "adv" in views and o.adv is None:
+        raise UserError("view 'adv' needs a perturbation budget: add --adv-eps GREY_LEVELS")
     if "me" in views and not o.enhance_from:
         raise UserError("view 'me' needs the weaker teacher's area ratios: add --enhance-from NAME")
     if o.codec not in CODECS:
@@ -233,15 +239,22 @@ def _identity(x: Any) -> Any:
 
 
 def _view_inputs(
-    sample: dict, views: list[str], geometry: Geometry, me: dict | None
+    sample: dict, views: list[str], geometry: Geometry, me: dict | None, adv: dict | None = None
 ) -> list[torch.Tensor]:
-    """Normalised (3, h, w) input of each view; ``me`` = {"params": EnhanceParams} is filled in."""
+    """Normalised (3, h, w) input of each view; ``me`` = {"params": EnhanceParams} and ``adv`` =
+    {"delta": int8} get their input checksums filled in."""
     out = []
     for v in views:
         if v == "orig":
             out.append(sample["image"])
         elif v == "hflip":
             out.append(apply_view_image(sample["image"], "hflip"))
+        elif v == "adv":
+            from dfmsd_cli.data.adversarial import replay
+
+            x = replay(sample["raw"], adv["delta"])
+            adv["checksum"] = input_checksum(x)
+            out.append(normalize(x, geometry))
         else:
             x = apply_enhance(sample["raw"], me["params"])
             me["checksum"] = input_checksum(x)
@@ -304,7 +317,7 @@ def precompute(
         strict=o.strict,
         max_images=o.max_images,
     )
-    ds.keep_raw = "me" in views
+    ds.keep_raw = "me" in views or "adv" in views
     ann_sha = sha256_file(ann_file)
     n = len(ds.image_ids)
     if n == 0:
@@ -383,6 +396,7 @@ def _write_store(
         topk=o.topk,
         score_thr=o.score_thr,
         enhance=enhance_cfg,
+        adv=o.adv.to_dict() if o.adv is not None else None,
         codec=o.codec,
         keepbits=o.keepbits,
         categories=ds.categories,
@@ -446,7 +460,8 @@ def _write_store(
                 if not any(s is not None for _, s in pending):
                     continue
                 t0 = time.perf_counter()
-                results = _run_batch(model, ok, views, o, device, ratios, strides)
+                advs = _adversarial(model, ok, o, device) if "adv" in views else None
+                results = _run_batch(model, ok, views, o, device, ratios, strides, advs)
                 t_forward += time.perf_counter() - t0
                 for r in results:
                     if done[r.index] == schema.DONE_PENDING:
@@ -486,15 +501,16 @@ def _run_batch(
     device: torch.device,
     ratios: np.ndarray | None,
     strides: list[int],
+    advs: list[dict] | None = None,
 ) -> list[ImageResult]:
     """One teacher pass over every (image, view) of a same-padded-shape batch."""
     inputs, sizes, me = [], [], []
-    for i, s in items:
+    for k, (i, s) in enumerate(items):
         params = None
         if "me" in views:
             params = {"params": choose(float(ratios[i]), s["image_id"], s["size"], o.enhance)}
         me.append(params)
-        inputs += _view_inputs(s, views, o.geometry, params)
+        inputs += _view_inputs(s, views, o.geometry, params, advs[k] if advs else None)
         sizes += [tuple(s["size"])] * len(views)
     x = pad_batch(inputs, o.geometry.pad_divisor).to(device)
     out = model(x, sizes)
@@ -521,8 +537,24 @@ def _run_batch(
         )
         if own != (int(H), int(W)):  # the plan groups by padded shape; never store inexact maps
             raise RuntimeError(f"image {i} padded to {own} ran in a {H}x{W} batch")
-        results.append(ImageResult(i, tuple(s["size"]), own, vr, enh))
+        adv = advs[k] if advs else None
+        results.append(ImageResult(i, tuple(s["size"]), own, vr, enh, adv))
     return results
+
+
+def _adversarial(
+    model: torch.nn.Module, items: list[tuple[int, dict]], o: PrecomputeOptions, device
+) -> list[dict]:
+    """Each image's perturbation δ against the teacher's loss on its ground truth (one image
+    at a time, its own size: ``dfmsd_cli.data.adversarial.attack``)."""
+    from dfmsd_cli.data.adversarial import attack
+
+    out = []
+    for _i, s in items:
+        target = {"boxes": s["boxes"].to(device), "labels": s["labels"].to(device)}
+        raw = s["raw"].to(device)
+        out.append({"delta": attack(model, raw, target, o.geometry, o.adv, s["image_id"])})
+    return out
 
 
 def _dry_run(ds, o, model, device, strides, views, start, stop, pad_sizes, path) -> dict:

@@ -315,6 +315,11 @@ class TeacherStore:
         if view == "me":
             for k in ("params", "checksum"):
                 reads[f"enhance/{k}"] = (index, where)
+        if view == "adv":  # the perturbation at the resized image size (stored like a map)
+            h, w = (int(x) for x in sm["size"][index])
+            sh, sw = (w, h) if transposed else (h, w)
+            reads["adv/delta"] = ((index, slice(None), slice(sh), slice(sw)), f"{image} (δ)")
+            reads["adv/checksum"] = (index, f"{image} (δ)")
         got = self._gather(reads)
         feats, att_s, att_c, valid = {}, {}, {}, {}
         for s, (h, w) in shapes.items():
@@ -338,6 +343,11 @@ class TeacherStore:
 
             p = np.asarray(got["enhance/params"], dtype=np.float64)
             enhance = EnhanceParams.from_array(p, int(got["enhance/checksum"])).to_dict()
+        adversarial = None
+        if view == "adv":
+            delta = torch.from_numpy(got["adv/delta"])
+            delta = delta.transpose(-1, -2) if transposed else delta
+            adversarial = {"delta": delta.contiguous(), "checksum": int(got["adv/checksum"])}
         out: dict[str, Any] = {
             "index": int(index),
             "image_id": m.image_ids[index],
@@ -353,6 +363,7 @@ class TeacherStore:
             "labels": torch.from_numpy(det["labels"].astype(np.int64)),
             "area_ratio": float(got[f"area_ratio/{view}"]),
             "enhance": enhance,
+            "adversarial": adversarial,
         }
         self._check_present()  # deleted during this read: some chunks read as zeros
         return out
@@ -422,6 +433,25 @@ class TeacherStore:
                 where = reads[array][1] if array in reads else "a read of this sample"
                 raise corrupt(self.path, where, f"chunk {coords} of '{array}' is missing")
         return out
+
+    def adversarial(self, index: int) -> dict:
+        """The stored perturbation of image ``index``: ``delta`` int8 (3, h, w) (resized image
+        size, un-transposed) and the input ``checksum`` (``dfmsd_cli.data.adversarial``)."""
+        sm = self.small()
+        h, w = (int(x) for x in sm["size"][index])
+        transposed = bool(sm["transposed"][index])
+        sh, sw = (w, h) if transposed else (h, w)
+        where = f"image {self.meta.image_ids[index]} (index {index}) view adv (δ)"
+        got = self._gather(
+            {
+                "adv/delta": ((index, slice(None), slice(sh), slice(sw)), where),
+                "adv/checksum": (index, where),
+            }
+        )
+        delta = torch.from_numpy(got["adv/delta"])
+        if transposed:
+            delta = delta.transpose(-1, -2)
+        return {"delta": delta.contiguous(), "checksum": int(got["adv/checksum"])}
 
     def enhance_params(self, index: int) -> dict:
         """The stored ME choice of image ``index`` (see ``dfmsd_cli.data.enhance``)."""

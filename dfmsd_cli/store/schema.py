@@ -27,6 +27,9 @@ Arrays (N images, ``i`` = index into the ordered COCO image ids; per view ``v`` 
 ``area_ratio/{v}``             (N,) float32        sum of box areas (score >= thr) / (h*w)
 ``enhance/params``             (N, 7) float64      ME view: kind, seed, sigma, x1, y1, x2, y2
 ``enhance/checksum``           (N,) uint64         ME view: checksum of the augmented input
+``adv/delta``                  (N, 3, Hi, Wi) int8 adv view: the integer perturbation δ
+                                                   (image canvas, transposed like ``feat``)
+``adv/checksum``               (N,) uint64         adv view: checksum of the adversarial input
 =============================  ==================  ==========================================
 
 Feature-like arrays have one image per chunk; the small per-image arrays have ``block``
@@ -56,7 +59,7 @@ CHECKSUMMED_SINCE = 2
 ATTR_KEY = "dfmsd"
 
 DONE_PENDING, DONE_OK, DONE_UNREADABLE = 0, 1, 2
-VIEWS_ALL = ("orig", "hflip", "me")
+VIEWS_ALL = ("orig", "hflip", "me", "adv")
 DTYPES = ("float16", "uint8", "bfloat16")
 
 # Fields whose mismatch makes a store unusable for a request, with a human name each.
@@ -81,6 +84,7 @@ FINGERPRINT_FIELDS: dict[str, str] = {
     "topk": "top-K detections",
     "score_thr": "area-ratio score threshold",
     "enhance": "enhancement settings",
+    "adv": "adversarial-view settings",
     "codec.name": "codec",
 }
 
@@ -176,6 +180,9 @@ def _short(v: Any) -> str:
     return s if len(s) <= 80 else s[:77] + "..."
 
 
+_NULLABLE = ("enhance", "adv")  # None is a real value (the view is absent), not "don't care"
+
+
 def diff_attrs(stored: dict, wanted: dict, fields: Sequence[str] | None = None) -> list[str]:
     """Human-readable differences ``"<what>: store has X, asked for Y"`` over fingerprint fields.
 
@@ -184,9 +191,9 @@ def diff_attrs(stored: dict, wanted: dict, fields: Sequence[str] | None = None) 
     out = []
     for key in fields or FINGERPRINT_FIELDS:
         want = _get(wanted, key)
-        if want is None and key not in ("enhance",):
+        if want is None and key not in _NULLABLE:
             continue
-        if key == "enhance" and "enhance" not in wanted:
+        if key in _NULLABLE and key not in wanted:
             continue
         have = _get(stored, key)
         if _norm(have) != _norm(want):

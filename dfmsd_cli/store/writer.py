@@ -88,6 +88,7 @@ class StoreSpec:
     topk: int = 100
     score_thr: float = 0.3
     enhance: dict | None = None
+    adv: dict | None = None  # AdvConfig.to_dict() when the store has the 'adv' view
     codec: str = "blosc"
     weights_path: str | None = None
     categories: list[dict] | None = None
@@ -135,6 +136,7 @@ class StoreSpec:
             "topk": int(self.topk),
             "score_thr": float(self.score_thr),
             "enhance": self.enhance,
+            "adv": self.adv,
             "dfmsd_version": __version__,
             "torch": torch.__version__,
             "zarr": zarr.__version__,
@@ -200,6 +202,10 @@ def _allocate(group: zarr.Group, a: dict, image_ids: list[int]) -> None:
     if "me" in a["views"]:
         arr("enhance/params", (n, 7), (b, 7), "float64")
         arr("enhance/checksum", (n,), (b,), "uint64")
+    if "adv" in a["views"]:  # δ of one image per chunk; ints in [-ε, ε] compress well
+        hi, wi = schema.level_shape(tuple(a["canvas"]), 1)
+        arr("adv/delta", (n, 3, hi, wi), (1, 3, hi, wi), "int8")
+        arr("adv/checksum", (n,), (b,), "uint64")
     group.attrs[schema.ATTR_KEY] = a
 
 
@@ -260,6 +266,7 @@ class ImageResult:
     pad_size: tuple[int, int]  # own padded (H, W)
     views: dict[str, ViewResult]
     enhance: dict | None = None  # {"params": float64 (7,), "checksum": int}
+    adv: dict | None = None  # {"delta": int8 (3, h, w), "checksum": int}
 
 
 def attention_stats(f: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -373,6 +380,12 @@ class StoreWriter:
                 sp, ch = attention_stats(f)
                 chunks.append((f"att_s/{v}/{s}", _place(sp.numpy(), hc, wc, transposed)))
                 rows[f"att_c/{v}/{s}"] = ch.numpy()
+        if "adv" in a["views"]:
+            if r.adv is None:
+                raise ValueError(f"image {i}: the store has an 'adv' view but no perturbation")
+            hi, wi = schema.level_shape(tuple(a["canvas"]), 1)
+            delta = np.asarray(r.adv["delta"], dtype=np.int8)
+            chunks.append(("adv/delta", _place(delta, hi, wi, transposed)))
         fast = [(self._codec(n), i, x[None]) for n, x in chunks if self._codec(n) is not None]
         if fast:
             put_chunks(self.group.store, fast)
@@ -412,6 +425,8 @@ class StoreWriter:
                 raise ValueError(f"image {i}: the store has an 'me' view but no enhancement params")
             put(i, "enhance/params", np.asarray(r.enhance["params"], dtype=np.float64))
             put(i, "enhance/checksum", np.uint64(r.enhance["checksum"]))
+        if "adv" in a["views"]:
+            put(i, "adv/checksum", np.uint64(r.adv["checksum"]))
         put(i, "done", np.uint8(schema.DONE_OK))  # written last, with its block
         self._finished_one(i)
 

@@ -14,7 +14,7 @@ from dfmsd_cli.distill.losses.common import (
 from dfmsd_cli.distill.losses.dual_masking import DualMaskingLevel, DualMaskingLoss, dual_masks
 from dfmsd_cli.distill.losses.fgd import FGDLevel, FGDLoss, foreground_background_masks
 from dfmsd_cli.distill.losses.mgd import MGDLevel, MGDLoss
-from dfmsd_cli.distill.losses.sfa import SFALevel, SFALoss, pkd_level_loss
+from dfmsd_cli.distill.losses.sfa import SFALevel, SFALoss, finest_levels, pkd_level_loss
 
 __all__ = [
     "MASK_RULES",
@@ -30,6 +30,7 @@ __all__ = [
     "SFALoss",
     "channel_attention",
     "dual_masks",
+    "finest_levels",
     "foreground_background_masks",
     "generation_loss",
     "match_levels",

@@ -118,11 +118,25 @@ def select_fraction(
     return (rank < k[:, None]) & valid
 
 
-def generation_loss(generated: Tensor, teacher: Tensor, valid: Tensor) -> Tensor:
-    """Σ_{C,H,W} (G − T)² over valid positions, divided by the batch size (MGD's loss, Eq. 4 of
-    Yang et al. ECCV 2022, sum reduction / N, restricted to the image region)."""
+def generation_loss(
+    generated: Tensor, teacher: Tensor, valid: Tensor, reduction: str = "batch"
+) -> Tensor:
+    """Squared error between a reconstruction and the teacher over the valid positions.
+
+    ``reduction="batch"``: ``Σ_{B,C,H,W∈V} (G − T)² / B`` — MGD's loss (Eq. 4 of Yang et al.
+    ECCV 2022: sum reduction divided by the batch), DFMSD's L_stage (Eq. 7 sums over C, H, W).
+    ``reduction="mean"``: ``Σ_{B,C,H,W∈V} (G − T)² / (C · |V|)`` with |V| the valid cells of
+    the batch — DFMSD's L_ME (Eq. 8: "the total number of elements in the feature map at layer
+    l used for normalization"), a mean per level.
+    """
     diff = (generated.float() - teacher.float()) ** 2
-    return (diff * valid[:, None].to(diff.dtype)).sum() / generated.shape[0]
+    total = (diff * valid[:, None].to(diff.dtype)).sum()
+    if reduction == "batch":
+        return total / generated.shape[0]
+    if reduction == "mean":
+        elements = valid.sum().to(diff.dtype) * generated.shape[1]
+        return total / elements.clamp_min(1.0)
+    raise ValueError(f"unknown reduction {reduction!r}: use 'batch' or 'mean'")
 
 
 class GenerationBlock(nn.Sequential):

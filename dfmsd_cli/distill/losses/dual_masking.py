@@ -18,7 +18,9 @@ Per matched FPN level, with teacher feature T (B, C, H, W) and valid cells V:
   (shared over positions), then an SE block: ``G_c = Gen_c(SE(S ⊙ (1 − M_c)))``;
 * fusion with learnable weights ``(w_s, w_c) = softmax(θ)``, θ initialised to 0:
   ``G = w_s·G_s + w_c·G_c``;
-* loss ``Σ_{C,H,W ∈ V} (G − T)² / B``.
+* loss ``Σ_{C,H,W ∈ V} (G − T)² / B`` for L_stage (DFMSD Eq. 7, MGD's reduction); for L_ME
+  the mean over the level's valid elements, ``Σ (G − T)² / (C·|V|)`` (DFMSD Eq. 8,
+  ``reduction="mean"``). Both sum over the matched levels.
 
 ``rule``: ``sample`` (cells/channels drawn without replacement with probability ∝ attention),
 ``top`` (the highest-attention fraction), ``random`` (uniform; with λ_c = 0 this is MGD with an
@@ -82,8 +84,12 @@ class DualMaskingLevel(nn.Module):
         tau: float = 0.5,
         rule: str = "sample",
         se_reduction: int = 16,
+        reduction: str = "batch",
     ) -> None:
         super().__init__()
+        if reduction not in ("batch", "mean"):
+            raise ValueError(f"unknown reduction {reduction!r}: use 'batch' or 'mean'")
+        self.reduction = reduction
         if rule not in MASK_RULES:
             raise ValueError(f"unknown mask rule {rule!r}: use one of {', '.join(MASK_RULES)}")
         self.lambda_s, self.lambda_c, self.tau, self.rule = lambda_s, lambda_c, tau, rule
@@ -116,7 +122,8 @@ class DualMaskingLevel(nn.Module):
         m_s, m_c = dual_masks(
             spatial_stat, channel_stat, valid, self.lambda_s, self.lambda_c, self.tau, self.rule
         )
-        return generation_loss(self.reconstruct(s, m_s, m_c, valid), teacher, valid)
+        generated = self.reconstruct(s, m_s, m_c, valid)
+        return generation_loss(generated, teacher, valid, self.reduction)
 
 
 class DualMaskingLoss(LevelwiseLoss):

@@ -55,15 +55,31 @@ class SFALevel(nn.Module):
 
 
 class SFALoss(LevelwiseLoss):
-    """Σ over matched levels of the PKD loss (DFMSD's L_SFA; ``--method pkd``)."""
+    """The PKD loss over matched levels: summed (``--method pkd``, as PKD's configs weight each
+    level) or averaged (``average=True``: DFMSD's L_SFA, Eq. 5 normalises by the number of
+    aligned levels, ``L = (1/L) Σ_l pkd_l``).
 
-    def __init__(self, levels, student_channels, teacher_channels, eps: float = 1e-6) -> None:
+    ``levels`` are the aligned strides (DFMSD: the three finest shared levels, Table 9's best
+    "P1 to P3"; :func:`finest_levels`).
+    """
+
+    def __init__(
+        self, levels, student_channels, teacher_channels, eps: float = 1e-6, average: bool = False
+    ) -> None:
         super().__init__(
             levels, student_channels, teacher_channels, lambda cs, ct: SFALevel(cs, ct, eps)
         )
+        self.average = average
 
     def forward(self, student, teacher, valid, stats=None, targets=None) -> Tensor:
-        total = zero_loss(student)
+        total, count = zero_loss(student), 0
         for _s, mod, fs, ft, v in self._levels(student, teacher, valid):
-            total = total + mod(fs, ft, v)
-        return total
+            total, count = total + mod(fs, ft, v), count + 1
+        return total / max(count, 1) if self.average else total
+
+
+def finest_levels(levels: list[int], count: int | None) -> list[int]:
+    """The ``count`` smallest strides of ``levels`` (all of them for None): DFMSD's SFA aligns
+    "each FPN layer from P1 to P3", the finest levels teacher and student share (Table 9)."""
+    ordered = sorted(int(s) for s in levels)
+    return ordered if count is None else ordered[:count]
