@@ -1,10 +1,5 @@
-"""Writing the teacher store: creation (once, atomically), per-image writes, a background writer.
-
-Creation pre-allocates every array at its final size N and writes the attributes once; writers
-never resize or rewrite metadata, so several processes (``--shard I/N``, torchrun ranks) can
-write disjoint block-aligned index ranges of one store concurrently. A local store is built in
-a temporary folder and renamed into place, so two processes starting together agree on one
-store (the loser opens the winner's and checks its fingerprints).
+"""Writing the teacher store: per-image writes and a background writer (creation:
+``store/create.py``, re-exported here).
 
 Per image, ``StoreWriter.write`` stores every view and level, the attention statistics, the
 top-K detections, the area ratio and (ME view) the enhancement parameters, and only then the
@@ -20,231 +15,28 @@ memory flat if the disk is slower than the teacher.
 
 from __future__ import annotations
 
-import datetime as _dt
-import os
 import queue
-import shutil
 import threading
 import time
-import uuid
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 import zarr
-from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 
-from dfmsd_cli.errors import UserError
 from dfmsd_cli.store import schema
 from dfmsd_cli.store.chunks import RowCodec, put_chunks
-from dfmsd_cli.store.guard import GuardedLocalStore, incomplete_store_error
+from dfmsd_cli.store.create import (  # noqa: F401  re-exported: the store's write API
+    CODECS,
+    WRITE_CONFIG,
+    StoreSpec,
+    create_or_open,
+    feature_codec,
+    storage_dtype,
+    store_exists,
+)
 from dfmsd_cli.store.quantize import quantize_uint8, to_bfloat16, to_float16
-
-ZSTD_LEVEL = 3
-CODECS = ("zstd", "blosc")
-# Every chunk is written, zeros too: a chunk absent while its image is complete is then a
-# fault the reader can name (zarr would return the fill value for it in silence).
-WRITE_CONFIG = {"write_empty_chunks": True}
-
-
-def storage_dtype(dtype: str) -> str:
-    """The zarr dtype of a feature encoding (zarr has no bfloat16: its bits as uint16)."""
-    return "uint16" if dtype == "bfloat16" else dtype
-
-
-def feature_codec(name: str, dtype: str):
-    """Compressor of the feature-like arrays (``feat``, ``att_s``).
-
-    ``zstd``: ZstdCodec(level=3). ``blosc``: Blosc-zstd level 3 with a byte shuffle (float16;
-    a bit shuffle for uint8), which groups the exponent bytes of neighbouring values — measured
-    on real-image r50 features in docs/readme/store.md.
-    """
-    if name == "zstd":
-        return ZstdCodec(level=ZSTD_LEVEL)
-    if name == "blosc":
-        shuffle = "bitshuffle" if dtype == "uint8" else "shuffle"
-        return BloscCodec(cname="zstd", clevel=ZSTD_LEVEL, shuffle=shuffle)
-    raise UserError(f"unknown --codec '{name}': use one of {', '.join(CODECS)}")
-
-
-@dataclass
-class StoreSpec:
-    """Everything that defines a store; ``attrs()`` turns it into the group attribute."""
-
-    teacher: str
-    num_classes: int
-    weights_sha256: str
-    split: str
-    ann_sha256: str
-    image_ids: list[int]
-    geometry: dict
-    strides: list[int]
-    channels: int
-    dtype: str = "float16"
-    views: list[str] = field(default_factory=lambda: ["orig"])
-    block: int = 64
-    topk: int = 100
-    score_thr: float = 0.3
-    enhance: dict | None = None
-    adv: dict | None = None  # AdvConfig.to_dict() when the store has the 'adv' view
-    codec: str = "blosc"
-    weights_path: str | None = None
-    categories: list[dict] | None = None
-    keepbits: int | None = None
-
-    def attrs(self) -> dict:
-        from dfmsd_cli import __version__
-
-        g = self.geometry
-        long_max, short_max = g["img_scale"]
-        div = g["pad_divisor"]
-        canvas = [-(-long_max // div) * div, -(-short_max // div) * div]
-        if self.dtype == "uint8":
-            quant = {"kind": "uint8-affine", "per": "image,channel", "params": "qparams"}
-        elif self.dtype == "bfloat16":
-            quant = {"kind": "bfloat16", "note": "upper 16 bits of float32, stored as uint16"}
-        else:
-            quant = {"kind": "float16", "note": "cast after a |x| <= 65504 and finiteness check"}
-        if self.keepbits is not None:
-            quant["keepbits"] = int(self.keepbits)  # numcodecs BitRound before compression
-        return {
-            "schema_version": schema.SCHEMA_VERSION,
-            "teacher": self.teacher,
-            "num_classes": int(self.num_classes),
-            "categories": self.categories,
-            "weights": {"path": self.weights_path, "sha256": self.weights_sha256},
-            "dataset": {
-                "split": self.split,
-                "ann_sha256": self.ann_sha256,
-                "image_ids_sha256": schema.image_ids_sha256(self.image_ids),
-                "num_images": len(self.image_ids),
-            },
-            "geometry": g,
-            "canvas": canvas,
-            "strides": [int(s) for s in self.strides],
-            "channels": int(self.channels),
-            "level_shapes": {
-                str(s): list(schema.level_shape((canvas[0], canvas[1]), s)) for s in self.strides
-            },
-            "dtype": self.dtype,
-            "quantization": quant,
-            "codec": {"name": self.codec, "level": ZSTD_LEVEL, "checksum": "crc32c"},
-            "views": list(self.views),
-            "block": int(self.block),
-            "topk": int(self.topk),
-            "score_thr": float(self.score_thr),
-            "enhance": self.enhance,
-            "adv": self.adv,
-            "dfmsd_version": __version__,
-            "torch": torch.__version__,
-            "zarr": zarr.__version__,
-            "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
-        }
-
-
-def _is_remote(path: str) -> bool:
-    return "://" in str(path)
-
-
-def store_exists(path: str | os.PathLike) -> bool:
-    if _is_remote(str(path)):
-        try:
-            zarr.open_group(str(path), mode="r")
-            return True
-        except Exception:  # noqa: BLE001 - any backend error means "not there"
-            return False
-    return (Path(path) / "zarr.json").is_file()
-
-
-def _allocate(group: zarr.Group, a: dict, image_ids: list[int]) -> None:
-    """Create every array at its final size; write image_ids."""
-    n, c, b, k = len(image_ids), a["channels"], a["block"], a["topk"]
-    zstd = ZstdCodec(level=ZSTD_LEVEL)
-    big = feature_codec(a["codec"]["name"], a["dtype"])
-    big32 = feature_codec(a["codec"]["name"], "float32")
-    checked = int(a["schema_version"]) >= schema.CHECKSUMMED_SINCE
-
-    def arr(name: str, shape: tuple, chunks: tuple, dtype: str, comp=zstd) -> zarr.Array:
-        # crc32c last: zarr checks every chunk it decodes against it (store/integrity.py)
-        return group.create_array(
-            name,
-            shape=shape,
-            chunks=chunks,
-            dtype=dtype,
-            compressors=[comp, Crc32cCodec()] if checked else comp,
-            fill_value=0,
-            config=WRITE_CONFIG,
-        )
-
-    ids = arr("image_ids", (n,), (max(1, min(n, 1 << 16)),), "int64")
-    ids[:] = np.asarray(image_ids, dtype=np.int64)
-    arr("done", (n,), (b,), "uint8")
-    arr("pad_size", (n, 2), (b, 2), "int32")
-    arr("size", (n, 2), (b, 2), "int32")
-    arr("transposed", (n,), (b,), "bool")
-    for s in a["strides"]:
-        hc, wc = a["level_shapes"][str(s)]
-        arr(f"valid/{s}", (n, 2), (b, 2), "int32")
-        for v in a["views"]:
-            arr(f"feat/{v}/{s}", (n, c, hc, wc), (1, c, hc, wc), storage_dtype(a["dtype"]), big)
-            if a["dtype"] == "uint8":
-                arr(f"qparams/{v}/{s}", (n, c, 2), (b, c, 2), "float32")
-            arr(f"att_s/{v}/{s}", (n, hc, wc), (1, hc, wc), "float32", big32)
-            arr(f"att_c/{v}/{s}", (n, c), (b, c), "float32")
-    for v in a["views"]:
-        arr(f"det/{v}/boxes", (n, k, 4), (b, k, 4), "float32")
-        arr(f"det/{v}/scores", (n, k), (b, k), "float32")
-        arr(f"det/{v}/labels", (n, k), (b, k), "int32")
-        arr(f"det/{v}/count", (n,), (b,), "int32")
-        arr(f"area_ratio/{v}", (n,), (b,), "float32")
-    if "me" in a["views"]:
-        arr("enhance/params", (n, 7), (b, 7), "float64")
-        arr("enhance/checksum", (n,), (b,), "uint64")
-    if "adv" in a["views"]:  # δ of one image per chunk; ints in [-ε, ε] compress well
-        hi, wi = schema.level_shape(tuple(a["canvas"]), 1)
-        arr("adv/delta", (n, 3, hi, wi), (1, 3, hi, wi), "int8")
-        arr("adv/checksum", (n,), (b,), "uint64")
-    group.attrs[schema.ATTR_KEY] = a
-
-
-def create_or_open(path: str | os.PathLike, spec: StoreSpec, fix: str) -> zarr.Group:
-    """Open the store at ``path`` (checking its fingerprints against ``spec``) or create it.
-
-    Creation of a local store is atomic (build in a temporary folder, then rename), so
-    concurrent shard processes end with one store. ``fix`` completes the mismatch message.
-    """
-    path = str(path)
-    wanted = spec.attrs()
-    incomplete = incomplete_store_error(path)
-    if incomplete is not None:  # never write into (or rename onto) a folder without metadata
-        raise incomplete
-    if not store_exists(path):
-        if _is_remote(path):
-            group = zarr.open_group(path, mode="w-")
-            _allocate(group, wanted, spec.image_ids)
-        else:
-            target = Path(path)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            tmp = target.parent / f".{target.name}.creating-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-            try:
-                _allocate(zarr.open_group(str(tmp), mode="w-"), wanted, spec.image_ids)
-                try:
-                    os.rename(tmp, target)
-                except OSError:  # another process created it first: use theirs
-                    pass
-            finally:
-                if tmp.exists():
-                    shutil.rmtree(tmp, ignore_errors=True)
-    # a local store is written through the guard: a store deleted mid-run is never re-created
-    group = zarr.open_group(path if _is_remote(path) else GuardedLocalStore(path), mode="r+")
-    stored = dict(group.attrs).get(schema.ATTR_KEY)
-    if not isinstance(stored, dict):
-        raise UserError(f"{path} is not a dfmsd teacher store: choose another --cache folder")
-    schema.check_attrs(path, stored, wanted, fix)
-    return group
-
 
 # ---------------------------------------------------------------------------------- per image
 
