@@ -41,6 +41,12 @@ from dfmsd_cli.data.geometry import Geometry, apply_view_image, normalize, pad_b
 from dfmsd_cli.errors import UserError, io_path, suggest
 from dfmsd_cli.store import schema
 from dfmsd_cli.store.lock import store_lock
+from dfmsd_cli.store.projection import (  # noqa: F401  re-exported
+    EXPECTED_RATIO,
+    expected_ratio,
+    plan_summary,
+)
+from dfmsd_cli.store.projection import dry_run as _dry_run
 from dfmsd_cli.store.quantize import check_keepbits
 from dfmsd_cli.store.reader import TeacherStore
 from dfmsd_cli.store.schema import store_path
@@ -55,37 +61,6 @@ from dfmsd_cli.store.writer import (
     store_exists,
 )
 from dfmsd_cli.utils.io import sha256_file
-
-# Stored / raw bytes (raw = the encoding's own item size) measured on real-image retina_r50
-# features (docs/readme/store.md; `dfmsd bench store`): (codec, dtype, keepbits) -> ratio.
-EXPECTED_RATIO = {
-    ("blosc", "float16", None): 0.75,
-    ("blosc", "uint8", None): 0.90,
-    ("zstd", "float16", None): 0.91,
-    ("zstd", "uint8", None): 0.94,
-    ("blosc", "bfloat16", None): 0.59,
-    ("blosc", "float16", 7): 0.60,
-    ("blosc", "float16", 5): 0.47,
-    ("blosc", "float16", 3): 0.34,
-    ("blosc", "bfloat16", 5): 0.465,
-    ("blosc", "bfloat16", 3): 0.335,
-}
-
-
-def expected_ratio(codec: str, dtype: str, keepbits: int | None) -> float:
-    """Measured stored/raw ratio of an encoding; unmeasured keepbits interpolate linearly in k
-    between the measured ones (a projection, said so where it is printed)."""
-    if (codec, dtype, keepbits) in EXPECTED_RATIO:
-        return EXPECTED_RATIO[(codec, dtype, keepbits)]
-    known = sorted(
-        (k or {"float16": 10, "bfloat16": 7}.get(dtype, 8), r)
-        for (c, d, k), r in EXPECTED_RATIO.items()
-        if c == codec and d == dtype
-    )
-    if not known or keepbits is None:
-        return EXPECTED_RATIO.get((codec, dtype, None), 0.75)
-    return float(np.interp(keepbits, [k for k, _ in known], [r for _, r in known]))
-
 
 THROTTLE_ENV = "DFMSD_PRECOMPUTE_THROTTLE"  # seconds slept per batch: tests kill a slow run
 
@@ -275,22 +250,6 @@ def _weaker_ratios(
     weak = TeacherStore.open(path)
     weak.check(image_ids=ds.image_ids, ann_sha256=ann_sha, geometry=o.geometry)
     return weak.area_ratios("orig"), weak.done()
-
-
-def plan_summary(
-    ds: CocoDetection, o: PrecomputeOptions, strides: list[int], channels: int, views: list[str]
-) -> dict[str, float]:
-    """Raw bytes per image of the planned store (features + spatial statistics), from sizes."""
-    item = 1 if o.dtype == "uint8" else 2
-    total = 0
-    for i in range(len(ds.image_ids)):
-        info = ds.image_info(i)
-        w, h = o.geometry.padded_size(info["width"], info["height"])
-        for s in strides:
-            hw = math.ceil(h / s) * math.ceil(w / s)
-            total += len(views) * (channels * hw * item + 4 * hw)
-    n = max(1, len(ds.image_ids))
-    return {"raw_bytes": float(total), "raw_bytes_per_image": total / n}
 
 
 def precompute(
@@ -555,37 +514,3 @@ def _adversarial(
         raw = s["raw"].to(device)
         out.append({"delta": attack(model, raw, target, o.geometry, o.adv, s["image_id"])})
     return out
-
-
-def _dry_run(ds, o, model, device, strides, views, start, stop, pad_sizes, path) -> dict:
-    """Projected size (from image sizes) and time (one timed teacher pass) — writes nothing."""
-    est = plan_summary(ds, o, strides, model.out_channels, views)
-    n_range = stop - start
-    shapes = [pad_sizes[i] for i in range(start, stop)] or [pad_sizes[0]]
-    shape = max(set(shapes), key=shapes.count)  # the most common padded shape
-    bsz = min(o.batch_size, max(1, n_range)) * len(views)
-    x = torch.zeros(bsz, 3, *shape, device=device)
-    with torch.inference_mode():
-        model(x[:1])  # warm-up
-        t0 = time.perf_counter()
-        model(x)
-        per_image = (time.perf_counter() - t0) / (bsz / len(views))
-    done = 0
-    if store_exists(path):
-        d = TeacherStore.open(path).done()[start:stop]
-        done = int((d != schema.DONE_PENDING).sum())
-    todo = n_range - done
-    ratio = expected_ratio(o.codec, o.dtype, o.keepbits)
-    return {
-        "path": path,
-        "dry_run": True,
-        "images": len(ds.image_ids),
-        "range": [start, stop],
-        "todo": todo,
-        "raw_bytes_per_image": est["raw_bytes_per_image"],
-        "projected_bytes": est["raw_bytes"] * ratio,
-        "expected_compression": ratio,
-        "projected_seconds": per_image * todo,
-        "seconds_per_image": per_image,
-        "probe_shape": list(shape),
-    }
