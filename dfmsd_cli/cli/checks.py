@@ -45,9 +45,14 @@ COUNTS: dict[str, tuple[int, str]] = {
     "max_objects": (1, "the most objects per image"),
     "num_classes": (1, "the number of classes"),
     "keepbits": (1, "a number of mantissa bits kept"),
+    "kd_warmup": (0, "the number of distillation warm-up iterations; 0 is off"),
+    "adv_eps": (1, "the perturbation bound in grey levels"),
+    "adv_steps": (1, "the number of attack steps (1 = FGSM)"),
+    "dpi": (10, "a figure resolution in dots per inch"),
+    "index": (0, "an image index in the store"),
 }
 # Integer options that are not counts (any value is meaningful).
-NOT_COUNTS = frozenset({"seed"})
+NOT_COUNTS = frozenset({"seed", "image"})  # image: a COCO image id
 # float option name -> (low, low is allowed, high or None, what the value is).
 FLOATS: dict[str, tuple[float, bool, float | None, str]] = {
     "lr": (0.0, False, None, "the SGD learning rate"),
@@ -55,6 +60,7 @@ FLOATS: dict[str, tuple[float, bool, float | None, str]] = {
     "alpha": (0.0, True, None, "a loss weight"),
     "beta": (0.0, True, None, "a loss weight"),
     "gamma": (0.0, True, None, "a loss weight"),
+    "adv_weight": (0.0, True, None, "a loss weight"),
     "score_thr": (0.0, True, 1.0, "a detection score threshold"),
 }
 # Float options whose range the library checks with their siblings (one message for the set).
