@@ -3,8 +3,9 @@
 FCOS (Tian et al., ICCV 2019) as MMDetection 3.3's ``fcos_r101-caffe_fpn_gn-head*`` configs
 (``mmdet/models/dense_heads/fcos_head.py``), where torchvision's FCOS (``fcos_*``) differs:
 
-* FPN P6/P7 are convs on the **output** with a **ReLU before** each
-  (``add_extra_convs='on_output'``, ``relu_before_extra_convs=True``);
+* FPN P6/P7 are convs on the **output**: P6 = conv(P5), P7 = conv(relu(P6))
+  (``add_extra_convs='on_output'``, ``relu_before_extra_convs=True``, which MMDetection's FPN
+  applies before the second and later extra convs only);
 * head: 4 conv3x3+GN+ReLU per branch (``cls_convs``, ``reg_convs``), ``conv_cls`` (K sigmoid
   logits), ``conv_reg`` (4), ``conv_centerness`` (1) on the **classification** branch, and a
   learnable ``Scale`` per level; distances are ``exp(scale * conv_reg)`` in pixels
