@@ -5,7 +5,8 @@ tensor against the target model's state dict (built on the ``meta`` device, so e
 teachers cost no memory). The :class:`ConversionReport` lists source keys that map nowhere,
 target keys nothing maps to, and shape mismatches; a conversion with any of them is refused
 unless ``allow_partial`` (then the missing tensors keep the model's initial values, and the
-checkpoint records which ones).
+checkpoint records which ones). The written state dict holds every key of the built model,
+derived buffers included (from the model itself, never from the source).
 """
 
 from __future__ import annotations
@@ -210,11 +211,15 @@ def convert_mmdet(
         raise UserError(
             f"{checkpoint} does not convert fully to {model} ({report.summary()}): {fix}"
         )
-    if report.missing:
+    # Every key of the built model is written: derived buffers (Swin's
+    # relative_position_index, BN counters) come from the model itself, so that the strict
+    # `--weights` load accepts the file; with --allow-partial, missing tensors keep their init.
+    absent = [key for key in target if key not in converted]
+    if absent:
         fresh = _full_state(build_model(model, num_classes=k, **opts))
-        for key in report.missing:
+        for key in absent:
             converted[key] = fresh[key]
-    state = {key: converted[key] for key in target if key in converted}
+    state = {key: converted[key] for key in target}
     ckpt = {
         "format": "dfmsd",
         "version": 1,
