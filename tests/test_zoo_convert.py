@@ -448,3 +448,46 @@ def test_checkpoint_with_foreign_objects_in_meta_loads_without_running_them(tmp_
     assert type(meta_out["message_hub"]).__name__ == "_Opaque"
     ckpt, _ = convert_mmdet(path, "cmr_tiny")
     assert [c["name"] for c in ckpt["categories"]] == ["cat", "dog"]
+
+
+# ------------------------------------ only models that reproduce MMDetection's forward convert
+@pytest.mark.parametrize(
+    "model, right",
+    [
+        ("frcnn_r50", "mmfrcnn_r50"),
+        ("mrcnn_swin_t", "mmmrcnn_swin_t"),
+        ("mrcnn_swin_s", "mmmrcnn_swin_s"),
+        ("retina_r50", "mmretina_r50"),
+        ("fcos_r50", "mmfcos_r50_caffe"),  # MMDetection's GN-head FCOS configs are caffe-style
+        ("fcos_r101", "mmfcos_r101_caffe"),
+        ("fcos_x101", "mmfcos_x101"),  # fcos_x101-64x4d_fpn_gn-head: pytorch style
+    ],
+)
+def test_convert_refuses_torchvision_layouts_naming_the_right_model(tmp_path, model, right):
+    from typer.testing import CliRunner
+
+    from dfmsd_cli.cli import app
+
+    src = tmp_path / "any.pth"
+    torch.save({"state_dict": {"backbone.conv1.weight": torch.zeros(1)}}, src)
+    with pytest.raises(UserError, match=rf"use --model {right}\b"):
+        convert_mmdet(src, model)
+    out = tmp_path / "w.pth"
+    res = CliRunner().invoke(app, ["convert", "mmdet", str(src), "-m", model, "-o", str(out)])
+    assert isinstance(res.exception, UserError) and right in str(res.exception)
+    assert not out.exists()
+
+
+def test_published_ap_only_on_models_that_reproduce_it():
+    from dfmsd_cli.models.convert.mmdet import MMDET_HEADS
+    from dfmsd_cli.models.registry import describe_models
+
+    rows = {r["name"]: r for r in describe_models(num_classes=None)}
+    for name in ("mrcnn_swin_t", "mrcnn_swin_s"):
+        assert rows[name]["published_ap"] is None and rows[name]["checkpoint"] is None
+    assert rows["mmmrcnn_swin_t"]["published_ap"] == 42.7
+    assert rows["mmfcos_r101_caffe"]["published_ap"] == 40.8
+    for name, row in rows.items():
+        ckpt = row["checkpoint"]
+        if ckpt and not ckpt.startswith("torchvision:"):  # an MMDetection model-zoo file
+            assert row["head"] in MMDET_HEADS, name

@@ -25,8 +25,62 @@ from dfmsd_cli.errors import UserError
 from dfmsd_cli.models.convert.coco import COCO_CATEGORIES
 from dfmsd_cli.models.convert.mmdet_keys import IGNORABLE, build_rules, fallback_key
 
-# torchvision-layout heads whose MMDetection counterpart is a separate dfmsd head
-MMDET_VARIANTS = {"retina": "mmretina", "fcos": "mmfcos"}
+# Heads whose forward reproduces MMDetection's: ``convert mmdet`` writes only these. The
+# torchvision-layout heads take the same (or nearly the same) keys but compute something else.
+MMDET_HEADS = ("mmretina", "mmfcos", "mmfrcnn", "mmmrcnn", "gfl", "cmr")
+# torchvision-layout head -> (the head that reproduces MMDetection, what differs)
+MMDET_VARIANTS = {
+    "retina": ("mmretina", "FPN P6 from P5, rounded anchors"),
+    "fcos": ("mmfcos", "head layout and regression, FPN extra levels"),
+    "frcnn": ("mmfrcnn", "RoIAlign aligned=False with fixed sampling, rounded anchors"),
+    "mrcnn": ("mmmrcnn", "RoIAlign aligned=False with fixed sampling, rounded anchors"),
+}
+# MMDetection's GN-head FCOS R50/R101 configs are caffe-style (fcos_r50-caffe_fpn_gn-head...)
+CAFFE_FCOS = {"r50": "r50_caffe", "r101": "r101_caffe"}
+
+
+def mmdet_equivalent(model: str) -> str | None:
+    """The dfmsd model that reproduces MMDetection's forward for ``model``'s architecture;
+    None when ``model`` itself does (or has no MMDetection counterpart)."""
+    from dfmsd_cli.models.registry import get_spec
+
+    spec = get_spec(model)
+    if spec.head in MMDET_HEADS or spec.head not in MMDET_VARIANTS:
+        return None
+    backbone = spec.backbone
+    if spec.head == "fcos":
+        backbone = CAFFE_FCOS.get(backbone, backbone)
+    return f"{MMDET_VARIANTS[spec.head][0]}_{backbone}"
+
+
+def check_mmdet_target(model: str) -> None:
+    """Refuse a target whose forward differs from MMDetection's, naming the one that matches.
+
+    Such a conversion would succeed key by key and then compute something else (measured with
+    ``tools/mmdet_parity.py``: ``frcnn_r50`` 0/100 detections, ``mrcnn_swin_t`` 5/100).
+    """
+    from dfmsd_cli.models.registry import get_spec
+
+    spec = get_spec(model)
+    if spec.head in MMDET_HEADS:
+        return
+    right = mmdet_equivalent(model)
+    if right is None:
+        heads = ", ".join(f"{h}_*" for h in MMDET_HEADS)
+        raise UserError(
+            f"--model {model} has no MMDetection counterpart: MMDetection checkpoints convert "
+            f"only into models that reproduce MMDetection's forward ({heads})"
+        )
+    why = MMDET_VARIANTS[spec.head][1]
+    extra = ""
+    if spec.head == "fcos" and right.endswith("_caffe"):
+        extra = f" (MMDetection's GN-head FCOS configs are caffe-style; {right[:-6]} for a "
+        extra += "pytorch-style one)"
+    raise UserError(
+        f"--model {model} is torchvision's {spec.head}, whose forward differs from "
+        f"MMDetection's ({why}): MMDetection weights would load but compute something else; "
+        f"use --model {right}{extra}"
+    )
 
 
 @dataclass
@@ -185,11 +239,13 @@ def convert_mmdet(
     """Convert an MMDetection ``checkpoint`` for registry ``model``.
 
     Returns ``(dfmsd_checkpoint_dict, report)``. A partial conversion raises
-    :class:`UserError` unless ``allow_partial``.
+    :class:`UserError` unless ``allow_partial``; so does a ``model`` whose forward differs from
+    MMDetection's (torchvision's ``retina/fcos/frcnn/mrcnn_*``), naming the one to use.
     """
     from dfmsd_cli.data.geometry import Geometry
     from dfmsd_cli.models.registry import build_model
 
+    check_mmdet_target(model)
     src, meta = load_mmdet_checkpoint(checkpoint)
     names = class_names(meta)
     k = num_classes or (len(names) if names else None) or infer_num_classes(src)
@@ -202,12 +258,6 @@ def convert_mmdet(
     converted, report = convert_state_dict(src, target, model)
     if not report.ok and not allow_partial:
         fix = "check --model matches the MMDetection config, or pass --allow-partial"
-        head, _, backbone = model.partition("_")
-        if head in MMDET_VARIANTS:
-            fix = (
-                f"torchvision's {head} differs from MMDetection's (FPN extra levels, head "
-                f"layout): use --model {MMDET_VARIANTS[head]}_{backbone}"
-            )
         raise UserError(
             f"{checkpoint} does not convert fully to {model} ({report.summary()}): {fix}"
         )
