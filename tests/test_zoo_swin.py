@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import re
 
 import pytest
@@ -242,3 +243,83 @@ def test_converted_swin_evaluates_with_weights(synthetic_root, tmp_path):
     assert len(a.detections[0]["boxes"]) > 0
     for key in ("boxes", "scores", "labels", "masks"):
         assert torch.equal(a.detections[0][key], b.detections[0][key]), key
+
+
+# ------------------------------------------- shifted windows as MMDetection, at every size
+def _mmdet_window_msa(x, attn, shift):
+    """Reference: MMDetection 3.3 ``ShiftWindowMSA`` + ``WindowMSA`` (mmdet/models/backbones/
+    swin.py) written out with their own index and mask code, on ``attn``'s weights."""
+    ws, heads = attn.window_size[0], attn.num_heads
+    b, h, w, c = x.shape
+    seq1 = torch.arange(0, (2 * ws - 1) * ws, 2 * ws - 1)  # WindowMSA.double_step_seq
+    seq2 = torch.arange(0, ws, 1)
+    coords = (seq1[:, None] + seq2[None, :]).reshape(1, -1)
+    index = (coords + coords.T).flip(1)
+    table = attn.relative_position_bias_table
+    bias = table[index.view(-1)].view(ws * ws, ws * ws, -1).permute(2, 0, 1)
+    q = torch.nn.functional.pad(x, (0, 0, 0, (ws - w % ws) % ws, 0, (ws - h % ws) % ws))
+    hp, wp = q.shape[1:3]
+
+    def partition(t):
+        return t.view(t.shape[0], hp // ws, ws, wp // ws, ws, -1).permute(0, 1, 3, 2, 4, 5)
+
+    mask = None
+    if shift:
+        q = torch.roll(q, (-shift, -shift), (1, 2))
+        img = torch.zeros(1, hp, wp, 1)
+        cnt = 0
+        for hs in (slice(0, -ws), slice(-ws, -shift), slice(-shift, None)):
+            for wsl in (slice(0, -ws), slice(-ws, -shift), slice(-shift, None)):
+                img[:, hs, wsl, :] = cnt
+                cnt += 1
+        mw = partition(img).reshape(-1, ws * ws)
+        mask = mw.unsqueeze(1) - mw.unsqueeze(2)
+        mask = mask.masked_fill(mask != 0, -100.0).masked_fill(mask == 0, 0.0)
+    win = partition(q).reshape(-1, ws * ws, c)
+    qkv = attn.qkv(win).reshape(win.shape[0], ws * ws, 3, heads, c // heads).permute(2, 0, 3, 1, 4)
+    a = (qkv[0] * (c // heads) ** -0.5) @ qkv[1].transpose(-2, -1) + bias.unsqueeze(0)
+    if mask is not None:
+        nw = mask.shape[0]
+        a = a.view(-1, nw, heads, ws * ws, ws * ws) + mask.unsqueeze(1).unsqueeze(0)
+        a = a.view(-1, heads, ws * ws, ws * ws)
+    out = attn.proj((a.softmax(-1) @ qkv[2]).transpose(1, 2).reshape(-1, ws * ws, c))
+    out = out.view(b, hp // ws, wp // ws, ws, ws, c).permute(0, 1, 3, 2, 4, 5).reshape(b, hp, wp, c)
+    if shift:
+        out = torch.roll(out, (shift, shift), (1, 2))
+    return out[:, :h, :w, :]
+
+
+def test_swin_attention_shifts_as_mmdetection_at_every_size():
+    from torchvision.models.swin_transformer import ShiftedWindowAttention
+
+    from dfmsd_cli.models.swin import MMDetShiftedWindowAttention
+
+    torch.manual_seed(0)
+    tv = ShiftedWindowAttention(32, [7, 7], [3, 3], num_heads=4).eval()
+    with torch.no_grad():
+        tv.relative_position_bias_table.normal_(std=1.0)
+    mm = MMDetShiftedWindowAttention.adopt(copy.deepcopy(tv))
+    assert set(mm.state_dict()) == set(tv.state_dict())
+    with torch.no_grad():
+        # a late-stage map (5x6 pads to one 7x7 window): torchvision drops the shift
+        x = torch.randn(2, 5, 6, 32)
+        ref = _mmdet_window_msa(x, tv, shift=3)
+        assert torch.allclose(mm(x), ref, atol=1e-5)
+        assert not torch.allclose(tv(x), ref, atol=1e-2)
+        # a map larger than the window: all three agree
+        x = torch.randn(1, 11, 16, 32)
+        ref = _mmdet_window_msa(x, tv, shift=3)
+        assert torch.allclose(mm(x), ref, atol=1e-5) and torch.allclose(tv(x), ref, atol=1e-5)
+        mm.shift_size = [0, 0]  # the even blocks: plain W-MSA
+        assert torch.allclose(mm(x), _mmdet_window_msa(x, tv, shift=0), atol=1e-5)
+
+
+def test_swin_body_uses_mmdet_attention_in_every_block():
+    from dfmsd_cli.models.swin import MMDetShiftedWindowAttention, SwinBody
+
+    with torch.device("meta"):
+        body = SwinBody("swin_t")
+    blocks = [blk for stage in body.features[1::2] for blk in stage]
+    assert len(blocks) == 12
+    assert all(type(b.attn) is MMDetShiftedWindowAttention for b in blocks)
+    assert [b.attn.shift_size for b in blocks[:2]] == [[0, 0], [3, 3]]
