@@ -491,3 +491,40 @@ def test_published_ap_only_on_models_that_reproduce_it():
         ckpt = row["checkpoint"]
         if ckpt and not ckpt.startswith("torchvision:"):  # an MMDetection model-zoo file
             assert row["head"] in MMDET_HEADS, name
+
+
+@pytest.mark.parametrize(
+    "cfg, model, needle",
+    [
+        (
+            "backbone=dict(type='ResNet', depth=50, style='caffe')",
+            "mmfcos_r50",
+            "use --model mmfcos_r50_caffe$",
+        ),
+        (
+            "backbone=dict(type='ResNet', depth=101, style='pytorch')",
+            "cmr_r101_caffe",
+            "use --model cmr_r101$",
+        ),
+        (
+            "bbox_head=dict(type='FCOSHead', norm_on_bbox=True)",
+            "mmfcos_r50_caffe",
+            "sets norm_on_bbox=True",
+        ),
+        (
+            "bbox_head=dict(centerness_on_reg=True)",
+            "mmfcos_r101_caffe",
+            "sets centerness_on_reg=True",
+        ),
+    ],
+)
+def test_stored_config_catches_what_keys_cannot(tmp_path, cfg, model, needle):
+    """Caffe vs pytorch ResNets and FCOS's norm_on_bbox have identical keys: the config that
+    MMDetection stores in ``meta`` (3.x ``cfg``, 2.x ``config``) tells them apart."""
+    src = tmp_path / "m.pth"
+    for key in ("cfg", "config"):
+        torch.save(
+            {"state_dict": {"x": torch.zeros(1)}, "meta": {key: f"model = dict({cfg})"}}, src
+        )
+        with pytest.raises(UserError, match=needle):
+            convert_mmdet(src, model)

@@ -194,15 +194,19 @@ def run_mmdet(model, bgr: np.ndarray):
 
 
 # ------------------------------------------------------------------------------ dfmsd side
-def build_dfmsd(model_name: str, mm_state: dict, classes: tuple[str, ...], workdir: Path):
-    """The user's path: MMDetection .pth -> ``convert_mmdet`` -> file -> strict ``load_weights``."""
+def build_dfmsd(
+    model_name: str, mm_state: dict, classes: tuple[str, ...], workdir: Path, cfg_text: str = ""
+):
+    """The user's path: MMDetection .pth -> ``convert_mmdet`` -> file -> strict ``load_weights``.
+    The file's meta holds the classes and the config text, as mmengine's Runner writes them."""
     sys.path.insert(0, str(REPO))
     from dfmsd_cli.models import build_model
     from dfmsd_cli.models.checkpoint import load_weights
     from dfmsd_cli.models.convert import convert_mmdet
 
     src, out = workdir / "mmdet.pth", workdir / "dfmsd.pth"
-    torch.save({"state_dict": mm_state, "meta": {"dataset_meta": {"classes": classes}}}, src)
+    meta = {"dataset_meta": {"classes": classes}, "cfg": cfg_text}
+    torch.save({"state_dict": mm_state, "meta": meta}, src)
     ckpt, report = convert_mmdet(src, model_name)
     torch.save(ckpt, out)
     model = build_model(model_name, num_classes=ckpt["num_classes"])
@@ -274,14 +278,14 @@ def parity(
 ) -> list[dict]:
     stub_mmcv_ext()
     t0 = time.time()
-    mm, _cfg = build_mmdet(config, checkpoint, seed, spread)
+    mm, cfg = build_mmdet(config, checkpoint, seed, spread)
     classes = tuple(mm.dataset_meta["classes"]) if getattr(mm, "dataset_meta", None) else None
     if classes is None:
         from mmdet.datasets import CocoDataset
 
         classes = tuple(CocoDataset.METAINFO["classes"])
     with tempfile.TemporaryDirectory() as tmp:
-        dm, report = build_dfmsd(model_name, mm.state_dict(), classes, Path(tmp))
+        dm, report = build_dfmsd(model_name, mm.state_dict(), classes, Path(tmp), cfg.pretty_text)
     rows = []
     for size in sizes:
         rgb = load_image(image, size)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -135,6 +136,46 @@ def _torch_load(path: Path) -> Any:
             return torch.load(path, map_location="cpu", weights_only=True)
 
 
+def config_text(meta: Mapping[str, Any]) -> str | None:
+    """The training config MMDetection stores in a checkpoint's meta (3.x ``cfg``, 2.x
+    ``config``), as text; None when absent (some published files drop it)."""
+    text = meta.get("cfg") or meta.get("config")
+    return text if isinstance(text, str) else None
+
+
+def check_config(meta: Mapping[str, Any], model: str) -> None:
+    """Refuse what the state dict cannot tell but the stored config can: a caffe-style
+    ResNet (same keys as pytorch style, stride on conv1, BGR input) converted into a
+    pytorch-style model or the reverse, and FCOS's ``norm_on_bbox`` / ``centerness_on_reg``
+    variants (same keys, different outputs)."""
+    from dfmsd_cli.models.registry import get_spec, list_models
+
+    text = config_text(meta)
+    if text is None:
+        return
+    spec = get_spec(model)
+    style = re.search(r"style\s*[=:]\s*['\"](caffe|pytorch)['\"]", text)
+    if style and spec.backbone in ("r50", "r101", "r50_caffe", "r101_caffe"):
+        caffe = style.group(1) == "caffe"
+        if caffe != spec.backbone.endswith("_caffe"):
+            base = spec.backbone.removesuffix("_caffe")
+            right = f"{spec.head}_{base}_caffe" if caffe else f"{spec.head}_{base}"
+            hint = f"use --model {right}" if right in list_models() else "no dfmsd model has it"
+            raise UserError(
+                f"the checkpoint's config has a {style.group(1)}-style ResNet but {model} is "
+                f"{'pytorch' if caffe else 'caffe'}-style (stride on a different conv, other "
+                f"input normalisation): {hint}"
+            )
+    if spec.head == "mmfcos":
+        for flag in ("norm_on_bbox", "centerness_on_reg"):
+            if re.search(rf"{flag}\s*[=:]\s*True", text):
+                raise UserError(
+                    f"the checkpoint's FCOS config sets {flag}=True; {model} is MMDetection's "
+                    "plain FCOS head (distances in pixels, centerness on the classification "
+                    "branch): only the fcos_*_gn-head configs without these options convert"
+                )
+
+
 def load_mmdet_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[str, Any]]:
     """Read an MMDetection ``.pth``: returns (state_dict, meta). Accepts a bare state dict."""
     path = Path(path)
@@ -247,6 +288,7 @@ def convert_mmdet(
 
     check_mmdet_target(model)
     src, meta = load_mmdet_checkpoint(checkpoint)
+    check_config(meta, model)
     names = class_names(meta)
     k = num_classes or (len(names) if names else None) or infer_num_classes(src)
     if not k:
