@@ -75,7 +75,8 @@ def test_swin_fpn_shapes_both_layouts():
         for s, f in feats.items():
             assert f.shape == (1, 256, -(-128 // s), -(-96 // s))
     body = model.backbone.body
-    assert [n.normalized_shape[0] for n in body.norms] == [96, 192, 384, 768]
+    # P3-P7 (retina): stage 1 feeds no level and has no norm (MMDetection out_indices 1..3)
+    assert [getattr(n, "normalized_shape", [None])[0] for n in body.norms] == [None, 192, 384, 768]
 
 
 def test_mmdet_swin_mask_rcnn_converts_strictly():
@@ -323,3 +324,31 @@ def test_swin_body_uses_mmdet_attention_in_every_block():
     assert len(blocks) == 12
     assert all(type(b.attn) is MMDetShiftedWindowAttention for b in blocks)
     assert [b.attn.shift_size for b in blocks[:2]] == [[0, 0], [3, 3]]
+
+
+def test_mmdet_retinanet_swin_converts_strictly():
+    """``retinanet_swin-t-p4-w7_fpn_1x_coco``: Swin ``out_indices=(1, 2, 3)`` (no ``norm0``),
+    FPN on 192/384/768 channels, P6 from C5 (``on_input``)."""
+    from test_zoo_convert import mmdet_retina_head
+
+    src = {
+        **mmdet_swin(),
+        **mmdet_fpn([192, 384, 768], num_extra_convs=2, extra_in=768),
+        **mmdet_retina_head(),
+    }
+    del src["backbone.norm0.weight"], src["backbone.norm0.bias"]
+    with torch.device("meta"):
+        target = build_model("mmretina_swin_t", num_classes=80).state_dict()
+    out, report = convert_state_dict(src, target, "mmretina_swin_t")
+    assert report.ok, report.summary()
+    assert set(out) | {k for k in target if "relative_position_index" in k} == set(target)
+
+
+def test_swin_p6p7_loads_older_checkpoints_with_unused_norm0():
+    torch.manual_seed(0)
+    model = build_model("retina_swin_t", num_classes=2)
+    state = model.state_dict()
+    assert "backbone.body.norms.0.weight" not in state  # stage 1 feeds no FPN level
+    state["backbone.body.norms.0.weight"] = torch.ones(96)  # what earlier versions wrote
+    state["backbone.body.norms.0.bias"] = torch.zeros(96)
+    model.load_state_dict(state, strict=True)

@@ -148,8 +148,22 @@ class SwinBody(nn.Module):
         for stage in self.features[1::2]:  # features 1/3/5/7: the blocks
             for block in stage:
                 MMDetShiftedWindowAttention.adopt(block.attn)
-        self.norms = nn.ModuleList(nn.LayerNorm(c) for c in SWIN_CHANNELS)
+        # one LayerNorm per output stage, as MMDetection's norm{i} for i in out_indices; a
+        # stage that feeds no FPN level (stage 1 under P3-P7 heads) has none
+        self.norms = nn.ModuleList(
+            nn.LayerNorm(c) if i + 1 in stages else nn.Identity()
+            for i, c in enumerate(SWIN_CHANNELS)
+        )
         self.stages = tuple(stages)
+        self._register_load_state_dict_pre_hook(self._drop_unused_norms)
+
+    def _drop_unused_norms(self, state_dict, prefix, *args) -> None:
+        """Checkpoints written before unused norms were dropped still load: their (never
+        applied) ``norms.{i}`` tensors are discarded."""
+        for i, norm in enumerate(self.norms):
+            if isinstance(norm, nn.Identity):
+                for leaf in ("weight", "bias"):
+                    state_dict.pop(f"{prefix}norms.{i}.{leaf}", None)
 
     def forward(self, x: Tensor) -> OrderedDict[str, Tensor]:
         out: OrderedDict[str, Tensor] = OrderedDict()
