@@ -134,7 +134,7 @@ def mmdet_config(name: str):
     return cfg
 
 
-def build_mmdet(name: str, checkpoint: str | None, seed: int, spread: bool = True):
+def build_mmdet(name: str, checkpoint: str | None, seed: int):
     from mmdet.registry import MODELS
     from mmdet.utils import register_all_modules
 
@@ -148,31 +148,62 @@ def build_mmdet(name: str, checkpoint: str | None, seed: int, spread: bool = Tru
         load_checkpoint(model, checkpoint, map_location="cpu", strict=True)
     else:
         model.init_weights()
-        if spread:
-            spread_scores(model)
     return model.eval(), cfg
 
 
-# classification layers of the configs' heads (sigmoid: RetinaNet, FCOS, GFL, RPN; softmax: R-CNN)
+# the configs' final classification / regression layers (sigmoid: RetinaNet, FCOS, GFL, RPN;
+# softmax: R-CNN box heads, ``fc_cls`` with the background last)
 CLS_LAYERS = ("retina_cls", "conv_cls", "gfl_cls", "rpn_cls", "fc_cls", "conv_centerness")
+REG_LAYERS = ("retina_reg", "conv_reg", "gfl_reg", "rpn_reg", "fc_reg")
 
 
-def spread_scores(model) -> None:
-    """Random-init models score every box alike (classifier std 0.01, prior bias -4.6 or a
-    1/81 softmax), so there would be no detections above 0.05, or only near-ties that float
-    noise reorders. Re-draw the classification layers (weight ~ N(0, 1/fan_in), sigmoid bias
-    -2, softmax background bias 0 and foreground -2): scores then spread over (0, 1) and the
-    top-100 comparison means something. Same tensors on both sides (converted afterwards)."""
-    for name, mod in model.named_modules():
-        leaf = name.rsplit(".", 1)[-1]
-        if leaf not in CLS_LAYERS or not hasattr(mod, "weight"):
-            continue
-        fan_in = mod.weight[0].numel()
-        with torch.no_grad():
-            mod.weight.normal_(std=fan_in**-0.5)
-            mod.bias.fill_(-2.0)
-            if leaf == "fc_cls":  # softmax: background is the last row in MMDetection
-                mod.bias[-1] = 0.0
+def calibrate_heads(model, bgr: np.ndarray, passes: int = 4) -> None:
+    """Give a random-init model outputs worth comparing.
+
+    MMDetection's init scores every box alike (classifier std 0.01, prior bias -4.6 or a
+    near-uniform softmax: no detection above 0.05, or near-ties that float noise reorders), and
+    a random ResNet without trained BatchNorm statistics grows activations so large that the
+    box deltas explode and every R-CNN proposal degenerates. On the MMDetection model, before
+    conversion (so both sides get the same tensors): measure each final layer's input RMS on
+    the image and re-draw it as ``N(0, (t / (rms * sqrt(fan_in)))^2)`` with t = 1 for
+    classifiers (bias -2; softmax background 0) and t = 0.1 for regressors (bias 0). Repeated
+    ``passes`` times, since later stages see proposals shaped by earlier ones. Our choice for
+    this tool, not MMDetection's.
+    """
+    layers = {
+        name: mod
+        for name, mod in model.named_modules()
+        if name.rsplit(".", 1)[-1] in CLS_LAYERS + REG_LAYERS and hasattr(mod, "weight")
+    }
+    for _ in range(passes):
+        sq: dict[str, list[float]] = {n: [0.0, 0.0] for n in layers}
+
+        def hook(acc: list[float]):
+            def fn(_mod, args):
+                x = args[0].detach().double()
+                acc[0] += float((x * x).sum())
+                acc[1] += x.numel()
+
+            return fn
+
+        handles = [mod.register_forward_pre_hook(hook(sq[n])) for n, mod in layers.items()]
+        try:
+            run_mmdet(model, bgr)
+        finally:
+            for h in handles:
+                h.remove()
+        for name, mod in layers.items():
+            total, count = sq[name]
+            if not count:
+                continue  # not reached this pass (no proposals yet)
+            rms = max((total / count) ** 0.5, 1e-12)
+            leaf = name.rsplit(".", 1)[-1]
+            target = 1.0 if leaf in CLS_LAYERS else 0.1
+            with torch.no_grad():
+                mod.weight.normal_(std=target / (rms * mod.weight[0].numel() ** 0.5))
+                mod.bias.fill_(-2.0 if leaf in CLS_LAYERS else 0.0)
+                if leaf == "fc_cls":
+                    mod.bias[-1] = 0.0
 
 
 def run_mmdet(model, bgr: np.ndarray):
@@ -278,7 +309,9 @@ def parity(
 ) -> list[dict]:
     stub_mmcv_ext()
     t0 = time.time()
-    mm, cfg = build_mmdet(config, checkpoint, seed, spread)
+    mm, cfg = build_mmdet(config, checkpoint, seed)
+    if spread and not checkpoint:
+        calibrate_heads(mm, np.ascontiguousarray(load_image(image, sizes[0])[..., ::-1]))
     classes = tuple(mm.dataset_meta["classes"]) if getattr(mm, "dataset_meta", None) else None
     if classes is None:
         from mmdet.datasets import CocoDataset
@@ -335,7 +368,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--checkpoint", help="MMDetection .pth (default: random init, --seed)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument(
-        "--no-spread", action="store_true", help="keep MMDetection's classifier init (few scores)"
+        "--no-spread",
+        action="store_true",
+        help="keep MMDetection's random init of the final layers (few or no detections)",
     )
     ap.add_argument("--image", type=Path, help="image file (default: first COCO subset image)")
     ap.add_argument("--size", action="append", help="H,W input size (repeatable; default 320,448)")
