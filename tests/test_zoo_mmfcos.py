@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from test_zoo_convert import _conv, _t, mmdet_fpn, mmdet_resnet
 
@@ -123,3 +124,20 @@ def test_extra_convs_relu_only_before_p7():
     # without the flag P7 sees P6 itself: centre tap of the 2x2 map at stride 2 = P6[0,0]
     extra.relu_before = False
     assert extra([p5], [p5], ["p5"])[0][2].tolist() == [[[[-3.5]]]]
+
+
+def test_caffe_mean_follows_the_mmdetection_config():
+    """MMDetection's caffe configs subtract two different means: FCOS the Detectron one
+    [102.9801, 115.9465, 122.7717], RetinaNet / Faster / Cascade R-CNN [103.53, 116.28,
+    123.675] (``data_preprocessor.mean``, BGR, std 1)."""
+    want = {
+        "mmfcos_r50_caffe": [102.9801, 115.9465, 122.7717],
+        "cmr_r50_caffe": [103.53, 116.28, 123.675],
+        "cmr_r101_caffe": [103.53, 116.28, 123.675],
+        "mmretina_r50_caffe": [103.53, 116.28, 123.675],
+        "mmfrcnn_r101_caffe": [103.53, 116.28, 123.675],
+    }
+    for name, mean in want.items():
+        stem = build_model(name, num_classes=2).backbone.body.conv1
+        assert isinstance(stem, CaffeStemConv)
+        assert stem.caffe_mean.flatten().tolist() == pytest.approx(mean), name
