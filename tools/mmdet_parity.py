@@ -157,7 +157,7 @@ CLS_LAYERS = ("retina_cls", "conv_cls", "gfl_cls", "rpn_cls", "fc_cls", "conv_ce
 REG_LAYERS = ("retina_reg", "conv_reg", "gfl_reg", "rpn_reg", "fc_reg")
 
 
-def calibrate_heads(model, bgr: np.ndarray, passes: int = 4) -> None:
+def calibrate_heads(model, bgr: np.ndarray, passes: int = 4, softmax_std: float = 1.0) -> None:
     """Give a random-init model outputs worth comparing.
 
     MMDetection's init scores every box alike (classifier std 0.01, prior bias -4.6 or a
@@ -167,8 +167,9 @@ def calibrate_heads(model, bgr: np.ndarray, passes: int = 4) -> None:
     conversion (so both sides get the same tensors): measure each final layer's input RMS on
     the image and re-draw it as ``N(0, (t / (rms * sqrt(fan_in)))^2)`` with t = 1 for
     classifiers (bias -2; softmax background 0) and t = 0.1 for regressors (bias 0). Repeated
-    ``passes`` times, since later stages see proposals shaped by earlier ones. Our choice for
-    this tool, not MMDetection's.
+    ``passes`` times, since later stages see proposals shaped by earlier ones. ``softmax_std``
+    replaces t for the R-CNN softmax classifiers (a cascade averages three of them, so t = 1
+    leaves few scores above 0.05). Our choice for this tool, not MMDetection's.
     """
     layers = {
         name: mod
@@ -199,6 +200,8 @@ def calibrate_heads(model, bgr: np.ndarray, passes: int = 4) -> None:
             rms = max((total / count) ** 0.5, 1e-12)
             leaf = name.rsplit(".", 1)[-1]
             target = 1.0 if leaf in CLS_LAYERS else 0.1
+            if leaf == "fc_cls":
+                target = softmax_std
             with torch.no_grad():
                 mod.weight.normal_(std=target / (rms * mod.weight[0].numel() ** 0.5))
                 mod.bias.fill_(-2.0 if leaf in CLS_LAYERS else 0.0)
@@ -305,13 +308,21 @@ def load_image(path: Path | None, size: tuple[int, int]) -> np.ndarray:
 
 
 def parity(
-    config: str, model_name: str, sizes, image, checkpoint, seed, spread: bool = True
+    config: str,
+    model_name: str,
+    sizes,
+    image,
+    checkpoint,
+    seed,
+    spread: bool = True,
+    softmax_std: float = 1.0,
 ) -> list[dict]:
     stub_mmcv_ext()
     t0 = time.time()
     mm, cfg = build_mmdet(config, checkpoint, seed)
     if spread and not checkpoint:
-        calibrate_heads(mm, np.ascontiguousarray(load_image(image, sizes[0])[..., ::-1]))
+        bgr = np.ascontiguousarray(load_image(image, sizes[0])[..., ::-1])
+        calibrate_heads(mm, bgr, softmax_std=softmax_std)
     classes = tuple(mm.dataset_meta["classes"]) if getattr(mm, "dataset_meta", None) else None
     if classes is None:
         from mmdet.datasets import CocoDataset
@@ -374,6 +385,9 @@ def main(argv: list[str] | None = None) -> None:
     )
     ap.add_argument("--image", type=Path, help="image file (default: first COCO subset image)")
     ap.add_argument("--size", action="append", help="H,W input size (repeatable; default 320,448)")
+    ap.add_argument(
+        "--softmax-std", type=float, default=1.0, help="calibrated logit std of fc_cls layers"
+    )
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", type=Path, help="append one JSON line per (model, size)")
     ap.add_argument("--markdown", type=Path, help="write the table as markdown")
@@ -394,6 +408,7 @@ def main(argv: list[str] | None = None) -> None:
             new = parity(
                 config, model_name, sizes, args.image, args.checkpoint, args.seed,
                 not args.no_spread,
+                args.softmax_std,
             )  # fmt: skip
         except Exception as exc:  # keep going over --all; the row says what failed
             new = [{"config": config, "model": model_name, "error": f"{type(exc).__name__}: {exc}"}]
