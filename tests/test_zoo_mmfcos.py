@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from test_zoo_convert import _conv, _t, mmdet_fpn, mmdet_resnet
 
@@ -98,3 +99,45 @@ def test_mmdet_fcos_r101_caffe_converts_strictly():
     out, report = convert_state_dict(src, target, "mmfcos_r101_caffe")
     assert report.ok, report.summary()
     assert out["head.conv_centerness.weight"].shape == (1, 256, 3, 3)
+
+
+def test_extra_convs_relu_only_before_p7():
+    """MMDetection ``FPN`` (``relu_before_extra_convs=True``): P6 = conv(P5), P7 = conv(relu(P6)).
+
+    Hand-built 1-channel convs: P6's conv sums its 3x3 window (weights 1, bias 0) and P7's conv
+    copies its centre tap. With P5 = -1 everywhere, a ReLU before P6 would give P6 = 0.
+    """
+    extra = MMDetExtraConvs(1, 1, source="output", relu_before=True)
+    with torch.no_grad():
+        extra.p6.weight.fill_(1.0)
+        extra.p6.bias.zero_()
+        extra.p7.weight.zero_()
+        extra.p7.weight[0, 0, 1, 1] = 1.0
+        extra.p7.bias.fill_(0.5)
+    p5 = -torch.ones(1, 1, 4, 4)
+    outs, names = extra([p5], [torch.zeros(1, 1, 4, 4)], ["p5"])
+    assert names == ["p5", "p6", "p7"]
+    # stride 2, pad 1 on 4x4: output (0,0) sees a 2x2 window, (0,1)/(1,0) 2x3, (1,1) 3x3
+    assert outs[1].tolist() == [[[[-4.0, -6.0], [-6.0, -9.0]]]]
+    # P7 = relu(P6) centre tap + 0.5; relu(P6) is 0 everywhere
+    assert outs[2].tolist() == [[[[0.5]]]]
+    # without the flag P7 sees P6 itself: centre tap of the 2x2 map at stride 2 = P6[0,0]
+    extra.relu_before = False
+    assert extra([p5], [p5], ["p5"])[0][2].tolist() == [[[[-3.5]]]]
+
+
+def test_caffe_mean_follows_the_mmdetection_config():
+    """MMDetection's caffe configs subtract two different means: FCOS the Detectron one
+    [102.9801, 115.9465, 122.7717], RetinaNet / Faster / Cascade R-CNN [103.53, 116.28,
+    123.675] (``data_preprocessor.mean``, BGR, std 1)."""
+    want = {
+        "mmfcos_r50_caffe": [102.9801, 115.9465, 122.7717],
+        "cmr_r50_caffe": [103.53, 116.28, 123.675],
+        "cmr_r101_caffe": [103.53, 116.28, 123.675],
+        "mmretina_r50_caffe": [103.53, 116.28, 123.675],
+        "mmfrcnn_r101_caffe": [103.53, 116.28, 123.675],
+    }
+    for name, mean in want.items():
+        stem = build_model(name, num_classes=2).backbone.body.conv1
+        assert isinstance(stem, CaffeStemConv)
+        assert stem.caffe_mean.flatten().tolist() == pytest.approx(mean), name

@@ -21,7 +21,10 @@ app.add_typer(convert_app, name="convert")
 def convert_mmdet_cmd(
     checkpoint: Path = typer.Argument(..., help="MMDetection .pth (a dict with 'state_dict')."),
     model: str = typer.Option(
-        ..., "--model", "-m", help="Target zoo model, e.g. cmr_r101 (see `dfmsd models`)."
+        ...,
+        "--model",
+        "-m",
+        help="Target zoo model reproducing MMDetection: mm*, gfl_*, cmr_* (e.g. cmr_r101).",
     ),
     out: Path = typer.Option(..., "--out", "-o", help="Output dfmsd checkpoint (.pth)."),
     num_classes: int | None = typer.Option(

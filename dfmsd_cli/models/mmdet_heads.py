@@ -28,8 +28,10 @@ class MMDetExtraConvs(ExtraFPNBlock):
     """MMDetection ``FPN`` extra levels P6/P7 as two 3x3 stride-2 convs (names ``p6``/``p7``).
 
     ``source="input"``: P6 = conv(C5) (``add_extra_convs='on_input'``, RetinaNet);
-    ``source="output"``: P6 = conv(P5) (``'on_output'``, FCOS, GFL). ``relu_before`` applies a
-    ReLU before each extra conv (``relu_before_extra_convs``; FCOS True, RetinaNet/GFL False).
+    ``source="output"``: P6 = conv(P5) (``'on_output'``, FCOS, GFL). ``relu_before``
+    (``relu_before_extra_convs``; FCOS True, RetinaNet/GFL False) applies a ReLU before the
+    *second and later* extra convs only, as ``mmdet.models.necks.FPN.forward`` does:
+    P6 = conv(source), P7 = conv(relu(P6)). The first extra conv never sees a ReLU.
     """
 
     def __init__(
@@ -46,14 +48,11 @@ class MMDetExtraConvs(ExtraFPNBlock):
             nn.init.xavier_uniform_(conv.weight)  # MMDetection ConvModule in FPN: xavier
             nn.init.zeros_(conv.bias)
 
-    def _act(self, x: Tensor) -> Tensor:
-        return torch.relu(x) if self.relu_before else x
-
     def forward(
         self, p: list[Tensor], c: list[Tensor], names: list[str]
     ) -> tuple[list[Tensor], list[str]]:
-        p6 = self.p6(self._act(c[-1] if self.source == "input" else p[-1]))
-        p7 = self.p7(self._act(p6))
+        p6 = self.p6(c[-1] if self.source == "input" else p[-1])
+        p7 = self.p7(torch.relu(p6) if self.relu_before else p6)
         return [*p, p6, p7], [*names, "p6", "p7"]
 
 

@@ -3,8 +3,9 @@
 FCOS (Tian et al., ICCV 2019) as MMDetection 3.3's ``fcos_r101-caffe_fpn_gn-head*`` configs
 (``mmdet/models/dense_heads/fcos_head.py``), where torchvision's FCOS (``fcos_*``) differs:
 
-* FPN P6/P7 are convs on the **output** with a **ReLU before** each
-  (``add_extra_convs='on_output'``, ``relu_before_extra_convs=True``);
+* FPN P6/P7 are convs on the **output**: P6 = conv(P5), P7 = conv(relu(P6))
+  (``add_extra_convs='on_output'``, ``relu_before_extra_convs=True``, which MMDetection's FPN
+  applies before the second and later extra convs only);
 * head: 4 conv3x3+GN+ReLU per branch (``cls_convs``, ``reg_convs``), ``conv_cls`` (K sigmoid
   logits), ``conv_reg`` (4), ``conv_centerness`` (1) on the **classification** branch, and a
   learnable ``Scale`` per level; distances are ``exp(scale * conv_reg)`` in pixels
@@ -17,7 +18,10 @@ FCOS (Tian et al., ICCV 2019) as MMDetection 3.3's ``fcos_r101-caffe_fpn_gn-head
 
 Caffe-style ResNet (MMDetection ``style='caffe'``): the stride-2 of each stage's first block
 is on its 1x1 ``conv1`` instead of the 3x3 ``conv2``, and the network expects BGR input minus
-[102.98, 115.95, 122.77] with std 1. :class:`CaffeStemConv` converts dfmsd's standard input
+a mean with std 1: [103.53, 116.28, 123.675] in MMDetection's RetinaNet / Faster / Cascade R-CNN
+caffe configs (:data:`CAFFE_MEAN_BGR`, the default), the Detectron [102.9801, 115.9465,
+122.7717] in its FCOS configs (:data:`DETECTRON_MEAN_BGR`, set by ``mmfcos``; both from the
+configs' ``data_preprocessor.mean``). :class:`CaffeStemConv` converts dfmsd's standard input
 (RGB, ImageNet mean/std) to that inside the model, so the data pipeline stays the same; the
 only difference from MMDetection is in the zero-padded border, where the padding value differs
 by less than one grey level.
@@ -44,7 +48,8 @@ from dfmsd_cli.models.registry import annotate_model, register_backbone, registe
 
 FCOS_STRIDES: tuple[int, ...] = (8, 16, 32, 64, 128)
 REGRESS_RANGES = ((-1.0, 64.0), (64.0, 128.0), (128.0, 256.0), (256.0, 512.0), (512.0, 1e8))
-CAFFE_MEAN_BGR = (102.9801, 115.9465, 122.7717)
+CAFFE_MEAN_BGR = (103.53, 116.28, 123.675)  # MMDetection caffe configs (R-CNNs, RetinaNet)
+DETECTRON_MEAN_BGR = (102.9801, 115.9465, 122.7717)  # MMDetection FCOS caffe configs
 
 
 # ------------------------------------------------------------------------------ caffe ResNet
@@ -55,11 +60,13 @@ class CaffeStemConv(nn.Conv2d):
     Same parameters (and state-dict keys) as ``nn.Conv2d``; the constants are non-persistent.
     """
 
-    def __init__(self, conv: nn.Conv2d) -> None:
+    def __init__(
+        self, conv: nn.Conv2d, caffe_mean: tuple[float, float, float] = CAFFE_MEAN_BGR
+    ) -> None:
         super().__init__(3, conv.out_channels, 7, 2, 3, bias=False)
         mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
         std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
-        caffe = torch.tensor(CAFFE_MEAN_BGR).view(1, 3, 1, 1)
+        caffe = torch.tensor(caffe_mean).view(1, 3, 1, 1)
         self.register_buffer("in_mean", mean, persistent=False)
         self.register_buffer("in_std", std, persistent=False)
         self.register_buffer("caffe_mean", caffe, persistent=False)
@@ -259,6 +266,11 @@ def build_mmfcos(
 ) -> MMFCOSDetector:
     c = backbone.out_channels
     backbone.fpn.extra_blocks = MMDetExtraConvs(c, c, source="output", relu_before=True)
+    stem = getattr(getattr(backbone, "body", None), "conv1", None)
+    if isinstance(stem, CaffeStemConv):  # FCOS configs subtract the Detectron mean
+        stem.caffe_mean = torch.tensor(DETECTRON_MEAN_BGR, device=stem.weight.device).view(
+            1, 3, 1, 1
+        )
     return MMFCOSDetector(backbone, num_classes, strides, **options)
 
 

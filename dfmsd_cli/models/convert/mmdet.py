@@ -5,13 +5,15 @@ tensor against the target model's state dict (built on the ``meta`` device, so e
 teachers cost no memory). The :class:`ConversionReport` lists source keys that map nowhere,
 target keys nothing maps to, and shape mismatches; a conversion with any of them is refused
 unless ``allow_partial`` (then the missing tensors keep the model's initial values, and the
-checkpoint records which ones).
+checkpoint records which ones). The written state dict holds every key of the built model,
+derived buffers included (from the model itself, never from the source).
 """
 
 from __future__ import annotations
 
 import os
 import pickle
+import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -24,8 +26,62 @@ from dfmsd_cli.errors import UserError
 from dfmsd_cli.models.convert.coco import COCO_CATEGORIES
 from dfmsd_cli.models.convert.mmdet_keys import IGNORABLE, build_rules, fallback_key
 
-# torchvision-layout heads whose MMDetection counterpart is a separate dfmsd head
-MMDET_VARIANTS = {"retina": "mmretina", "fcos": "mmfcos"}
+# Heads whose forward reproduces MMDetection's: ``convert mmdet`` writes only these. The
+# torchvision-layout heads take the same (or nearly the same) keys but compute something else.
+MMDET_HEADS = ("mmretina", "mmfcos", "mmfrcnn", "mmmrcnn", "gfl", "cmr")
+# torchvision-layout head -> (the head that reproduces MMDetection, what differs)
+MMDET_VARIANTS = {
+    "retina": ("mmretina", "FPN P6 from P5, rounded anchors"),
+    "fcos": ("mmfcos", "head layout and regression, FPN extra levels"),
+    "frcnn": ("mmfrcnn", "RoIAlign aligned=False with fixed sampling, rounded anchors"),
+    "mrcnn": ("mmmrcnn", "RoIAlign aligned=False with fixed sampling, rounded anchors"),
+}
+# MMDetection's GN-head FCOS R50/R101 configs are caffe-style (fcos_r50-caffe_fpn_gn-head...)
+CAFFE_FCOS = {"r50": "r50_caffe", "r101": "r101_caffe"}
+
+
+def mmdet_equivalent(model: str) -> str | None:
+    """The dfmsd model that reproduces MMDetection's forward for ``model``'s architecture;
+    None when ``model`` itself does (or has no MMDetection counterpart)."""
+    from dfmsd_cli.models.registry import get_spec
+
+    spec = get_spec(model)
+    if spec.head in MMDET_HEADS or spec.head not in MMDET_VARIANTS:
+        return None
+    backbone = spec.backbone
+    if spec.head == "fcos":
+        backbone = CAFFE_FCOS.get(backbone, backbone)
+    return f"{MMDET_VARIANTS[spec.head][0]}_{backbone}"
+
+
+def check_mmdet_target(model: str) -> None:
+    """Refuse a target whose forward differs from MMDetection's, naming the one that matches.
+
+    Such a conversion would succeed key by key and then compute something else (measured with
+    ``tools/mmdet_parity.py``: ``frcnn_r50`` 0/100 detections, ``mrcnn_swin_t`` 5/100).
+    """
+    from dfmsd_cli.models.registry import get_spec
+
+    spec = get_spec(model)
+    if spec.head in MMDET_HEADS:
+        return
+    right = mmdet_equivalent(model)
+    if right is None:
+        heads = ", ".join(f"{h}_*" for h in MMDET_HEADS)
+        raise UserError(
+            f"--model {model} has no MMDetection counterpart: MMDetection checkpoints convert "
+            f"only into models that reproduce MMDetection's forward ({heads})"
+        )
+    why = MMDET_VARIANTS[spec.head][1]
+    extra = ""
+    if spec.head == "fcos" and right.endswith("_caffe"):
+        extra = f" (MMDetection's GN-head FCOS configs are caffe-style; {right[:-6]} for a "
+        extra += "pytorch-style one)"
+    raise UserError(
+        f"--model {model} is torchvision's {spec.head}, whose forward differs from "
+        f"MMDetection's ({why}): MMDetection weights would load but compute something else; "
+        f"use --model {right}{extra}"
+    )
 
 
 @dataclass
@@ -78,6 +134,46 @@ def _torch_load(path: Path) -> Any:
         names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
         with torch.serialization.safe_globals([(_Opaque, n) for n in names]):
             return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def config_text(meta: Mapping[str, Any]) -> str | None:
+    """The training config MMDetection stores in a checkpoint's meta (3.x ``cfg``, 2.x
+    ``config``), as text; None when absent (some published files drop it)."""
+    text = meta.get("cfg") or meta.get("config")
+    return text if isinstance(text, str) else None
+
+
+def check_config(meta: Mapping[str, Any], model: str) -> None:
+    """Refuse what the state dict cannot tell but the stored config can: a caffe-style
+    ResNet (same keys as pytorch style, stride on conv1, BGR input) converted into a
+    pytorch-style model or the reverse, and FCOS's ``norm_on_bbox`` / ``centerness_on_reg``
+    variants (same keys, different outputs)."""
+    from dfmsd_cli.models.registry import get_spec, list_models
+
+    text = config_text(meta)
+    if text is None:
+        return
+    spec = get_spec(model)
+    style = re.search(r"style\s*[=:]\s*['\"](caffe|pytorch)['\"]", text)
+    if style and spec.backbone in ("r50", "r101", "r50_caffe", "r101_caffe"):
+        caffe = style.group(1) == "caffe"
+        if caffe != spec.backbone.endswith("_caffe"):
+            base = spec.backbone.removesuffix("_caffe")
+            right = f"{spec.head}_{base}_caffe" if caffe else f"{spec.head}_{base}"
+            hint = f"use --model {right}" if right in list_models() else "no dfmsd model has it"
+            raise UserError(
+                f"the checkpoint's config has a {style.group(1)}-style ResNet but {model} is "
+                f"{'pytorch' if caffe else 'caffe'}-style (stride on a different conv, other "
+                f"input normalisation): {hint}"
+            )
+    if spec.head == "mmfcos":
+        for flag in ("norm_on_bbox", "centerness_on_reg"):
+            if re.search(rf"{flag}\s*[=:]\s*True", text):
+                raise UserError(
+                    f"the checkpoint's FCOS config sets {flag}=True; {model} is MMDetection's "
+                    "plain FCOS head (distances in pixels, centerness on the classification "
+                    "branch): only the fcos_*_gn-head configs without these options convert"
+                )
 
 
 def load_mmdet_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[str, Any]]:
@@ -184,12 +280,15 @@ def convert_mmdet(
     """Convert an MMDetection ``checkpoint`` for registry ``model``.
 
     Returns ``(dfmsd_checkpoint_dict, report)``. A partial conversion raises
-    :class:`UserError` unless ``allow_partial``.
+    :class:`UserError` unless ``allow_partial``; so does a ``model`` whose forward differs from
+    MMDetection's (torchvision's ``retina/fcos/frcnn/mrcnn_*``), naming the one to use.
     """
     from dfmsd_cli.data.geometry import Geometry
     from dfmsd_cli.models.registry import build_model
 
+    check_mmdet_target(model)
     src, meta = load_mmdet_checkpoint(checkpoint)
+    check_config(meta, model)
     names = class_names(meta)
     k = num_classes or (len(names) if names else None) or infer_num_classes(src)
     if not k:
@@ -201,20 +300,18 @@ def convert_mmdet(
     converted, report = convert_state_dict(src, target, model)
     if not report.ok and not allow_partial:
         fix = "check --model matches the MMDetection config, or pass --allow-partial"
-        head, _, backbone = model.partition("_")
-        if head in MMDET_VARIANTS:
-            fix = (
-                f"torchvision's {head} differs from MMDetection's (FPN extra levels, head "
-                f"layout): use --model {MMDET_VARIANTS[head]}_{backbone}"
-            )
         raise UserError(
             f"{checkpoint} does not convert fully to {model} ({report.summary()}): {fix}"
         )
-    if report.missing:
+    # Every key of the built model is written: derived buffers (Swin's
+    # relative_position_index, BN counters) come from the model itself, so that the strict
+    # `--weights` load accepts the file; with --allow-partial, missing tensors keep their init.
+    absent = [key for key in target if key not in converted]
+    if absent:
         fresh = _full_state(build_model(model, num_classes=k, **opts))
-        for key in report.missing:
+        for key in absent:
             converted[key] = fresh[key]
-    state = {key: converted[key] for key in target if key in converted}
+    state = {key: converted[key] for key in target}
     ckpt = {
         "format": "dfmsd",
         "version": 1,
