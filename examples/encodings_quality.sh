@@ -58,7 +58,7 @@ for enc in encs:
         files = sorted(run.glob("eval_stage*_val2017.json"))
         if run.is_dir() and files and (run / "student.pth").is_file():
             d = json.loads(files[-1].read_text())
-            maps.append((d.get("bbox") or d.get("metrics", {}).get("bbox"))["mAP"])
+            maps.append(100 * (d.get("bbox") or d.get("metrics", {}).get("bbox"))["mAP"])
     store = w / f"cache-{name}" / "gfl_tiny" / "train2017.zarr"
     size = sum(p.stat().st_size for p in store.rglob("*") if p.is_file())
     n = json.loads((store / "zarr.json").read_text())["attributes"]["dfmsd"]["dataset"]["num_images"]

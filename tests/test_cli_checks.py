@@ -154,9 +154,9 @@ def test_full_disk_in_the_run_folder_keeps_last_checkpoint_and_resumes(
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: no space left on the device of ") and "free)" in err[-1]
     assert str(out / "last.pth") in err[-1] and "Traceback" not in "".join(err)
-    state = torch.load(out / "last.pth", map_location="cpu", weights_only=False)
+    state = torch.load(out / "last.pth", map_location="cpu", weights_only=True)
     assert state["iteration"] == 1  # the last good checkpoint is intact
     assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]  # no partial file left
     monkeypatch.undo()
     assert _main([*argv, "--resume"]) == 0
-    assert torch.load(out / "last.pth", map_location="cpu", weights_only=False)["iteration"] == 3
+    assert torch.load(out / "last.pth", map_location="cpu", weights_only=True)["iteration"] == 3

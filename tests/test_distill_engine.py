@@ -123,7 +123,7 @@ def test_two_stage_me_run_from_cli_builds_no_teacher(env, tmp_path, built_models
 
 def _assert_stopped_student(run: Path) -> None:
     """student.pth of a run stopped by --max-steps: the weights of its last.pth, marked."""
-    ckpt = torch.load(run / "student.pth", map_location="cpu", weights_only=False)
+    ckpt = torch.load(run / "student.pth", map_location="cpu", weights_only=True)
     assert ckpt["distill"]["stopped"] is True and "optimizer" not in ckpt
     last = _state(run / "last.pth")
     assert all(torch.equal(ckpt["state_dict"][k], last[k]) for k in last)

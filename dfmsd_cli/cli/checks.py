@@ -46,7 +46,7 @@ COUNTS: dict[str, tuple[int, str]] = {
     "num_classes": (1, "the number of classes"),
     "keepbits": (1, "a number of mantissa bits kept"),
     "kd_warmup": (0, "the number of distillation warm-up iterations; 0 is off"),
-    "adv_eps": (1, "the perturbation bound in grey levels"),
+    "adv_eps": (0, "the perturbation bound in grey levels; 0 stores no adv view"),
     "adv_steps": (1, "the number of attack steps (1 = FGSM)"),
     "dpi": (10, "a figure resolution in dots per inch"),
     "index": (0, "an image index in the store"),
