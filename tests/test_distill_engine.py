@@ -271,3 +271,16 @@ def test_online_run(env, tmp_path, built_models):
         json.loads(x) for x in (tmp_path / "on" / "metrics.jsonl").read_text().split("\n") if x
     ]
     assert "loss_kd" in records[0] and "loss_me" in records[-1]
+
+
+def test_step_split_is_inside_the_steady_step(env, tmp_path):
+    """The split (data wait, forward/backward per pass, optimizer) covers disjoint parts of the
+    steady steps, so it sums to at most steady_seconds_per_step (an identity, not a timing
+    threshold); the ME stage times its ME pass separately."""
+    s = distill(_opts(env, tmp_path / "split", epochs=(1, 1)))
+    for stage in s["stages"]:
+        split = stage["split_seconds_per_step"]
+        assert {"data", "optimizer"} <= set(split) and all(v >= 0 for v in split.values())
+        assert sum(split.values()) <= stage["steady_seconds_per_step"] + 1e-4
+    last = s["stages"][-1]["split_seconds_per_step"]
+    assert {"fwd_main", "bwd_main", "fwd_me", "bwd_me"} <= set(last), last

@@ -12,11 +12,15 @@ each in a fresh process (:mod:`dfmsd_cli.bench.isolate`) so its peak memory is i
                enhancement) — what a store-less distiller pays.
 
 The measured time is the steady-state seconds per optimizer step (the first step, with its
-start-up costs, excluded; ``steady_seconds_per_step`` of the engine). With two teachers the first
-stage runs one epoch over the benchmark images first (not timed). Teachers are precomputed here
-into ``work_dir/cache`` (``--max-images``), so stores and runs never touch the user's cache.
-Ratios: store ÷ student (the issue's target ≤ 1.15), online ÷ store, and peak memory store ÷
-student.
+start-up costs, and a checkpoint written when the run stops mid-epoch excluded;
+``steady_seconds_per_step`` of the engine), with its split (``split``: data wait, forward and
+backward of each pass — ``main``/``all``, ``me``, ``adv`` — and the optimizer step). The store's
+own cost is ``store_overhead_seconds_per_step``: the store-fed step's data wait minus the
+student-alone step's (with ``--num-workers 0`` the store reads happen in that wait). With two
+teachers the first stage runs one epoch over the benchmark images first (not timed). Teachers
+are precomputed here into ``work_dir/cache`` (``--max-images``), so stores and runs never touch
+the user's cache. Ratios: store ÷ student (the issue's target ≤ 1.15), online ÷ store, and
+peak memory store ÷ student.
 """
 
 from __future__ import annotations
@@ -87,6 +91,7 @@ def distill_steps(**kw: Any) -> dict[str, Any]:
         "teacher": last["teacher"],
         "steps": last["steps_this_run"],
         "seconds_per_step": last.get("steady_seconds_per_step") or last["seconds_per_step"],
+        "split": last.get("split_seconds_per_step", {}),
     }
 
 
@@ -193,6 +198,7 @@ def bench_distill(
         res = run_isolated("dfmsd_cli.bench.distill:distill_steps", kwargs, isolate=isolate)
         runs[name] = {
             "seconds_per_step": res["result"]["seconds_per_step"],
+            "split": res["result"].get("split", {}),
             "steps": res["result"]["steps"],
             "stage": res["result"]["stage"],
             "peak_rss_mb": res["peak_rss_mb"],
@@ -213,6 +219,13 @@ def bench_distill(
         "store_peak_rss_over_student": ratio("store", "student", "peak_rss_mb"),
         "store_work_rss_over_student": ratio("store", "student", "work_rss_mb"),
     }
+    # the store's own cost: data wait of the store-fed step minus the student's (image decode is
+    # common to both; with --num-workers 0 the store reads happen in that wait)
+    if "store" in runs and "student" in runs:
+        d_store = runs["store"]["split"].get("data")
+        d_student = runs["student"]["split"].get("data")
+        if d_store is not None and d_student is not None:
+            ratios["store_overhead_seconds_per_step"] = round(d_store - d_student, 5)
     if "cuda_peak_mb" in runs.get("store", {}):
         ratios["store_cuda_peak_over_student"] = ratio("store", "student", "cuda_peak_mb")
     return {

@@ -125,7 +125,14 @@ def distill_tables(r: dict[str, Any]) -> list[Table]:
     r2.add_column("value", justify="right")
     for k, v in r["ratios"].items():
         r2.add_row(k, _f(v, "{:.3f}"))
-    return [t, r2]
+    parts = sorted({k for d in r["runs"].values() for k in d.get("split", {})})
+    t3 = Table(title=f"step split ({unit}, steady steps)")
+    t3.add_column("run")
+    for k in parts:
+        t3.add_column(k, justify="right")
+    for name, d in r["runs"].items():
+        t3.add_row(name, *(_f(d.get("split", {}).get(k), "{:.4f}") for k in parts))
+    return [t, t3, r2]
 
 
 TABLES = {"precompute": precompute_tables, "store": store_tables, "distill": distill_tables}

@@ -377,6 +377,7 @@ def _run_stage(
     smooth = RunningMean()
     t0 = time.perf_counter()
     done_steps, stopped, t_first = 0, False, t0
+    t_last, step_split = t0, {}  # end of the last step; summed split of the steady steps
     with make_progress(disable=not dist_info.is_main) as progress:
         task = progress.add_task(
             f"{plan.tag} ({cfg.name})",
@@ -397,13 +398,18 @@ def _run_stage(
                 start_step=step,
             )
             model.train()
+            t_prev = time.perf_counter()
             for batch in loader:
                 if batch is None:
                     continue
+                tm: dict[str, float] = {"data": time.perf_counter() - t_prev}
                 lr = schedule.apply(optimizer, iteration, epoch)
                 optimizer.zero_grad(set_to_none=True)
                 model.kd_scale = kd_warmup_factor(iteration, cfg.kd_warmup)
-                values, loss = train_step(ddp_model, batch, device, use_amp, scaler, online)
+                values, loss = train_step(
+                    ddp_model, batch, device, use_amp, scaler, online, tm, time.perf_counter
+                )
+                t_opt = time.perf_counter()
                 if not torch.isfinite(loss):
                     last = ctx.out / "last.pth"
                     kept = (
@@ -422,9 +428,14 @@ def _run_stage(
                     nn.utils.clip_grad_norm_(model.parameters(), opts.grad_clip)
                 scaler.step(optimizer)
                 scaler.update()
+                tm["optimizer"] = time.perf_counter() - t_opt
                 step, iteration, done_steps = step + 1, iteration + 1, done_steps + 1
+                t_last = time.perf_counter()  # a stop checkpoint after the loop is not a step
                 if done_steps == 1:
-                    t_first = time.perf_counter()  # steady-state timing excludes start-up
+                    t_first = t_last  # steady-state timing excludes start-up
+                else:
+                    for k, v in tm.items():
+                        step_split[k] = step_split.get(k, 0.0) + v
                 values = all_reduce_mean(values, dist_info)
                 progress.update(
                     task,
@@ -450,6 +461,7 @@ def _run_stage(
                     checkpoint(epoch, step, iteration)
                 if stopped:
                     break
+                t_prev = time.perf_counter()
             if stopped and step < steps_per_epoch:  # mid-epoch stop (--max-steps)
                 checkpoint(epoch, step, iteration)
                 break
@@ -467,8 +479,12 @@ def _run_stage(
         "seconds": round(elapsed, 2),
         "seconds_per_step": round(elapsed / max(done_steps, 1), 4),
         "steady_seconds_per_step": (
-            round((time.perf_counter() - t_first) / (done_steps - 1), 4) if done_steps > 1 else None
+            round((t_last - t_first) / (done_steps - 1), 4) if done_steps > 1 else None
         ),
+        # steady steps' split: data wait, forward/backward per pass, optimizer (bench distill)
+        "split_seconds_per_step": {
+            k: round(v / (done_steps - 1), 5) for k, v in step_split.items() if done_steps > 1
+        },
         "stopped": stopped,
         "complete": epoch >= plan.epochs,
     }

@@ -318,14 +318,15 @@ def read_overhead(path: str, view: str = "orig", repeats: int = 3) -> dict[str, 
 
 
 def student_step_rate(student, ds: CocoDetection, indices: list[int], batch_size: int) -> float:
-    """Images/s of a plain student train step (forward + backward) — what distill consumes."""
+    """Images/s of a plain student train step (forward + backward) — what distill consumes.
+
+    One untimed warm-up step first (allocator and kernel start-up), then every batch timed.
+    """
     student.train()
     samples = [ds.get(i, "orig") for i in indices]
     opt = torch.optim.SGD(student.parameters(), lr=1e-4)
-    t0 = time.perf_counter()
-    n = 0
-    for k in range(0, len(samples), batch_size):
-        b = samples[k : k + batch_size]
+
+    def step(b: list[dict]) -> None:
         x = pad_batch([s["image"] for s in b], ds.geometry.pad_divisor)
         targets = [{"boxes": s["boxes"], "labels": s["labels"]} for s in b]
         out = student(x, [tuple(s["size"]) for s in b], targets)
@@ -333,7 +334,13 @@ def student_step_rate(student, ds: CocoDetection, indices: list[int], batch_size
         opt.zero_grad()
         loss.backward()
         opt.step()
-        n += len(b)
+
+    step(samples[:batch_size])  # warm-up, not timed
+    t0 = time.perf_counter()
+    n = 0
+    for k in range(0, len(samples), batch_size):
+        step(samples[k : k + batch_size])
+        n += len(samples[k : k + batch_size])
     student.eval()
     return n / (time.perf_counter() - t0)
 
