@@ -11,6 +11,8 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from dfmsd_cli.utils.fmt import format_bytes
+
 
 class UserError(Exception):
     """A mistake in the user's input (options, files, data). Printed as one line, exit code 2."""
@@ -60,21 +62,13 @@ def io_path(path: str | os.PathLike) -> Iterator[None]:
         raise
 
 
-def _fmt_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1024 or unit == "TB":
-            return f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TB"
-
-
 def free_space(path: str | os.PathLike) -> str:
     """Free bytes on the file system of ``path`` (its nearest existing ancestor), formatted."""
     p = Path(path).absolute()
     while not p.exists() and p != p.parent:
         p = p.parent
     try:
-        return _fmt_bytes(shutil.disk_usage(p).free)
+        return format_bytes(shutil.disk_usage(p).free)
     except OSError:
         return "unknown space"
 

@@ -10,19 +10,10 @@ import typer
 
 from dfmsd_cli.cli.app import ConfigOption, app
 from dfmsd_cli.engine.progress import console
+from dfmsd_cli.utils.fmt import format_bytes
 
 cache_app = typer.Typer(help="Inspect and verify teacher-feature stores.", no_args_is_help=True)
 app.add_typer(cache_app, name="cache")
-
-
-def _fmt_bytes(n: float) -> str:
-    if n != n:  # NaN
-        return "-"
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1024 or unit == "TB":
-            return f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TB"
 
 
 @cache_app.command("info")
@@ -50,8 +41,8 @@ def info_cmd(
         ("dtype", info["dtype"]),
         ("images done/total", f"{info['done']}/{info['images']}"),
         ("unreadable", str(info["unreadable"])),
-        ("size on disk", _fmt_bytes(info["bytes_on_disk"])),
-        ("bytes/image", _fmt_bytes(info["bytes_per_image"])),
+        ("size on disk", format_bytes(info["bytes_on_disk"])),
+        ("bytes/image", format_bytes(info["bytes_per_image"])),
         ("compression ratio", "-" if math.isnan(ratio) else f"{ratio:.2f}x"),
         ("created", str(info["created"])),
     ):

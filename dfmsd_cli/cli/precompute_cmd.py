@@ -10,14 +10,7 @@ import typer
 from dfmsd_cli.cli.app import ConfigOption, app, parse_int_list, write_config
 from dfmsd_cli.data.geometry import Geometry, parse_img_scale
 from dfmsd_cli.engine.progress import console
-
-
-def _fmt_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1024 or unit == "TB":
-            return f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TB"
+from dfmsd_cli.utils.fmt import format_bytes
 
 
 @app.command("precompute")
@@ -161,8 +154,8 @@ def precompute_cmd(
     if dry_run:
         rows += [
             ("to compute", str(summary["todo"])),
-            ("raw bytes/image", _fmt_bytes(summary["raw_bytes_per_image"])),
-            ("projected size", _fmt_bytes(summary["projected_bytes"])),
+            ("raw bytes/image", format_bytes(summary["raw_bytes_per_image"])),
+            ("projected size", format_bytes(summary["projected_bytes"])),
             (f"stored/raw ({codec})", f"{summary['expected_compression']:.2f}"),
             ("s/image (probe)", f"{summary['seconds_per_image']:.3f}"),
             ("projected time", f"{summary['projected_seconds']:.0f} s"),

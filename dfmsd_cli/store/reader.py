@@ -46,6 +46,15 @@ from dfmsd_cli.store.quantize import dequantize_uint8, from_bfloat16
 
 ENHANCE_KINDS = {0: "none", 1: "noise", 2: "crop"}
 _DET = ("boxes", "scores", "labels")
+_ENHANCE = ("params", "checksum")
+
+
+def _enhance(got: dict[str, np.ndarray]) -> dict:
+    """The stored ME choice from its gathered ``enhance/*`` rows (``dfmsd_cli.data.enhance``)."""
+    from dfmsd_cli.data.enhance import EnhanceParams
+
+    p = np.asarray(got["enhance/params"], dtype=np.float64)
+    return EnhanceParams.from_array(p, int(got["enhance/checksum"])).to_dict()
 
 
 @dataclass
@@ -313,7 +322,7 @@ class TeacherStore:
             reads[f"det/{view}/{k}"] = (index, where)
         reads[f"area_ratio/{view}"] = (index, where)
         if view == "me":
-            for k in ("params", "checksum"):
+            for k in _ENHANCE:
                 reads[f"enhance/{k}"] = (index, where)
         if view == "adv":  # the perturbation at the resized image size (stored like a map)
             h, w = (int(x) for x in sm["size"][index])
@@ -337,12 +346,7 @@ class TeacherStore:
             att_c[s] = torch.from_numpy(got[f"att_c/{view}/{s}"])
         n = int(got[f"det/{view}/count"])
         det = {k: got[f"det/{view}/{k}"][:n] for k in _DET}
-        enhance = None
-        if view == "me":
-            from dfmsd_cli.data.enhance import EnhanceParams
-
-            p = np.asarray(got["enhance/params"], dtype=np.float64)
-            enhance = EnhanceParams.from_array(p, int(got["enhance/checksum"])).to_dict()
+        enhance = _enhance(got) if view == "me" else None
         adversarial = None
         if view == "adv":
             delta = torch.from_numpy(got["adv/delta"])
@@ -434,33 +438,10 @@ class TeacherStore:
                 raise corrupt(self.path, where, f"chunk {coords} of '{array}' is missing")
         return out
 
-    def adversarial(self, index: int) -> dict:
-        """The stored perturbation of image ``index``: ``delta`` int8 (3, h, w) (resized image
-        size, un-transposed) and the input ``checksum`` (``dfmsd_cli.data.adversarial``)."""
-        sm = self.small()
-        h, w = (int(x) for x in sm["size"][index])
-        transposed = bool(sm["transposed"][index])
-        sh, sw = (w, h) if transposed else (h, w)
-        where = f"image {self.meta.image_ids[index]} (index {index}) view adv (δ)"
-        got = self._gather(
-            {
-                "adv/delta": ((index, slice(None), slice(sh), slice(sw)), where),
-                "adv/checksum": (index, where),
-            }
-        )
-        delta = torch.from_numpy(got["adv/delta"])
-        if transposed:
-            delta = delta.transpose(-1, -2)
-        return {"delta": delta.contiguous(), "checksum": int(got["adv/checksum"])}
-
     def enhance_params(self, index: int) -> dict:
         """The stored ME choice of image ``index`` (see ``dfmsd_cli.data.enhance``)."""
-        from dfmsd_cli.data.enhance import EnhanceParams
-
         where = f"image {self.meta.image_ids[index]} (index {index}) view me"
-        p = np.asarray(self._read("enhance/params", index, where), dtype=np.float64)
-        checksum = int(self._read("enhance/checksum", index, where))
-        return EnhanceParams.from_array(p, checksum).to_dict()
+        return _enhance(self._gather({f"enhance/{k}": (index, where) for k in _ENHANCE}))
 
     def area_ratios(self, view: str = "orig") -> np.ndarray:
         """(N,) candidate-box area ratios of every image (what ``--enhance-from`` reads)."""
