@@ -20,3 +20,27 @@ def synthetic_root(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("synthetic") / "data"
     return make_synthetic(root, images=12, seed=0, min_size=64, max_size=160)
+
+
+def _cli(argv: list[str]) -> int:
+    """Exit code of ``dfmsd ARGV`` run in this process (0 when it returns normally); tests
+    import it (``from conftest import _cli``)."""
+    from dfmsd_cli.cli import main
+
+    try:
+        main(argv)
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    return 0
+
+
+@pytest.fixture(scope="session")
+def tiny_cache(synthetic_root, tmp_path_factory):
+    """``CACHE`` holding ``retina_tiny/train2017.zarr`` of ``synthetic_root`` (128x96, block 4),
+    made once per session. Read it as it is; copy it before damaging it."""
+    cache = tmp_path_factory.mktemp("tiny_cache") / "cache"
+    argv = ["precompute", "--teacher", "retina_tiny", "--data", str(synthetic_root), "--cache",
+            str(cache), "--img-scale", "128,96", "--batch-size", "2", "--num-workers", "0",
+            "--device", "cpu", "--block", "4"]  # fmt: skip
+    assert _cli(argv) == 0
+    return cache

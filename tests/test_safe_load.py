@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import _cli
 
 from dfmsd_cli.cli import main
 from dfmsd_cli.errors import UserError
@@ -52,38 +53,15 @@ def _exit(argv: list[str], capsys) -> tuple[int, str]:
 
 
 def _run(argv: list[str]) -> None:
-    try:
-        main(argv)
-    except SystemExit as exc:
-        assert not exc.code, f"{argv} exited {exc.code}"
+    assert _cli(argv) == 0, f"{argv} failed"
 
 
 @pytest.fixture(scope="module")
-def env(synthetic_root, tmp_path_factory) -> dict:
-    """A tiny store of retina_tiny, a finished train run and a finished distill run."""
+def env(synthetic_root, tiny_cache, tmp_path_factory) -> dict:
+    """The session's tiny retina_tiny store, a finished train run and a finished distill run."""
     tmp = tmp_path_factory.mktemp("safe")
     root = str(synthetic_root)
-    cache = tmp / "cache"
-    _run(
-        [
-            "precompute",
-            "--teacher",
-            "retina_tiny",
-            "--data",
-            root,
-            "--cache",
-            str(cache),
-            *SCALE,
-            "--batch-size",
-            "2",
-            "--num-workers",
-            "0",
-            "--device",
-            "cpu",
-            "--block",
-            "4",
-        ]
-    )
+    cache = tiny_cache
     train_out = tmp / "train"
     _run(
         [

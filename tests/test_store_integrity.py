@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 import zarr
+from conftest import _cli
 
-from dfmsd_cli.cli import main
 from dfmsd_cli.errors import UserError
 from dfmsd_cli.store import schema
 from dfmsd_cli.store.integrity import split_chunk_key
@@ -22,41 +22,16 @@ SCALE = ["--img-scale", "128,96"]
 CPU = ["--num-workers", "0", "--device", "cpu"]
 
 
-def _run(argv: list[str]) -> tuple[int, str]:
-    try:
-        main(argv)
-    except SystemExit as exc:
-        return int(exc.code or 0), ""
-    return 0, ""
-
-
 def _precompute(root: str, cache: Path) -> Path:
-    code, _ = _run(
-        [
-            "precompute",
-            "--teacher",
-            "retina_tiny",
-            "--data",
-            root,
-            "--cache",
-            str(cache),
-            *SCALE,
-            *CPU,
-            "--batch-size",
-            "2",
-            "--block",
-            "4",
-        ]
-    )
-    assert code == 0
+    argv = ["precompute", "--teacher", "retina_tiny", "--data", root, "--cache", str(cache),
+            *SCALE, *CPU, "--batch-size", "2", "--block", "4"]  # fmt: skip
+    assert _cli(argv) == 0
     return cache / "retina_tiny" / "train2017.zarr"
 
 
 @pytest.fixture(scope="module")
-def clean(synthetic_root, tmp_path_factory) -> tuple[str, Path]:
-    cache = tmp_path_factory.mktemp("integrity") / "cache"
-    _precompute(str(synthetic_root), cache)
-    return str(synthetic_root), cache
+def clean(synthetic_root, tiny_cache) -> tuple[str, Path]:
+    return str(synthetic_root), tiny_cache
 
 
 @pytest.fixture
@@ -107,7 +82,7 @@ def _distill(env: dict, capsys) -> tuple[int, str]:
         "1",
         "--no-flip",
     ]
-    code, _ = _run(argv)
+    code = _cli(argv)
     err = capsys.readouterr().err
     assert "Traceback" not in err
     return code, "\n".join(ln for ln in err.splitlines() if ln.startswith("error:"))
@@ -167,13 +142,13 @@ def test_verify_repair_recomputes_exactly_the_damaged_images(env, clean, capsys)
     store = env["store"]
     _flip(_chunk(store, "feat/orig/8", 2))
     _chunk(store, "att_s/orig/32", 9).unlink()
-    code, _ = _run(["cache", "verify", str(store)])
+    code = _cli(["cache", "verify", str(store)])
     cap = capsys.readouterr()
     out = cap.out + cap.err
     assert code == 1 and "2 problem(s)" in out, out
-    code, _ = _run(["cache", "verify", str(store), "--repair"])
+    code = _cli(["cache", "verify", str(store), "--repair"])
     assert code == 2  # --repair needs --data
-    code, _ = _run(["cache", "verify", str(store), "--repair", "--data", env["root"], *CPU])
+    code = _cli(["cache", "verify", str(store), "--repair", "--data", env["root"], *CPU])
     cap = capsys.readouterr()
     out = cap.out + cap.err
     assert code == 0 and "recomputing 2 damaged image(s)" in out and "OK" in out, out
@@ -191,7 +166,7 @@ def test_store_written_before_checksums_still_opens(synthetic_root, tmp_path, mo
     assert "Crc32cCodec" not in [type(c).__name__ for c in a.compressors]
     t = TeacherStore.open(store)
     assert not t.checksummed and t.get(3, "orig")["features"][8].numel() > 0
-    code, _ = _run(["cache", "verify", str(store)])
+    code = _cli(["cache", "verify", str(store)])
     cap = capsys.readouterr()
     out = cap.out + cap.err
     assert code == 0 and "unchecksummed" in out, out
@@ -202,7 +177,7 @@ def test_fast_row_path_equals_zarr(synthetic_root, tmp_path, monkeypatch, dtype,
     """store/chunks.py decodes exactly what zarr's getitem returns, for every array and view."""
     from dfmsd_cli.store import chunks
 
-    code, _ = _run(["precompute", "--teacher", "retina_tiny", "--data", str(synthetic_root),
+    code = _cli(["precompute", "--teacher", "retina_tiny", "--data", str(synthetic_root),
                     "--cache", str(tmp_path), *SCALE, *CPU, "--block", "4", "--dtype", dtype,
                     "--codec", codec, "--views", "orig,hflip"])  # fmt: skip
     assert code == 0
