@@ -45,7 +45,7 @@ OutOpt = typer.Option(None, "--out", "-o", help="Also write the JSON result to t
 
 def _emit(result: dict, kind: str, as_json: bool, out: Path | None) -> None:
     from dfmsd_cli.bench.report import TABLES
-    from dfmsd_cli.engine.progress import console
+    from dfmsd_cli.utils.console import console
 
     text = json.dumps(result, indent=2, default=str)
     if out is not None:

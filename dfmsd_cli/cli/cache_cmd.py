@@ -9,7 +9,7 @@ from pathlib import Path
 import typer
 
 from dfmsd_cli.cli.app import ConfigOption, app
-from dfmsd_cli.engine.progress import console
+from dfmsd_cli.utils.console import console
 from dfmsd_cli.utils.fmt import format_bytes
 
 cache_app = typer.Typer(help="Inspect and verify teacher-feature stores.", no_args_is_help=True)

@@ -9,7 +9,7 @@ import typer
 
 from dfmsd_cli.cli.app import ConfigOption, app, parse_int_list, write_config
 from dfmsd_cli.data.geometry import Geometry, parse_img_scale
-from dfmsd_cli.engine.progress import console
+from dfmsd_cli.utils.console import console
 from dfmsd_cli.utils.fmt import format_bytes
 
 

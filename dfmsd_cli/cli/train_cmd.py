@@ -8,7 +8,7 @@ import typer
 
 from dfmsd_cli.cli.app import ConfigOption, app, parse_int_list
 from dfmsd_cli.data.geometry import parse_img_scale
-from dfmsd_cli.engine.progress import console
+from dfmsd_cli.utils.console import console
 
 
 @app.command("train")

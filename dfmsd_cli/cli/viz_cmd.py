@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 
 from dfmsd_cli.cli.app import app, parse_int_list
-from dfmsd_cli.engine.progress import console
+from dfmsd_cli.utils.console import console
 
 viz_app = typer.Typer(
     help="Figures: teacher attention, masks, features, run curves, comparisons, detections.",

@@ -15,7 +15,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from dfmsd_cli.engine.progress import console
+from dfmsd_cli.utils.console import console
 
 COLUMNS = ("mAP", "APs", "APm", "APl", "mAR")
 

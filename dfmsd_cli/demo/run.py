@@ -31,8 +31,8 @@ from typing import Any
 
 import torch
 
-from dfmsd_cli.engine.progress import console
 from dfmsd_cli.errors import UserError
+from dfmsd_cli.utils.console import console
 
 SPLIT, VAL_SPLIT = "train2017", "val2017"
 

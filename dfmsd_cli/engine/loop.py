@@ -11,9 +11,9 @@ from typing import Any
 import torch
 
 from dfmsd_cli.data.geometry import Geometry
-from dfmsd_cli.engine.progress import console
 from dfmsd_cli.engine.sampler import ViewSampler
 from dfmsd_cli.errors import UserError
+from dfmsd_cli.utils.console import console
 
 
 def epoch_loader(

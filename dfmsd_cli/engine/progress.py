@@ -1,4 +1,4 @@
-"""Rich progress bars with ETA and live loss parts, and the ``metrics.jsonl`` log."""
+"""The ``metrics.jsonl`` log and the smoothed losses of the training progress bar."""
 
 from __future__ import annotations
 
@@ -7,39 +7,6 @@ import math
 import time
 from pathlib import Path
 from typing import Any
-
-from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
-
-console = Console(stderr=True)
-
-
-def make_progress(disable: bool = False) -> Progress:
-    """A progress bar showing done/total, elapsed, ETA and a ``{task.fields[info]}`` text."""
-    return Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TextColumn("eta"),
-        TimeRemainingColumn(),
-        TextColumn("{task.fields[info]}"),
-        console=console,
-        disable=disable,
-        transient=False,
-    )
-
-
-def format_losses(values: dict[str, float], limit: int = 6) -> str:
-    parts = [f"{k.removeprefix('loss_')}={v:.3f}" for k, v in list(values.items())[:limit]]
-    return " ".join(parts)
 
 
 class MetricsLog:

@@ -26,11 +26,12 @@ from dfmsd_cli.engine.distributed import (
     init_distributed,
 )
 from dfmsd_cli.engine.loop import epoch_loader, evaluate_split, options_dict
-from dfmsd_cli.engine.progress import MetricsLog, RunningMean, console, format_losses, make_progress
+from dfmsd_cli.engine.progress import MetricsLog, RunningMean
 from dfmsd_cli.engine.rundir import prepare_run_dir, write_config
 from dfmsd_cli.engine.sampler import ViewSampler
 from dfmsd_cli.engine.schedule import StepSchedule, build_sgd
 from dfmsd_cli.errors import UserError
+from dfmsd_cli.utils.console import console, format_losses, make_progress
 from dfmsd_cli.utils.device import resolve_device
 
 

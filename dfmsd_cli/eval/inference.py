@@ -41,7 +41,7 @@ def predict(
     ``categories`` maps label L to ``categories[L-1]["id"]`` (default: the dataset's).
     """
     from dfmsd_cli.data.loader import make_loader
-    from dfmsd_cli.engine.progress import make_progress
+    from dfmsd_cli.utils.console import make_progress
 
     device = torch.device(device)
     cats = categories if categories is not None else dataset.categories

@@ -190,7 +190,7 @@ def verify_store(
         )
     if scan:
         complete = np.flatnonzero(done == schema.DONE_OK)
-        from dfmsd_cli.engine.progress import make_progress
+        from dfmsd_cli.utils.console import make_progress
 
         bar = make_progress(disable=not progress)
         with bar:

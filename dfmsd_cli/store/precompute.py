@@ -381,7 +381,7 @@ def _write_store(
     writer.expect(i for b in plan for i in b if done[i] == schema.DONE_PENDING)
     stats = {"written": 0, "unreadable": 0}
 
-    from dfmsd_cli.engine.progress import make_progress
+    from dfmsd_cli.utils.console import make_progress
 
     progress = make_progress(disable=not o.progress)
     task = progress.add_task(f"precompute {o.teacher}", total=todo, info="")
