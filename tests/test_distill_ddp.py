@@ -32,21 +32,24 @@ def _batch(rank: int) -> tuple:
         {"boxes": torch.tensor([[4.0, 6.0, 40.0, 50.0]]) + rank, "labels": torch.tensor([1 + b])}
         for b in range(2)
     ]
-    teacher = {"features": {}, "valid": {}, "att_spatial": {}, "att_channel": {}}
+    from dfmsd_cli.store.batch import TeacherBatch, TeacherView
+
+    view = TeacherView({}, {}, {}, {})
     for s in LEVELS:
         h, w = -(-64 // s), -(-96 // s)
         f = torch.randn(2, 32, h, w, generator=g)
-        teacher["features"][s] = f
-        teacher["valid"][s] = torch.ones(2, h, w, dtype=torch.bool)
-        teacher["att_spatial"][s] = f.abs().mean(1)
-        teacher["att_channel"][s] = f.abs().mean((2, 3))
+        view.features[s] = f
+        view.valid[s] = torch.ones(2, h, w, dtype=torch.bool)
+        view.att_spatial[s] = f.abs().mean(1)
+        view.att_channel[s] = f.abs().mean((2, 3))
+    teacher = TeacherBatch({"main": view, "me": view}, {"me": images.flip(-1)})
     return images, [(64, 96), (60, 90)], targets, teacher
 
 
 def _grads(model, rank: int) -> dict[str, torch.Tensor]:
     torch.manual_seed(1000 + rank)  # each process draws its own masks
     images, sizes, targets, teacher = _batch(rank)
-    losses = model(images, sizes, targets, teacher, images.flip(-1), teacher)
+    losses = model(images, sizes, targets, teacher)
     sum(losses.values()).backward()
     return {n: p.grad.clone() for n, p in _named(model) if p.grad is not None}
 

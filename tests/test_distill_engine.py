@@ -253,11 +253,12 @@ def test_online_teachers_match_the_store(env):
     for k in (0, 1):  # image 0, orig and hflip views
         a = collate_distill([stored[k]])
         b = online(collate_distill([plain[k]]), a["images"])
-        assert torch.equal(a["me_images"], b["me_images"])
-        for key in ("teacher", "teacher_me"):
+        assert torch.equal(a["teacher"].inputs["me"], b.inputs["me"])
+        for key in ("main", "me"):
+            va, vb = a["teacher"].views[key], b.views[key]
             for s in levels:
-                fa, fb = a[key]["features"][s], b[key]["features"][s]
-                assert torch.equal(a[key]["valid"][s], b[key]["valid"][s])
+                fa, fb = va.features[s], vb.features[s]
+                assert torch.equal(va.valid[s], vb.valid[s])
                 assert (fa - fb).abs().max() <= 1e-3 * fa.abs().max() + 1e-3
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from dfmsd_cli.distill.step import train_step
+from dfmsd_cli.store.batch import TeacherBatch, TeacherView
 
 LEVELS = (8, 16, 32, 64, 128)
 
@@ -22,27 +23,35 @@ def _model():
     return DistillModel(student, losses, cfg).train()
 
 
+def _scaled(view: TeacherView, k: float) -> TeacherView:
+    """``view`` with its maps (not its valid masks) multiplied by ``k``."""
+    return TeacherView(
+        {s: v * k for s, v in view.features.items()},
+        view.valid,
+        {s: v * k for s, v in view.att_spatial.items()},
+        {s: v * k for s, v in view.att_channel.items()},
+    )
+
+
 def _batch() -> dict:
     g = torch.Generator().manual_seed(7)
     images = torch.randn(2, 3, 64, 96, generator=g)
-    teacher = {"features": {}, "valid": {}, "att_spatial": {}, "att_channel": {}}
+    main = TeacherView({}, {}, {}, {})
     for s in LEVELS:
         h, w = -(-64 // s), -(-96 // s)
         f = torch.randn(2, 32, h, w, generator=g)
-        teacher["features"][s] = f
-        teacher["valid"][s] = torch.ones(2, h, w, dtype=torch.bool)
-        teacher["att_spatial"][s] = f.abs().mean(1)
-        teacher["att_channel"][s] = f.abs().mean((2, 3))
-    teacher_me = {k: {s: v * 0.5 for s, v in d.items()} for k, d in teacher.items()}
-    teacher_me["valid"] = teacher["valid"]
+        main.features[s] = f
+        main.valid[s] = torch.ones(2, h, w, dtype=torch.bool)
+        main.att_spatial[s] = f.abs().mean(1)
+        main.att_channel[s] = f.abs().mean((2, 3))
+    teacher = TeacherBatch({"main": main, "me": _scaled(main, 0.5)})
+    teacher.inputs["me"] = images.flip(-1) + 0.1
     return {
         "images": images,
         "image_sizes": [(64, 96), (60, 90)],
         "targets": [{"boxes": torch.tensor([[4.0, 6.0, 40.0, 50.0]]), "labels": torch.tensor([1])}]
         * 2,
         "teacher": teacher,
-        "teacher_me": teacher_me,
-        "me_images": images.flip(-1) + 0.1,
     }
 
 
@@ -53,10 +62,7 @@ def _grads(model) -> dict[str, torch.Tensor]:
 def test_two_pass_step_equals_one_backward_of_the_sum():
     model, batch = _model(), _batch()
     torch.manual_seed(3)  # the masks are random: same draws in both runs
-    losses = model(
-        batch["images"], batch["image_sizes"], batch["targets"], batch["teacher"],
-        batch["me_images"], batch["teacher_me"],
-    )  # fmt: skip
+    losses = model(batch["images"], batch["image_sizes"], batch["targets"], batch["teacher"])
     assert set(losses) >= {"loss_kd", "loss_sfa", "loss_me"}
     total = sum(losses.values())
     total.backward()
@@ -88,17 +94,10 @@ def test_three_pass_step_with_adv_equals_one_backward_of_the_sum():
     losses = build_stage_losses(cfg, list(LEVELS), channels, 32, with_me=True, with_adv=True)
     model = DistillModel(model.student, losses, cfg).train()
     batch = _batch()
-    batch["teacher_adv"] = {
-        k: {s: v * 2.0 for s, v in d.items()} for k, d in batch["teacher"].items()
-    }
-    batch["teacher_adv"]["valid"] = batch["teacher"]["valid"]
-    batch["adv_images"] = batch["images"] + 0.05
+    batch["teacher"].views["adv"] = _scaled(batch["teacher"].main, 2.0)
+    batch["teacher"].inputs["adv"] = batch["images"] + 0.05
     torch.manual_seed(3)
-    out = model(
-        batch["images"], batch["image_sizes"], batch["targets"], batch["teacher"],
-        batch["me_images"], batch["teacher_me"], adv_images=batch["adv_images"],
-        teacher_adv=batch["teacher_adv"],
-    )  # fmt: skip
+    out = model(batch["images"], batch["image_sizes"], batch["targets"], batch["teacher"])
     assert set(out) >= {"loss_kd", "loss_sfa", "loss_me", "loss_adv"}
     sum(out.values()).backward()
     expected = _grads(model)

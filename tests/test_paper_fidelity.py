@@ -134,12 +134,12 @@ def test_kd_warmup_factor_and_model_scaling():
     mods = build_stage_losses(cfg, [8], 3, 3, with_me=False)
     model = DistillModel(_Student(), mods, cfg)
     x = torch.randn(1, 3, 4, 4)
-    teacher = {
-        "features": {8: torch.randn(1, 3, 4, 4)},
-        "valid": {8: torch.ones(1, 4, 4, dtype=torch.bool)},
-        "att_spatial": {},
-        "att_channel": {},
-    }
+    from dfmsd_cli.store.batch import TeacherBatch, TeacherView
+
+    view = TeacherView(
+        {8: torch.randn(1, 3, 4, 4)}, {8: torch.ones(1, 4, 4, dtype=torch.bool)}, {}, {}
+    )
+    teacher = TeacherBatch({"main": view})
     torch.manual_seed(1)
     full = model(x, [(4, 4)], [{}], teacher)
     model.kd_scale = 0.25

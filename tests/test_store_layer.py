@@ -119,15 +119,16 @@ def test_collate_teacher_pads_and_masks(tmp_path):
     b = collate_teacher(samples, batch_hw=(128, 128))
     for s in STRIDES:
         hs = math.ceil(128 / s)
-        assert b["features"][s].shape == (3, C, hs, hs) and b["valid"][s].shape == (3, hs, hs)
+        assert b.features[s].shape == (3, C, hs, hs) and b.valid[s].shape == (3, hs, hs)
         for k, t in enumerate(samples):
             h, w_ = t["valid"][s]
-            assert int(b["valid"][s][k].sum()) == h * w_
-            assert torch.equal(b["features"][s][k, :, :h, :w_], t["features"][s])
-            assert float(b["features"][s][k].abs().sum()) == pytest.approx(
+            assert int(b.valid[s][k].sum()) == h * w_
+            assert torch.equal(b.features[s][k, :, :h, :w_], t["features"][s])
+            assert float(b.features[s][k].abs().sum()) == pytest.approx(
                 float(t["features"][s].abs().sum()), rel=1e-5
             )
-    assert b["area_ratio"].shape == (3,)
+    assert b.area_ratio.shape == (3,)
+    assert b.image_id == [t["image_id"] for t in samples] and len(b.boxes) == 3
 
 
 def test_float16_overflow_refused_and_nothing_marked(tmp_path):

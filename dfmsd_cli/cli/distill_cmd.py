@@ -10,6 +10,7 @@ import typer
 
 from dfmsd_cli.cli.app import ConfigOption, app, parse_int_list
 from dfmsd_cli.data.geometry import parse_img_scale
+from dfmsd_cli.distill.methods.registry import method_help, option_help
 from dfmsd_cli.utils.console import console
 
 
@@ -37,51 +38,23 @@ def distill_cmd(
     epochs: str = typer.Option(
         "12", "--epochs", help="Epochs per stage, e.g. 12,12 (one value: the same for all)."
     ),
-    method: str = typer.Option(
-        "dfmsd", "--method", help="dfmsd, dmkd, mgd, pkd, fgd or none (student alone)."
-    ),
-    no_sal: bool = typer.Option(False, "--no-sal", help="dfmsd: one stage, the last teacher."),
-    no_me: bool = typer.Option(False, "--no-me", help="dfmsd: no masking-enhancement loss."),
-    no_sfa: bool = typer.Option(False, "--no-sfa", help="dfmsd: no semantic feature alignment."),
-    adv: bool | None = typer.Option(
-        None,
-        "--adv/--no-adv",
-        help="dfmsd: L_adv on the stored adversarial view in the last stage (default: when the "
-        "store has it; --adv requires it, --no-adv is the ablation).",
-    ),
-    adv_weight: float | None = typer.Option(
-        None, "--adv-weight", help="dfmsd: weight of L_adv (default: β's default)."
-    ),
-    me_stages: str = typer.Option(
-        "last", "--me-stages", help="dfmsd: stages with L_ME: last, all or none."
-    ),
-    alpha: float | None = typer.Option(
-        None, "--alpha", help="Weight of the stage loss (default per method and student family)."
-    ),
-    beta: float | None = typer.Option(None, "--beta", help="Weight of L_ME (dfmsd: 0.25)."),
-    gamma: float | None = typer.Option(None, "--gamma", help="Weight of L_SFA (dfmsd: 6)."),
-    lambda_s: float | None = typer.Option(
-        None, "--lambda-s", help="Dual masking: fraction of valid cells masked (0.65)."
-    ),
-    lambda_c: float | None = typer.Option(
-        None, "--lambda-c", help="Dual masking: fraction of channels masked (0.5)."
-    ),
-    tau: float | None = typer.Option(None, "--tau", help="Attention temperature (0.5)."),
-    mask_rule: str | None = typer.Option(
-        None, "--mask-rule", help="Mask selection: sample (∝ attention), top, or random."
-    ),
-    sfa_levels: str | None = typer.Option(
-        None,
-        "--sfa-levels",
-        help="dfmsd: SFA on the N finest shared levels, averaged (Eq. 5; default 3, the "
-        "paper's P1-P3), or 'all'.",
-    ),
-    kd_warmup: int | None = typer.Option(
-        None,
-        "--kd-warmup",
-        help="Ramp every distillation weight linearly from 0 over the first N iterations of "
-        "each stage (0: off, the default).",
-    ),
+    method: str = typer.Option("dfmsd", "--method", help=method_help()),
+    no_sal: bool = typer.Option(False, "--no-sal", help=option_help("sal")),
+    no_me: bool = typer.Option(False, "--no-me", help=option_help("me")),
+    no_sfa: bool = typer.Option(False, "--no-sfa", help=option_help("sfa")),
+    # method options: help (and checks) declared by the method modules (distill/methods/)
+    adv: bool | None = typer.Option(None, "--adv/--no-adv", help=option_help("adv")),
+    adv_weight: float | None = typer.Option(None, "--adv-weight", help=option_help("adv_weight")),
+    me_stages: str = typer.Option("last", "--me-stages", help=option_help("me_stages")),
+    alpha: float | None = typer.Option(None, "--alpha", help=option_help("alpha")),
+    beta: float | None = typer.Option(None, "--beta", help=option_help("beta")),
+    gamma: float | None = typer.Option(None, "--gamma", help=option_help("gamma")),
+    lambda_s: float | None = typer.Option(None, "--lambda-s", help=option_help("lambda_s")),
+    lambda_c: float | None = typer.Option(None, "--lambda-c", help=option_help("lambda_c")),
+    tau: float | None = typer.Option(None, "--tau", help=option_help("tau")),
+    mask_rule: str | None = typer.Option(None, "--mask-rule", help=option_help("mask_rule")),
+    sfa_levels: str | None = typer.Option(None, "--sfa-levels", help=option_help("sfa_levels")),
+    kd_warmup: int | None = typer.Option(None, "--kd-warmup", help=option_help("kd_warmup")),
     split: str = typer.Option("train2017", "--split", help="Training split (the stores' split)."),
     val_split: str = typer.Option("val2017", "--val-split", help="Split evaluated after stages."),
     ann: Path | None = typer.Option(None, "--ann", help="Annotation file (overrides --data)."),

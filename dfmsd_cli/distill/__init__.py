@@ -10,13 +10,20 @@ Losses live in :mod:`dfmsd_cli.distill.losses`; formulas in docs/method.md.
 """
 
 from dfmsd_cli.distill.engine import DistillOptions, distill
-from dfmsd_cli.distill.methods import METHODS, MethodConfig, method_config, student_family
+from dfmsd_cli.distill.methods import (
+    MethodConfig,
+    list_methods,
+    method_config,
+    register_method,
+    student_family,
+)
 
 __all__ = [
-    "METHODS",
     "DistillOptions",
     "MethodConfig",
     "distill",
+    "list_methods",
     "method_config",
+    "register_method",
     "student_family",
 ]

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 from torch.utils.data import Dataset
 
 from dfmsd_cli.data.geometry import normalize, pad_batch
@@ -90,37 +89,29 @@ class DistillDataset(Dataset):
 
 
 def collate_distill(samples: list[dict | None], pad_divisor: int = 32) -> dict | None:
-    """:func:`dfmsd_cli.data.loader.collate` plus ``teacher`` (and ``teacher_me``, ``me_images``)
-    batched by :func:`dfmsd_cli.store.reader.collate_teacher` to the student's padded size."""
+    """:func:`dfmsd_cli.data.loader.collate` plus ``teacher``: a
+    :class:`~dfmsd_cli.store.batch.TeacherBatch` whose views are batched by
+    :func:`~dfmsd_cli.store.batch.collate_teacher` to the student's padded size (the drawn view
+    as ``main``; ``me``/``adv`` with their regenerated inputs)."""
     from dfmsd_cli.data.loader import collate
-    from dfmsd_cli.store.reader import collate_teacher
+    from dfmsd_cli.store.batch import MAIN, TeacherBatch, collate_teacher
 
     samples = [s for s in samples if s is not None]
     if not samples:
         return None
     extra = [{k: s.pop(k) for k in _TEACHER_KEYS if k in s} for s in samples]
     batch = collate(samples, pad_divisor)
+    if "teacher" not in extra[0]:
+        return batch
     hw = tuple(batch["images"].shape[-2:])
-    if "teacher" in extra[0]:
-        batch["teacher"] = collate_teacher([e["teacher"] for e in extra], hw)
-    if "teacher_me" in extra[0]:
-        batch["teacher_me"] = collate_teacher([e["teacher_me"] for e in extra], hw)
-        me_images = pad_batch([e["me_image"] for e in extra], pad_divisor)
-        if tuple(me_images.shape[-2:]) != hw:  # same sizes as the originals by construction
-            raise RuntimeError(f"ME batch {tuple(me_images.shape)} != image batch {hw}")
-        batch["me_images"] = me_images
-    if "teacher_adv" in extra[0]:
-        batch["teacher_adv"] = collate_teacher([e["teacher_adv"] for e in extra], hw)
-        adv_images = pad_batch([e["adv_image"] for e in extra], pad_divisor)
-        if tuple(adv_images.shape[-2:]) != hw:
-            raise RuntimeError(f"adv batch {tuple(adv_images.shape)} != image batch {hw}")
-        batch["adv_images"] = adv_images
+    teacher = TeacherBatch({MAIN: collate_teacher([e["teacher"] for e in extra], hw)})
+    for view in ("me", "adv"):
+        if f"teacher_{view}" not in extra[0]:
+            continue
+        teacher.views[view] = collate_teacher([e[f"teacher_{view}"] for e in extra], hw)
+        x = pad_batch([e[f"{view}_image"] for e in extra], pad_divisor)
+        if tuple(x.shape[-2:]) != hw:  # same sizes as the originals by construction
+            raise RuntimeError(f"{view} batch {tuple(x.shape)} != image batch {hw}")
+        teacher.inputs[view] = x
+    batch["teacher"] = teacher
     return batch
-
-
-def teacher_to(t: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    """Move the tensors the losses use (features, valid, attention statistics) to ``device``."""
-    out = dict(t)
-    for key in ("features", "valid", "att_spatial", "att_channel"):
-        out[key] = {s: v.to(device, non_blocking=True) for s, v in t[key].items()}
-    return out

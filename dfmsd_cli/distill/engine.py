@@ -28,7 +28,14 @@ from torch import nn
 
 from dfmsd_cli.data.geometry import Geometry
 from dfmsd_cli.distill.dataset import DistillDataset, collate_distill
-from dfmsd_cli.distill.methods import MethodConfig, build_stage_losses, method_config
+from dfmsd_cli.distill.methods import (
+    COMMON_OPTIONS,
+    MethodConfig,
+    all_options,
+    build_stage_losses,
+    get_method,
+    method_config,
+)
 from dfmsd_cli.distill.model import DistillModel
 from dfmsd_cli.distill.online import stage_online_teacher
 from dfmsd_cli.distill.stages import (
@@ -109,27 +116,17 @@ class DistillOptions:
 
 
 def resolve_method(opts: DistillOptions) -> MethodConfig:
-    """The method config for ``opts``; ablation flags only matter for ``dfmsd``."""
-    is_dfmsd = opts.method == "dfmsd"
-    return method_config(
-        opts.method,
-        opts.student,
-        sal=(opts.sal if is_dfmsd else None),
-        me=(opts.me if is_dfmsd else None),
-        sfa=(opts.sfa if is_dfmsd else None),
-        adv=(opts.adv if is_dfmsd else None),
-        adv_weight=opts.adv_weight,
-        me_stages=(opts.me_stages if is_dfmsd else None),
-        alpha=opts.alpha,
-        beta=opts.beta,
-        gamma=opts.gamma,
-        lambda_s=opts.lambda_s,
-        lambda_c=opts.lambda_c,
-        tau=opts.tau,
-        mask_rule=opts.mask_rule,
-        sfa_levels=(opts.sfa_levels if is_dfmsd else None),
-        kd_warmup=opts.kd_warmup,
-    )
+    """The method config for ``opts``: every registered method option (``all_options``) that
+    ``opts`` sets; one the method does not declare counts only when it differs from its CLI
+    default (``--no-sal`` etc. default to on), and then ``method_config`` refuses it."""
+    spec = get_method(opts.method)
+    declared = {o.name for o in (*COMMON_OPTIONS, *spec.options)}
+    given = {}
+    for name, opt in all_options().items():
+        value = getattr(opts, name, None)
+        if name in declared or value != opt.default:
+            given[name] = value
+    return method_config(opts.method, opts.student, **given)
 
 
 def identity_of(opts: DistillOptions) -> dict[str, Any]:

@@ -4,14 +4,20 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from dfmsd_cli.distill.methods import MethodConfig
+from dfmsd_cli.distill.methods import LossTerm, MethodConfig
+from dfmsd_cli.store.batch import MAIN, TeacherBatch
 
 
 class DistillModel(nn.Module):
     """The student plus one stage's loss modules; ``forward`` returns every weighted loss term.
 
-    One module so DDP averages the gradients of the student and of the align/generation blocks
-    together (``find_unused_parameters`` covers levels a batch does not reach).
+    The terms are those the method's spec declares (``MethodSpec.terms``) whose module the stage
+    built (``losses[term.key]``): each is ``kd_scale · cfg.<term.weight> · term.call(module,
+    student maps, teacher view, targets)``. Terms on the ``main`` view use the student's
+    training forward; terms on an extra view (``me``, ``adv``) run the student's backbone+FPN
+    on that view's input. One module so DDP averages the gradients of the student and of the
+    align/generation blocks together (``find_unused_parameters`` covers levels a batch does
+    not reach).
     """
 
     def __init__(self, student: nn.Module, losses: nn.ModuleDict, cfg: MethodConfig) -> None:
@@ -20,73 +26,54 @@ class DistillModel(nn.Module):
         self.losses = losses
         self.cfg = cfg
         self.kd_scale = 1.0  # --kd-warmup: the engine ramps this from ~0 to 1 (every KD term)
+        self.terms: dict[str, list[LossTerm]] = {}  # view -> its built terms, in spec order
+        for term in cfg.spec.terms:
+            if term.key in losses:
+                self.terms.setdefault(term.view, []).append(term)
+
+    @property
+    def extra_views(self) -> list[str]:
+        """The views besides ``main`` with terms in this stage (their own passes), in order."""
+        return [v for v in self.terms if v != MAIN]
 
     def forward(
         self,
         images: Tensor,
         image_sizes: list[tuple[int, int]],
         targets: list[dict[str, Tensor]],
-        teacher: dict | None = None,
-        me_images: Tensor | None = None,
-        teacher_me: dict | None = None,
+        teacher: TeacherBatch | None = None,
         part: str = "all",
-        adv_images: Tensor | None = None,
-        teacher_adv: dict | None = None,
     ) -> dict[str, Tensor]:
-        """``part``: ``"all"``; or ``"main"`` (detection, stage loss, SFA), ``"me"`` (L_ME
-        alone) and ``"adv"`` (L_adv alone) for a step that back-propagates them one after the
-        other (the engine does, so the passes' activations are never held together)."""
-        if part == "me":
-            return self._me_loss(me_images, teacher_me)
-        if part == "adv":
-            return self.adv_loss(adv_images, teacher_adv)
+        """``part``: ``"all"``; or ``"main"`` (detection and the main-view terms) and an extra
+        view's name (its terms alone) for a step that back-propagates them one after the other
+        (the engine does, so the passes' activations are never held together)."""
+        if part not in ("all", MAIN):
+            return self.view_losses(part, teacher, targets)
         out = self.student(images, image_sizes, targets)
         losses = dict(out.losses)
         if teacher is None:
             return losses
-        feats, cfg = out.features, self.cfg
-        if "stage" in self.losses:
-            term = self.losses["stage"](
-                feats, teacher["features"], teacher["valid"], _stats(teacher), targets
-            )
-            losses["loss_kd"] = self.kd_scale * cfg.alpha * term
-        if "sfa" in self.losses:
-            term = self.losses["sfa"](feats, teacher["features"], teacher["valid"])
-            losses["loss_sfa"] = self.kd_scale * cfg.gamma * term
+        losses.update(self._terms(MAIN, out.features, teacher, targets))
         if part == "all":
-            losses.update(self._me_loss(me_images, teacher_me))
-            losses.update(self.adv_loss(adv_images, teacher_adv))
+            for view in self.extra_views:
+                losses.update(self.view_losses(view, teacher, targets))
         return losses
 
-    @property
-    def has_me(self) -> bool:
-        return "me" in self.losses
-
-    def _me_loss(self, me_images: Tensor | None, teacher_me: dict | None) -> dict[str, Tensor]:
-        """β·L_ME: the student's backbone+FPN on the enhanced images vs the stored me view."""
-        if not self.has_me or me_images is None or teacher_me is None:
+    def view_losses(
+        self, view: str, teacher: TeacherBatch | None, targets: list[dict[str, Tensor]]
+    ) -> dict[str, Tensor]:
+        """The terms on extra view ``view``: the student's backbone+FPN on its input vs the
+        teacher's stored features of it (nothing when the batch lacks the view)."""
+        if view not in self.terms or teacher is None or not teacher.has(view):
             return {}
-        me_feats = self.student.extract_features(me_images)
-        term = self.losses["me"](
-            me_feats, teacher_me["features"], teacher_me["valid"], _stats(teacher_me)
-        )
-        return {"loss_me": self.kd_scale * self.cfg.beta * term}
+        feats = self.student.extract_features(teacher.inputs[view])
+        return self._terms(view, feats, teacher, targets)
 
-    @property
-    def has_adv(self) -> bool:
-        return "adv" in self.losses
-
-    def adv_loss(self, adv_images: Tensor | None, teacher_adv: dict | None) -> dict[str, Tensor]:
-        """w_adv·L_adv: the student's backbone+FPN on the stored adversarial input vs the
-        teacher's stored features on it (DFM, Eq. 8's mean reduction; docs/method.md)."""
-        if not self.has_adv or adv_images is None or teacher_adv is None:
-            return {}
-        feats = self.student.extract_features(adv_images)
-        term = self.losses["adv"](
-            feats, teacher_adv["features"], teacher_adv["valid"], _stats(teacher_adv)
-        )
-        return {"loss_adv": self.kd_scale * self.cfg.adv_weight * term}
-
-
-def _stats(t: dict) -> dict:
-    return {"spatial": t["att_spatial"], "channel": t["att_channel"]}
+    def _terms(self, view: str, feats, teacher: TeacherBatch, targets) -> dict[str, Tensor]:
+        t = teacher.views[view]
+        return {
+            term.metric: self.kd_scale
+            * getattr(self.cfg, term.weight)
+            * term.call(self.losses[term.key], feats, t, targets)
+            for term in self.terms.get(view, [])
+        }

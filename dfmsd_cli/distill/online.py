@@ -2,9 +2,9 @@
 
 For users without the disk space for a store, and to measure what the store saves. Each stage
 builds its teacher (weights from ``--teacher-weights``, else a seeded random init as
-``dfmsd precompute`` does) and, per batch, produces exactly what
-:func:`dfmsd_cli.store.reader.collate_teacher` would: ``features``, ``valid`` (each image's own
-padded size, as the store records it), and the raw attention statistics.
+``dfmsd precompute`` does) and, per batch, produces the :class:`~dfmsd_cli.store.batch.TeacherBatch`
+the store path collates: ``features``, ``valid`` (each image's own padded size, as the store
+records it), and the raw attention statistics (no stored detections).
 
 ME online needs two teacher passes, as the store does at precompute time: the weaker (previous)
 teacher's detections on the original image give the candidate-box area ratio, which chooses the
@@ -24,6 +24,7 @@ from torch import Tensor
 
 from dfmsd_cli.data.geometry import Geometry, normalize, pad_batch, pad_to
 from dfmsd_cli.distill.losses.common import raw_statistics
+from dfmsd_cli.store.batch import MAIN, TeacherBatch, TeacherView
 
 
 def valid_masks(
@@ -52,8 +53,8 @@ def load_online_teacher(name: str, num_classes: int, weights: str | None, seed: 
 
 
 class OnlineTeacher:
-    """Per-batch teacher outputs for one stage (``teacher``, and with ME ``teacher_me`` +
-    ``me_images``), in the layout of the store's ``collate_teacher``."""
+    """Per-batch teacher outputs for one stage: a ``TeacherBatch`` (the ``main`` view, and with
+    ME the ``me`` view and its input), the types the store's ``collate_teacher`` gives."""
 
     def __init__(
         self,
@@ -71,28 +72,28 @@ class OnlineTeacher:
     def me(self) -> bool:
         return self.weaker is not None and self.enhance is not None
 
-    def _outputs(self, feats: dict[int, Tensor], valid: dict[int, Tensor]) -> dict[str, Any]:
-        out: dict[str, Any] = {"features": {}, "valid": {}, "att_spatial": {}, "att_channel": {}}
+    def _outputs(self, feats: dict[int, Tensor], valid: dict[int, Tensor]) -> TeacherView:
+        out = TeacherView({}, {}, {}, {})
         for s in self.levels:
             f = feats[s].float()
             v = valid[s].to(f.device)
             f = f * v[:, None]  # zero outside each image's extent, like the store's padding
             sp, ch = raw_statistics(f, v)
-            out["features"][s], out["valid"][s] = f, v
-            out["att_spatial"][s], out["att_channel"][s] = sp, ch
+            out.features[s], out.valid[s] = f, v
+            out.att_spatial[s], out.att_channel[s] = sp, ch
         return out
 
     @torch.no_grad()
-    def __call__(self, batch: dict, images: Tensor) -> dict[str, Any]:
+    def __call__(self, batch: dict, images: Tensor) -> TeacherBatch:
         sizes = [tuple(hw) for hw in batch["image_sizes"]]
         hw = tuple(images.shape[-2:])
         valid = valid_masks(sizes, hw, self.levels, self.geometry.pad_divisor)
-        result = {"teacher": self._outputs(self.teacher.extract_features(images), valid)}
+        result = TeacherBatch({MAIN: self._outputs(self.teacher.extract_features(images), valid)})
         if self.me:
-            result.update(self._me(batch, images, sizes, valid))
+            result.views["me"], result.inputs["me"] = self._me(batch, images, sizes, valid)
         return result
 
-    def _me(self, batch: dict, images: Tensor, sizes, valid) -> dict[str, Any]:
+    def _me(self, batch: dict, images: Tensor, sizes, valid) -> tuple[TeacherView, Tensor]:
         from dfmsd_cli.data.enhance import apply_enhance, choose
         from dfmsd_cli.store.writer import area_ratio
 
@@ -110,7 +111,7 @@ class OnlineTeacher:
             enhanced.append(normalize(apply_enhance(r, params), self.geometry))
         me_images = pad_batch(enhanced, self.geometry.pad_divisor).to(images.device)
         feats = self.teacher.extract_features(me_images)
-        return {"teacher_me": self._outputs(feats, valid), "me_images": me_images}
+        return self._outputs(feats, valid), me_images
 
 
 def _unpad_raw(raw: Tensor, sizes) -> list[Tensor]:

@@ -8,7 +8,7 @@ import time
 import torch
 from torch import Tensor, nn
 
-from dfmsd_cli.distill.dataset import teacher_to
+from dfmsd_cli.store.batch import TeacherBatch
 
 
 def train_step(
@@ -23,31 +23,28 @@ def train_step(
 ) -> tuple[dict[str, float], Tensor]:
     """Forward and backward of one batch; returns the logged values and the total loss.
 
-    With ME the main pass (detection, stage loss, SFA) is back-propagated before the ME pass
-    runs, so the two graphs are never held at once: the gradients add up to those of the summed
-    loss, at the peak memory of the larger pass (under DDP the first backward skips the
-    all-reduce, the second reduces the accumulated gradients). A non-finite loss returns
-    before its backward; the caller stops the run. ``timings`` (if given) accumulates the
-    seconds (clock ``now``) of each pass's forward (``fwd_<pass>``) and backward (``bwd_<pass>``).
+    ``batch["teacher"]`` is a :class:`~dfmsd_cli.store.batch.TeacherBatch` (or None: the
+    student alone). With ME the main pass (detection, stage loss, SFA) is back-propagated
+    before the ME pass runs (likewise each further extra view, e.g. adv), so the graphs are
+    never held at once: the gradients add up to those of the summed loss, at the peak memory
+    of the larger pass (under DDP the first backward skips the all-reduce, the last reduces
+    the accumulated gradients). A non-finite loss returns before its backward; the caller
+    stops the run. ``timings`` (if given) accumulates the seconds (clock ``now``) of each
+    pass's forward (``fwd_<pass>``) and backward (``bwd_<pass>``).
     """
     clock = _Clock(device, timings, now)
     images = batch["images"].to(device, non_blocking=True)
     if online is not None:  # --online: the teachers' pass replaces the store read
         with torch.autocast(device.type, enabled=use_amp):
-            batch.update(online(batch, images))
+            batch["teacher"] = online(batch, images)
         clock.lap("teachers_online")
     targets = [{k: v.to(device) for k, v in t.items()} for t in batch["targets"]]
-    teacher = teacher_to(batch["teacher"], device) if "teacher" in batch else None
-    teacher_me = teacher_to(batch["teacher_me"], device) if "teacher_me" in batch else None
-    me_images = batch["me_images"].to(device, non_blocking=True) if "me_images" in batch else None
-    teacher_adv = teacher_to(batch["teacher_adv"], device) if "teacher_adv" in batch else None
-    adv_images = batch["adv_images"].to(device) if "adv_images" in batch else None
+    teacher: TeacherBatch | None = batch.get("teacher")
+    teacher = teacher.to(device) if teacher is not None else None
     inner = getattr(model, "module", model)
     passes = ["main"]
-    if inner.has_me and me_images is not None and teacher_me is not None:
-        passes.append("me")
-    if getattr(inner, "has_adv", False) and adv_images is not None and teacher_adv is not None:
-        passes.append("adv")
+    if teacher is not None:  # one more pass per extra view (me, adv) the stage and batch have
+        passes += [v for v in getattr(inner, "extra_views", []) if teacher.has(v)]
     if len(passes) == 1:
         passes = ["all"]
     values: dict[str, float] = {}
@@ -57,9 +54,7 @@ def train_step(
         with contextlib.nullcontext() if sync else model.no_sync():
             clock.lap(None)
             with torch.autocast(device.type, enabled=use_amp):
-                losses = model(images, batch["image_sizes"], targets, teacher, me_images,
-                               teacher_me, part=part, adv_images=adv_images,
-                               teacher_adv=teacher_adv)  # fmt: skip
+                losses = model(images, batch["image_sizes"], targets, teacher, part=part)
             clock.lap(f"fwd_{part}")
             loss = sum(v.float() for v in losses.values())
             values.update({n: float(v.detach()) for n, v in losses.items()})

@@ -182,6 +182,7 @@ def _register() -> None:
         extra="maxpool",
         has_masks=True,
         description="Cascade Mask R-CNN (MMDetection layout, 3 stages)",
+        family="two_stage",
     )
     for name, (ap, ckpt) in CMR_ZOO.items():
         annotate_model(name, published_ap=ap, checkpoint=ckpt)

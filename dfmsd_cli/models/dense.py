@@ -144,6 +144,18 @@ class FCOSDetector(DetectorMixin, FCOS):
 
 
 register_head(
-    "retina", RetinaDetector, strides=DENSE_STRIDES, extra="p6p7", description="RetinaNet"
+    "retina",
+    RetinaDetector,
+    strides=DENSE_STRIDES,
+    extra="p6p7",
+    description="RetinaNet",
+    family="one_stage",
 )
-register_head("fcos", FCOSDetector, strides=DENSE_STRIDES, extra="p6p7", description="FCOS")
+register_head(
+    "fcos",
+    FCOSDetector,
+    strides=DENSE_STRIDES,
+    extra="p6p7",
+    description="FCOS",
+    family="one_stage",
+)

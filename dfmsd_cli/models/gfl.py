@@ -259,6 +259,7 @@ register_head(
     strides=GFL_STRIDES,
     extra="p6p7",
     description="GFL (QFL + DFL reg_max 16 + GIoU, ATSS), MMDetection layout",
+    family="one_stage",
 )
 for _name, _ap, _file in (
     ("gfl_r50", 40.2, "gfl_r50_fpn_1x_coco_20200629_121244-25944287.pth"),

@@ -75,6 +75,7 @@ register_head(
     strides=DENSE_STRIDES,
     extra="p6p7",
     description="RetinaNet, MMDetection layout (P6 from C5, no ReLU before P7, exact anchors)",
+    family="one_stage",
 )
 # MMDetection 3.3 model zoo, COCO val2017 box AP of the public checkpoints
 for _name, _ap, _file in (

@@ -280,6 +280,7 @@ register_head(
     strides=FCOS_STRIDES,
     extra="p6p7",
     description="FCOS, MMDetection layout (GN head, Scale, centerness on cls branch)",
+    family="one_stage",
 )
 for _name, _ap, _file in (
     ("mmfcos_r101_caffe", 40.8, "fcos_r101_caffe_fpn_gn-head_mstrain_640-800_2x_coco-511424d6.pth"),

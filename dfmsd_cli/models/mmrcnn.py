@@ -66,6 +66,7 @@ register_head(
     strides=RCNN_STRIDES,
     extra="maxpool",
     description="Faster R-CNN, MMDetection inference (aligned RoIAlign, exact anchors)",
+    family="two_stage",
 )
 register_head(
     "mmmrcnn",
@@ -74,6 +75,7 @@ register_head(
     extra="maxpool",
     has_masks=True,
     description="Mask R-CNN, MMDetection inference (aligned RoIAlign, exact anchors)",
+    family="two_stage",
 )
 for _name, _ap, _file in (
     ("mmfrcnn_r50", 37.4, "faster_rcnn_r50_fpn_1x_coco_20200130-047c8118.pth"),

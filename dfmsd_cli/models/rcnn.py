@@ -140,6 +140,7 @@ register_head(
     extra="maxpool",
     fixed={"masks": False},
     description="Faster R-CNN",
+    family="two_stage",
 )
 register_head(
     "mrcnn",
@@ -149,4 +150,5 @@ register_head(
     has_masks=True,
     fixed={"masks": True},
     description="Mask R-CNN",
+    family="two_stage",
 )

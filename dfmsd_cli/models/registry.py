@@ -43,6 +43,7 @@ class HeadEntry:
     description: str = ""
     backbones: tuple[str, ...] | None = None  # None: any registered backbone
     fixed: dict[str, Any] = field(default_factory=dict)  # builder kwargs users cannot set
+    family: str | None = None  # one_stage / two_stage: distillation defaults (None: none)
 
 
 @dataclass
@@ -68,6 +69,7 @@ class ModelSpec:
     description: str = ""
     published_ap: float | None = None
     checkpoint: str | None = None
+    family: str | None = None  # one_stage / two_stage (the head's): distillation defaults
     builder: Callable[..., nn.Module] | None = field(default=None, repr=False, compare=False)
     _params: dict[int, int] = field(default_factory=dict, repr=False, compare=False)
 
@@ -98,6 +100,7 @@ class ModelSpec:
             "has_masks": self.has_masks,
             "published_ap": self.published_ap,
             "checkpoint": self.checkpoint,
+            "family": self.family,
             "description": self.description,
         }
         if with_params:
@@ -149,16 +152,22 @@ def register_head(
     description: str = "",
     backbones: tuple[str, ...] | None = None,
     fixed: dict[str, Any] | None = None,
+    family: str | None = None,
 ) -> None:
     """Register a detection head; it pairs with every backbone (or only ``backbones``).
 
     ``fixed``: keyword arguments always passed to ``builder`` (one class, several heads).
+    ``family``: ``one_stage`` or ``two_stage``, the student family whose distillation
+    defaults its models get (``dfmsd_cli.distill.methods``); None: not a distillable student.
     """
+    if family not in (None, "one_stage", "two_stage"):
+        raise ValueError(f"head {name!r}: family must be one_stage or two_stage, got {family!r}")
     if "_" in name:
         raise ValueError(f"head name {name!r} must not contain '_' (names are head_backbone)")
     _HEADS[name] = HeadEntry(
-        name, builder, tuple(strides), extra, has_masks, description, backbones, fixed or {}
-    )
+        name, builder, tuple(strides), extra, has_masks, description, backbones, fixed or {},
+        family,
+    )  # fmt: skip
     _SPEC_CACHE.clear()
 
 
@@ -187,11 +196,12 @@ def register_model(
     description: str = "",
     published_ap: float | None = None,
     checkpoint: str | None = None,
+    family: str | None = None,
 ) -> None:
     """Register a one-off model name with its own ``builder(num_classes, **options)``."""
     _MODELS[name] = ModelSpec(
         name, head, backbone, tuple(strides), int(channels), has_masks, description,
-        published_ap, checkpoint, builder=builder,
+        published_ap, checkpoint, family, builder=builder,
     )  # fmt: skip
     _SPEC_CACHE.clear()
 
@@ -268,6 +278,7 @@ def _all_specs() -> dict[str, ModelSpec]:
                 channels=bb.channels,
                 has_masks=head.has_masks,
                 description=f"{head.description} / {bb.description}".strip(" /"),
+                family=head.family,
                 builder=_combo_builder(head, bb, name),
             )
     specs.update(_MODELS)

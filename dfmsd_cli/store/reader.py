@@ -11,8 +11,9 @@
     t["att_channel"][8]  -> float32 (C,)        mean_{h,w} |F|   over the valid positions
     t["boxes"] (k,4) xyxy, t["scores"] (k,), t["labels"] (k,) 1..K: top-K teacher detections
     t["area_ratio"]      -> float, t["enhance"] -> dict for the "me" view, else None
-    batch = collate_teacher([t0, t1, ...], batch_hw=(H, W))   # the student's padded batch size
-    batch["features"][8] -> (B, C, ceil(H/8), ceil(W/8)) zero-padded; batch["valid"][8] -> bool
+    view = collate_teacher([t0, t1, ...], batch_hw=(H, W))    # the student's padded batch size
+    view.features[8] -> (B, C, ceil(H/8), ceil(W/8)) zero-padded; view.valid[8] -> bool
+    (a ``TeacherView``, dfmsd_cli.store.batch: the typed batch the losses read)
 
 Exactness: each image's maps are the teacher's output at the image's own padded size (precompute
 batches only images of equal padded shape). In a student batch padded to a larger (H, W) the
@@ -27,7 +28,6 @@ backend (e.g. s3fs) is installed.
 from __future__ import annotations
 
 import asyncio
-import math
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -40,6 +40,7 @@ from zarr.core.sync import sync as zarr_sync
 from dfmsd_cli.data.geometry import Geometry
 from dfmsd_cli.errors import UserError, suggest
 from dfmsd_cli.store import schema
+from dfmsd_cli.store.batch import TeacherBatch, TeacherView, collate_teacher
 from dfmsd_cli.store.chunks import RowCodec, fetch_rows
 from dfmsd_cli.store.integrity import ChunkGuard, corrupt, is_checksum_error
 from dfmsd_cli.store.quantize import dequantize_uint8, from_bfloat16
@@ -448,42 +449,6 @@ class TeacherStore:
         return np.asarray(self._array(f"area_ratio/{view}")[:], dtype=np.float32)
 
 
-def collate_teacher(samples: list[dict], batch_hw: tuple[int, int]) -> dict[str, Any]:
-    """Batch ``TeacherStore.get`` results for a student batch of padded size ``batch_hw``.
-
-    For each stride s the maps are zero-padded to ``(ceil(H/s), ceil(W/s))`` — the size of the
-    student's FPN map of that batch — and ``valid[s]`` is True where the teacher map exists.
-    Returns ``features``, ``valid``, ``att_spatial`` ({s: (B, ...)}), ``att_channel``
-    ({s: (B, C)}), and per-image lists ``boxes``, ``scores``, ``labels``, ``enhance``, plus
-    ``area_ratio`` (B,), ``index``, ``image_id``, ``view``.
-    """
-    H, W = batch_hw
-    B = len(samples)
-    out: dict[str, Any] = {"features": {}, "valid": {}, "att_spatial": {}, "att_channel": {}}
-    for s in samples[0]["features"]:
-        hs, ws = math.ceil(H / s), math.ceil(W / s)
-        c = samples[0]["features"][s].shape[0]
-        feat = torch.zeros(B, c, hs, ws)
-        att = torch.zeros(B, hs, ws)
-        valid = torch.zeros(B, hs, ws, dtype=torch.bool)
-        for b, t in enumerate(samples):
-            h, w = t["valid"][s]
-            if h > hs or w > ws:
-                raise ValueError(
-                    f"teacher map {h}x{w} at stride {s} is larger than the batch map {hs}x{ws}: "
-                    "batch_hw must be the student's padded batch size"
-                )
-            feat[b, :, :h, :w] = t["features"][s]
-            att[b, :h, :w] = t["att_spatial"][s]
-            valid[b, :h, :w] = True
-        out["features"][s], out["att_spatial"][s], out["valid"][s] = feat, att, valid
-        out["att_channel"][s] = torch.stack([t["att_channel"][s] for t in samples])
-    for key in ("boxes", "scores", "labels", "enhance", "index", "image_id", "view"):
-        out[key] = [t[key] for t in samples]
-    out["area_ratio"] = torch.tensor([t["area_ratio"] for t in samples], dtype=torch.float32)
-    return out
-
-
 class StoreDataset(torch.utils.data.Dataset):
     """(index, view) pairs of complete images read from a store, e.g. for a read benchmark.
 
@@ -501,3 +466,14 @@ class StoreDataset(torch.utils.data.Dataset):
     def __getitem__(self, k: int) -> dict:
         i = int(self.indices[k // len(self.views)])
         return self.store.get(i, self.views[k % len(self.views)])
+
+
+__all__ = [
+    "StoreDataset",
+    "StoreMeta",
+    "TeacherBatch",
+    "TeacherStore",
+    "TeacherView",
+    "collate_teacher",
+    "open_group",
+]

@@ -1,0 +1,141 @@
+"""The method registry: a new method is one ``register_method`` call (here a plain L2 on FPN
+features, registered by the test itself) and trains through the unchanged engine; the student
+family comes from the head registry; option checks and lists come from the registry."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import _cli
+from torch import nn
+
+from dfmsd_cli.distill.methods import (
+    LossTerm,
+    MethodSpec,
+    StoreNeeds,
+    call_features,
+    list_methods,
+    method_config,
+    register_method,
+    student_family,
+    unregister_method,
+)
+from dfmsd_cli.errors import UserError
+
+
+class L2Loss(nn.Module):
+    """``Σ_s Σ_{valid} (A_s(S_s) − T_s)² / B``: a 1×1 conv aligns the student's channels."""
+
+    def __init__(self, levels: list[int], student_channels: int, teacher_channels: int):
+        super().__init__()
+        self.levels = list(levels)
+        self.align = nn.ModuleDict(
+            {str(s): nn.Conv2d(student_channels, teacher_channels, 1) for s in levels}
+        )
+
+    def forward(self, student, teacher, valid):
+        total = student[self.levels[0]].new_zeros(())
+        for s in self.levels:
+            diff = (self.align[str(s)](student[s]) - teacher[s]) * valid[s][:, None]
+            total = total + diff.pow(2).sum() / student[s].shape[0]
+        return total
+
+
+TOY = MethodSpec(
+    "l2toy",
+    "L_det + α·Σ(S−T)², one stage (a test's toy)",
+    terms=(LossTerm("loss_kd", "stage", lambda c, *a: L2Loss(*a), "alpha", call=call_features),),
+    defaults={"one_stage": {"alpha": 1e-3}, "two_stage": {"alpha": 1e-4}},
+    store=StoreNeeds(),
+    stage_loss="l2",
+)
+
+
+@pytest.fixture
+def toy():
+    register_method(TOY)
+    yield TOY
+    unregister_method(TOY.name)
+
+
+def test_l2_loss_by_hand():
+    loss = L2Loss([8], 1, 1)
+    nn.init.ones_(loss.align["8"].weight), nn.init.zeros_(loss.align["8"].bias)
+    s = {8: torch.tensor([[[[1.0, 2.0]]], [[[0.0, 0.0]]]])}  # (B=2, C=1, 1, 2)
+    t = {8: torch.tensor([[[[0.0, 0.0]]], [[[3.0, 1.0]]]])}
+    v = {8: torch.tensor([[[True, False]], [[True, True]]])}
+    assert float(loss(s, t, v).detach()) == pytest.approx((1.0 + 9.0 + 1.0) / 2)
+
+
+def test_toy_method_trains_without_any_other_edit(toy, tiny_cache, synthetic_root, tmp_path):
+    from dfmsd_cli.distill.engine import DistillOptions, distill
+
+    assert "l2toy" in list_methods()
+    cfg = method_config("l2toy", "retina_tiny", alpha=2e-3)
+    assert (cfg.family, cfg.alpha, cfg.needs_store) == ("one_stage", 2e-3, True)
+    out = tmp_path / "run"
+    opts = DistillOptions(
+        student="retina_tiny", out=out, stages=("retina_tiny",), data=synthetic_root,
+        cache=str(tiny_cache), method="l2toy", epochs=(1,), batch_size=2, warmup_iters=2,
+        num_workers=0, device="cpu", evaluate=False, max_steps=2, img_scale=(128, 96),
+    )  # fmt: skip
+    summary = distill(opts)
+    assert summary["method"]["name"] == "l2toy" and len(summary["stages"]) == 1
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    kd = [r["loss_kd"] for r in rows if r.get("phase") == "train"]
+    assert kd and all(v > 0 for v in kd)
+    config = json.loads((out / "config.json").read_text())
+    resolved = config["options"]["resolved"]
+    assert resolved["name"] == "l2toy" and resolved["alpha"] == 1e-3
+    state = torch.load(out / "student.pth", weights_only=True)
+    assert state["distill"]["method"]["stage_loss"] == "l2"
+
+
+def test_toy_method_options_are_checked(toy):
+    with pytest.raises(UserError, match="--lambda-s sets the dual masking of dfmsd/dmkd, not of"):
+        method_config("l2toy", "retina_tiny", lambda_s=0.5)
+    with pytest.raises(UserError, match="--sfa is part of --method dfmsd only"):
+        method_config("l2toy", "retina_tiny", sfa=True)
+    assert method_config("l2toy", "retina_tiny", sfa=False).sfa is False  # already off
+
+
+def test_unknown_method_lists_the_registry(toy, tmp_path):
+    with pytest.raises(UserError, match="use one of dfmsd, dmkd, mgd, pkd, fgd, none, l2toy"):
+        method_config("l2tyo", "retina_tiny")
+    argv = ["distill", "--student", "retina_tiny", "--out", str(tmp_path / "x"), "--method", "x"]
+    assert _cli(argv) == 2
+
+
+def test_student_family_from_the_head_registry():
+    from dfmsd_cli.models.registry import get_spec, list_heads
+
+    for name, family in (("retina_r50", "one_stage"), ("mmfcos_r50", "one_stage"),
+                         ("gfl_r50", "one_stage"), ("frcnn_r50", "two_stage"),
+                         ("mmmrcnn_r50", "two_stage"), ("cmr_r50", "two_stage")):  # fmt: skip
+        assert student_family(name) == family == get_spec(name).family
+    assert "atss" not in list_heads() and "crcnn" not in list_heads()
+    # FGD's FCOS weights are keyed on the registered head, for both FCOS layouts
+    fcos = method_config("fgd", "fcos_r50").loss_kwargs
+    assert fcos == method_config("fgd", "mmfcos_r50").loss_kwargs and fcos["temperature"] == 0.8
+
+
+def test_head_without_family_has_no_defaults(monkeypatch):
+    from dfmsd_cli.models import registry
+
+    registry._load_all()
+    monkeypatch.setitem(registry._HEADS, "toyhead", registry.HeadEntry("toyhead", None, (8,)))
+    monkeypatch.setattr(registry, "_SPEC_CACHE", {})
+    with pytest.raises(UserError, match="head 'toyhead'.*registers no family"):
+        student_family("toyhead_tiny")
+    with pytest.raises(ValueError, match="family"):
+        registry.register_head("bad", None, strides=(8,), family="three_stage")
+
+
+def test_docs_table_has_every_registered_method():
+    from pathlib import Path
+
+    text = (Path(__file__).parents[1] / "docs" / "method.md").read_text()
+    for name in list_methods():
+        assert f"| `{name}` | `methods/{name}.py` |" in text, name
