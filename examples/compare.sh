@@ -50,17 +50,28 @@ dfmsd precompute --teacher "$STRONG" --weights "$TW" --data "$DEMO/data" --cache
   --batch-size 4 --num-workers 0 --adv-eps "${ADV_EPS:-4}" --adv-steps "${ADV_STEPS:-1}" \
   > "$OUT/precompute-adv.log" 2>&1 || { echo "FAILED: adv precompute (see $OUT/precompute-adv.log)"; exit 1; }
 
+# every registered method (dfmsd_cli/distill/methods/): SAL methods over both teachers, E
+# epochs each; single-stage methods with the stronger one, 2E; a method without a store alone
+METHODS=$(python - <<'PY'
+from dfmsd_cli.distill.methods import get_method, list_methods
+for name in list_methods():
+    spec = get_method(name)
+    print(name, "sal" if spec.sal else "single" if spec.store is not None else "alone")
+PY
+)
 jobs_file="$OUT/jobs.txt"
 : > "$jobs_file"
 for s in $SEEDS; do
+  while read -r m kind; do
+    case $kind in
+      sal) echo "$m $s --method $m --stages $WEAK,$STRONG --epochs $E,$E" ;;
+      single) echo "$m $s --method $m --stages $STRONG --epochs $E2" ;;
+      *) echo "$m $s --method $m --epochs $E2" ;;
+    esac
+  done <<< "$METHODS" >> "$jobs_file"
+  # the ablation rows
   cat >> "$jobs_file" <<EOF
-none $s --method none --epochs $E2
-mgd $s --method mgd --stages $STRONG --epochs $E2
-pkd $s --method pkd --stages $STRONG --epochs $E2
-fgd $s --method fgd --stages $STRONG --epochs $E2
 fgd-warmup $s --method fgd --stages $STRONG --epochs $E2 --kd-warmup 100
-dmkd $s --method dmkd --stages $STRONG --epochs $E2
-dfmsd $s --method dfmsd --stages $WEAK,$STRONG --epochs $E,$E
 dfmsd-no-sal $s --method dfmsd --stages $WEAK,$STRONG --epochs $E2 --no-sal
 dfmsd-no-me $s --method dfmsd --stages $WEAK,$STRONG --epochs $E,$E --no-me
 dfmsd-no-sfa $s --method dfmsd --stages $WEAK,$STRONG --epochs $E,$E --no-sfa

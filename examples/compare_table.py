@@ -30,7 +30,8 @@ def final_metrics(run: Path) -> dict[str, float] | None:
 
 def main(root: Path) -> str:
     rows = {}
-    for method in ORDER:
+    others = sorted(p.name for p in root.iterdir() if p.is_dir() and p.name not in ORDER)
+    for method in (*ORDER, *others):  # others: methods registered since (compare.sh runs all)
         runs = sorted((root / method).glob("s*"))
         vals = [m for m in (final_metrics(r) for r in runs) if m]
         if vals:
