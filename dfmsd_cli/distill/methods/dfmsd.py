@@ -112,7 +112,7 @@ OPTIONS = (
 )  # fmt: skip
 
 _DEFAULTS = {
-    "alpha": 5e-5, "beta": DFMSD_BETA, "gamma": 6.0, "sal": True, "me": True, "sfa": True,
+    "alpha": 5e-5, "beta": DFMSD_BETA, "gamma": 6.0, "me": True, "sfa": True,
     "adv": True, "adv_weight": DFMSD_BETA, "loss_kwargs": DFM_DEFAULTS,
 }  # fmt: skip
 

@@ -327,7 +327,8 @@ def method_config(method: str, student: str, **overrides: Any) -> MethodConfig:
     spec = get_method(method)
     family = student_family(student)
     head = get_spec(student).head
-    cfg = MethodConfig(method, family, spec.stage_loss, **spec.resolve_defaults(family, head))
+    values = {"sal": spec.sal, **spec.resolve_defaults(family, head)}
+    cfg = MethodConfig(method, family, spec.stage_loss, **values)
     declared = {o.name: o for o in (*COMMON_OPTIONS, *spec.options)}
     known = all_options()
     given = {k: v for k, v in overrides.items() if v is not None}
