@@ -101,6 +101,16 @@ def test_toy_method_options_are_checked(toy):
     assert method_config("l2toy", "retina_tiny", sfa=False).sfa is False  # already off
 
 
+def test_register_by_name_and_fields():
+    spec = register_method("l2kw", description="keyword form", terms=TOY.terms, store=StoreNeeds())
+    try:
+        assert spec.terms == TOY.terms and "l2kw" in list_methods()
+        assert method_config("l2kw", "retina_tiny", alpha=0.5).alpha == 0.5
+    finally:
+        unregister_method("l2kw")
+    assert "l2kw" not in list_methods()
+
+
 def test_unknown_method_lists_the_registry(toy, tmp_path):
     with pytest.raises(UserError, match="use one of dfmsd, dmkd, mgd, pkd, fgd, none, l2toy"):
         method_config("l2tyo", "retina_tiny")

@@ -234,3 +234,18 @@ def test_background_writer_reraises_and_leaves_no_marker(tmp_path):
         bg.close()
     done = TeacherStore.open(path).done()
     assert done[1] == 0 and done[0] in (0, 1)
+
+
+def test_teacher_batch_views_and_device_move():
+    from dfmsd_cli.store.batch import TeacherBatch, TeacherView
+
+    f = torch.ones(1, 2, 3, 3)
+    v = torch.ones(1, 3, 3, dtype=torch.bool)
+    view = TeacherView({8: f}, {8: v}, {8: f[:, 0]}, {8: f.mean((2, 3))}, boxes=[torch.zeros(0, 4)])
+    batch = TeacherBatch({"main": view, "me": view})
+    assert batch.has("main") and not batch.has("me")  # an extra view needs its student input
+    batch.inputs["me"] = torch.zeros(1, 3, 24, 24)
+    moved = batch.to("meta")
+    assert batch.has("me") and moved.main.features[8].is_meta and moved.inputs["me"].is_meta
+    assert moved.main.stats["channel"][8].is_meta and not moved.main.boxes[0].is_meta
+    assert view.features[8].device.type == "cpu"  # .to returns a copy

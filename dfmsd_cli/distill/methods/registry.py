@@ -217,8 +217,13 @@ _METHODS: dict[str, MethodSpec] = {}
 _LOADED = False
 
 
-def register_method(spec: MethodSpec) -> MethodSpec:
-    """Register ``spec`` under ``spec.name`` (replacing a method of that name)."""
+def register_method(spec: MethodSpec | str, **fields: Any) -> MethodSpec:
+    """Register ``spec`` under ``spec.name`` (replacing a method of that name);
+    ``register_method("name", description=..., terms=..., ...)`` builds the spec."""
+    if isinstance(spec, str):
+        spec = MethodSpec(spec, **fields)
+    elif fields:
+        raise TypeError("register_method(spec) takes no further fields")
     _METHODS[spec.name] = spec
     return spec
 
