@@ -149,3 +149,35 @@ def test_docs_table_has_every_registered_method():
     text = (Path(__file__).parents[1] / "docs" / "method.md").read_text()
     for name in list_methods():
         assert f"| `{name}` | `methods/{name}.py` |" in text, name
+
+
+def test_term_weight_from_a_function_of_the_config():
+    """A term may take its weight from the method's own loss_kwargs (no MethodConfig field)."""
+    from dfmsd_cli.distill.model import DistillModel
+    from dfmsd_cli.store.batch import TeacherBatch, TeacherView
+
+    def build(cfg, levels, cs, ct):
+        loss = L2Loss(levels, cs, ct)
+        nn.init.ones_(loss.align["8"].weight), nn.init.zeros_(loss.align["8"].bias)
+        return loss
+
+    term = LossTerm("loss_l2", "l2", build, lambda c: c.loss_kwargs["w"], call=call_features)
+    register_method("l2w", description="own weight", terms=(term,), store=StoreNeeds(),
+                    defaults={"one_stage": {"loss_kwargs": {"w": 3.0}}})  # fmt: skip
+    try:
+        from dfmsd_cli.distill.methods import build_stage_losses
+
+        cfg = method_config("l2w", "retina_tiny")
+        mods = build_stage_losses(cfg, [8], 1, 1)
+
+        class _Student(nn.Module):
+            def forward(self, images, sizes, targets):
+                return type("O", (), {"losses": {}, "features": {8: images}})()
+
+        x = torch.tensor([[[[1.0, 2.0]]]])
+        valid = {8: torch.ones(1, 1, 2, dtype=torch.bool)}
+        view = TeacherView({8: torch.zeros_like(x)}, valid, {}, {})
+        out = DistillModel(_Student(), mods, cfg)(x, [(1, 2)], [{}], TeacherBatch({"main": view}))
+        assert float(out["loss_l2"].detach()) == pytest.approx(3.0 * (1.0 + 4.0))
+    finally:
+        unregister_method("l2w")

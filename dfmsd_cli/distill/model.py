@@ -12,7 +12,7 @@ class DistillModel(nn.Module):
     """The student plus one stage's loss modules; ``forward`` returns every weighted loss term.
 
     The terms are those the method's spec declares (``MethodSpec.terms``) whose module the stage
-    built (``losses[term.key]``): each is ``kd_scale · cfg.<term.weight> · term.call(module,
+    built (``losses[term.key]``): each is ``kd_scale · term.weight_of(cfg) · term.call(module,
     student maps, teacher view, targets)``. Terms on the ``main`` view use the student's
     training forward; terms on an extra view (``me``, ``adv``) run the student's backbone+FPN
     on that view's input. One module so DDP averages the gradients of the student and of the
@@ -73,7 +73,7 @@ class DistillModel(nn.Module):
         t = teacher.views[view]
         return {
             term.metric: self.kd_scale
-            * getattr(self.cfg, term.weight)
+            * term.weight_of(self.cfg)
             * term.call(self.losses[term.key], feats, t, targets)
             for term in self.terms.get(view, [])
         }

@@ -120,10 +120,14 @@ class LossTerm:
     metric: str  # the logged name: loss_kd, loss_sfa, loss_me, loss_adv, ...
     key: str  # its module's key in the stage's ModuleDict (checkpointed: keep it stable)
     build: Callable[[MethodConfig, list[int], int, int], nn.Module]
-    weight: str  # the MethodConfig field that weights it (alpha, beta, gamma, adv_weight)
+    weight: str | Callable[[MethodConfig], float]  # a MethodConfig field (alpha, beta, gamma,
+    # adv_weight), or a function of the config (a weight kept in the method's loss_kwargs)
     view: str = "main"
     call: Callable[..., Tensor] = call_full
     enabled: Callable[[MethodConfig], bool] = _always
+
+    def weight_of(self, cfg: MethodConfig) -> float:
+        return self.weight(cfg) if callable(self.weight) else getattr(cfg, self.weight)
 
 
 @dataclass(frozen=True)
@@ -263,28 +267,10 @@ def get_method(name: str) -> MethodSpec:
 
 
 def method_help() -> str:
-    """``--method``'s help: the registered methods (``describe_methods`` has a line each)."""
+    """``--method``'s help: the registered method names."""
     names = list_methods()
     listed = f"{', '.join(names[:-1])} or {names[-1]}" if len(names) > 1 else names[0]
     return f"{listed} (none: the student alone; docs/method.md has each one's losses)."
-
-
-def describe_methods() -> list[dict[str, Any]]:
-    """One row per registered method: name, description, terms, store needs, SAL, options."""
-    rows = []
-    for name in list_methods():
-        spec = get_method(name)
-        rows.append(
-            {
-                "name": name,
-                "description": spec.description,
-                "terms": [f"{t.metric} ({t.weight}, {t.view} view)" for t in spec.terms],
-                "store": asdict(spec.store) if spec.store is not None else None,
-                "sal": spec.sal,
-                "options": [o.flag for o in spec.options],
-            }
-        )
-    return rows
 
 
 def all_options() -> dict[str, MethodOption]:
