@@ -21,8 +21,9 @@ from dfmsd_cli.data.coco import CocoDetection
 from dfmsd_cli.data.enhance import EnhanceConfig, regenerate
 from dfmsd_cli.data.geometry import Geometry
 from dfmsd_cli.errors import UserError
+from dfmsd_cli.models.checkpoint import load_teacher
 from dfmsd_cli.store.inspect import store_info, verify_store
-from dfmsd_cli.store.precompute import PrecomputeOptions, load_teacher, precompute
+from dfmsd_cli.store.precompute import PrecomputeOptions, precompute
 from dfmsd_cli.store.reader import TeacherStore
 
 GEOM = Geometry(img_scale=(128, 96))

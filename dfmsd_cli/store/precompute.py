@@ -39,13 +39,9 @@ from dfmsd_cli.data.coco import CocoDetection
 from dfmsd_cli.data.enhance import EnhanceConfig, apply_enhance, choose, input_checksum
 from dfmsd_cli.data.geometry import Geometry, apply_view_image, normalize, pad_batch
 from dfmsd_cli.errors import UserError, io_path, suggest
+from dfmsd_cli.models.checkpoint import load_teacher
 from dfmsd_cli.store import schema
 from dfmsd_cli.store.lock import store_lock
-from dfmsd_cli.store.projection import (  # noqa: F401  re-exported
-    EXPECTED_RATIO,
-    expected_ratio,
-    plan_summary,
-)
 from dfmsd_cli.store.projection import dry_run as _dry_run
 from dfmsd_cli.store.quantize import check_keepbits
 from dfmsd_cli.store.reader import TeacherStore
@@ -160,21 +156,6 @@ def _device(name: str) -> torch.device:
     if dev.type == "cuda" and dev.index is None and "LOCAL_RANK" in os.environ:
         dev = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
     return dev
-
-
-def load_teacher(
-    name: str, num_classes: int, weights: str | None, seed: int = 0
-) -> torch.nn.Module:
-    """Build the teacher (random init seeded by ``seed``) and load ``weights`` strictly."""
-    from dfmsd_cli.models import build_model
-
-    torch.manual_seed(seed)
-    model = build_model(name, num_classes=num_classes)
-    if weights:
-        from dfmsd_cli.models.checkpoint import load_weights
-
-        load_weights(model, weights)
-    return model.eval()
 
 
 def batch_plan(
