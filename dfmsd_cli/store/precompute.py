@@ -26,6 +26,7 @@ import math
 import os
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -57,8 +58,6 @@ from dfmsd_cli.store.writer import (
     store_exists,
 )
 from dfmsd_cli.utils.io import sha256_file
-
-THROTTLE_ENV = "DFMSD_PRECOMPUTE_THROTTLE"  # seconds slept per batch: tests kill a slow run
 
 
 @dataclass
@@ -238,13 +237,13 @@ def precompute(
     image_dir: str | Path,
     options: PrecomputeOptions,
     dry_run: bool = False,
-    console: Any = None,
+    on_batch: Callable[[], None] | None = None,
 ) -> dict[str, Any]:
     """Write (or resume) the store of ``options.teacher`` for one split; returns a summary.
 
     The summary holds path, images (total, in this shard, written now, done, unreadable),
     wall time, teacher forward time, and for ``dry_run`` the projected bytes and seconds
-    (nothing is written then).
+    (nothing is written then). ``on_batch`` is called after each teacher batch is queued.
     """
     o = options
     views = _check_options(o)
@@ -297,7 +296,7 @@ def precompute(
     with io_path(path), store_lock(path, start, stop, f"{part}/{parts}"):
         return _write_store(
             ds, o, model, device, path, (start, stop), views, strides, pad_sizes,
-            ann_sha, enhance_cfg, ratios, weak_done, t_start,
+            ann_sha, enhance_cfg, ratios, weak_done, t_start, on_batch,
         )  # fmt: skip
 
 
@@ -316,6 +315,7 @@ def _write_store(
     ratios: np.ndarray | None,
     weak_done: np.ndarray | None,
     t_start: float,
+    on_batch: Callable[[], None] | None = None,
 ) -> dict[str, Any]:
     """Create or open the store and write images [start, stop) still pending (locked)."""
     (start, stop), n = rng, len(ds.image_ids)
@@ -386,7 +386,6 @@ def _write_store(
         on_written=on_written,
         threads=o.writer_threads,
     )
-    throttle = float(os.environ.get(THROTTLE_ENV, "0") or 0)
     t_forward = 0.0
     t_loop, c_loop = time.perf_counter(), time.process_time()
     try:
@@ -406,8 +405,8 @@ def _write_store(
                 for r in results:
                     if done[r.index] == schema.DONE_PENDING:
                         bg.submit(r)
-                if throttle:
-                    time.sleep(throttle)
+                if on_batch is not None:
+                    on_batch()
             bg.close()
         t_loop, c_loop = time.perf_counter() - t_loop, time.process_time() - c_loop
     except BaseException:
