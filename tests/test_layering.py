@@ -188,6 +188,23 @@ def test_no_import_circle_between_subpackages():
     assert not bad, "import circles between subpackages:\n" + "\n".join(bad)
 
 
+# The store's write side; training and figures read stores through reader/schema only.
+STORE_WRITE_SIDE = ("precompute", "writer", "create", "lock", "repair", "measure")
+STORE_READERS = ("engine", "distill", "viz")
+
+
+def test_training_and_figures_use_only_the_stores_read_side():
+    write = {f"{ROOT}.store.{m}" for m in STORE_WRITE_SIDE}
+    bad = [
+        f"{_where(m, line)} imports {t}: move the helper below the store (data/ or models/)"
+        for m, edges in import_graph().items()
+        if unit_of(m) in STORE_READERS
+        for line, t in edges
+        if t in write
+    ]
+    assert not bad, "the store's write side imported by a reader:\n" + "\n".join(bad)
+
+
 def test_checker_sees_function_level_and_relative_imports(tmp_path, monkeypatch):
     """The checker itself: an upward import inside a function and a circle are reported."""
     graph = {
