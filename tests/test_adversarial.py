@@ -115,8 +115,8 @@ def adv_env(synthetic_root, tmp_path_factory) -> dict:
 
 def test_precomputed_adv_view_is_the_teachers_attack_replayed(adv_env):
     from dfmsd_cli.data.coco import CocoDetection
+    from dfmsd_cli.models.checkpoint import load_teacher
     from dfmsd_cli.store.inspect import store_info
-    from dfmsd_cli.store.precompute import load_teacher
     from dfmsd_cli.store.reader import TeacherStore
 
     store = TeacherStore.open(adv_env["path"])

@@ -6,6 +6,7 @@ same command resumes."""
 from __future__ import annotations
 
 import errno
+import functools
 import multiprocessing as mp
 import os
 import shutil
@@ -190,13 +191,17 @@ def test_store_deleted_while_distill_reads(data, store_cache, tmp_path, monkeypa
 # ---------------------------------------------------------------------------------- locks
 
 
-def _child(data: Path, cache: Path, throttle: str) -> None:
-    os.environ["DFMSD_PRECOMPUTE_THROTTLE"] = throttle
+def _child(data: Path, cache: Path, delay: float) -> None:
+    """``dfmsd precompute`` in a forked child whose batches each take ``delay`` s longer (the
+    ``on_batch`` hook injected here), so that it holds its lock while the test looks."""
+    from dfmsd_cli.store import precompute as pre
+
+    pre.precompute = functools.partial(pre.precompute, on_batch=lambda: time.sleep(delay))
     main(_args(data, cache))
 
 
 def test_second_writer_names_the_holder_and_a_killed_holder_is_taken_over(data, tmp_path, capsys):
-    p = mp.get_context("fork").Process(target=_child, args=(data, tmp_path, "0.5"))
+    p = mp.get_context("fork").Process(target=_child, args=(data, tmp_path, 0.5))
     p.start()
     try:
         deadline = time.time() + 60

@@ -13,6 +13,7 @@ from dfmsd_cli.data.enhance import (
     EnhanceConfig,
     EnhanceParams,
     apply_enhance,
+    area_ratio,
     choose,
     input_checksum,
     regenerate,
@@ -21,7 +22,7 @@ from dfmsd_cli.data.geometry import Geometry
 from dfmsd_cli.errors import UserError
 from dfmsd_cli.store.quantize import FeatureRangeError, dequantize_uint8, quantize_uint8
 from dfmsd_cli.store.reader import StoreDataset, TeacherStore, collate_teacher
-from dfmsd_cli.store.schema import shard_range
+from dfmsd_cli.store.schema import shard_range, store_path
 from dfmsd_cli.store.writer import ImageResult, StoreSpec, StoreWriter, ViewResult, create_or_open
 
 GEOM = Geometry(img_scale=(128, 96))
@@ -249,3 +250,16 @@ def test_teacher_batch_views_and_device_move():
     assert batch.has("me") and moved.main.features[8].is_meta and moved.inputs["me"].is_meta
     assert moved.main.stats["channel"][8].is_meta and not moved.main.boxes[0].is_meta
     assert view.features[8].device.type == "cpu"  # .to returns a copy
+
+
+def test_store_path_layout_and_direct_store():
+    assert store_path("cache/", "retina_r50", "val2017") == "cache/retina_r50/val2017.zarr"
+    assert store_path("cache", "/data/t.zarr", "val2017") == "/data/t.zarr"  # --stages entry
+
+
+def test_area_ratio_by_hand():
+    boxes = torch.tensor([[0.0, 0.0, 5.0, 4.0], [8.0, 6.0, 14.0, 12.0], [0.0, 0.0, 10.0, 10.0]])
+    scores = torch.tensor([0.9, 0.5, 0.1])
+    # box 1: 5*4 = 20; box 2 clipped to the 10x8 image: 2*2 = 4; box 3 below the threshold
+    assert area_ratio(boxes, scores, (8, 10), 0.3) == pytest.approx(24 / 80)
+    assert area_ratio(boxes, scores, (8, 10), 0.95) == 0.0

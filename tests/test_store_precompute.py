@@ -21,8 +21,9 @@ from dfmsd_cli.data.coco import CocoDetection
 from dfmsd_cli.data.enhance import EnhanceConfig, regenerate
 from dfmsd_cli.data.geometry import Geometry
 from dfmsd_cli.errors import UserError
+from dfmsd_cli.models.checkpoint import load_teacher
 from dfmsd_cli.store.inspect import store_info, verify_store
-from dfmsd_cli.store.precompute import PrecomputeOptions, load_teacher, precompute
+from dfmsd_cli.store.precompute import PrecomputeOptions, precompute
 from dfmsd_cli.store.reader import TeacherStore
 
 GEOM = Geometry(img_scale=(128, 96))
@@ -87,14 +88,14 @@ def assert_same_store(a: Path, b: Path) -> None:
         assert np.array_equal(xa[k], xb[k]), f"array {k} differs"
 
 
-def _run(data: Path, cache: Path, shard: tuple[int, int], throttle: float) -> None:
-    """Child-process body: a real, separate writer process (forked: no second torch import)."""
-    os.environ["DFMSD_PRECOMPUTE_THROTTLE"] = str(throttle)
-    precompute(*_files(data), _opts(cache, shard=shard))
+def _run(data: Path, cache: Path, shard: tuple[int, int], delay: float) -> None:
+    """Child-process body: a real, separate writer process (forked: no second torch import);
+    ``delay`` seconds after each batch keep it running long enough to be killed mid-way."""
+    precompute(*_files(data), _opts(cache, shard=shard), on_batch=lambda: time.sleep(delay))
 
 
-def _spawn(data: Path, cache: Path, shard=(0, 1), throttle=0.0) -> mp.Process:
-    p = mp.get_context("fork").Process(target=_run, args=(data, cache, shard, throttle))
+def _spawn(data: Path, cache: Path, shard=(0, 1), delay=0.0) -> mp.Process:
+    p = mp.get_context("fork").Process(target=_run, args=(data, cache, shard, delay))
     p.start()
     return p
 
@@ -127,7 +128,7 @@ def test_features_are_the_teacher_on_each_image_alone(data, baseline):
 
 
 def test_sigkill_then_resume_equals_uninterrupted(data, baseline, tmp_path):
-    p = _spawn(data, tmp_path, throttle=0.3)
+    p = _spawn(data, tmp_path, delay=0.3)
     store = tmp_path / "retina_tiny" / "train2017.zarr"
     deadline = time.time() + 60
     killed_at = None

@@ -42,8 +42,8 @@ def test_convert_refuses_torchvision_layouts_naming_the_right_model(tmp_path, mo
 
 
 def test_published_ap_only_on_models_that_reproduce_it():
+    from dfmsd_cli.models.catalog import describe_models
     from dfmsd_cli.models.convert.mmdet import MMDET_HEADS
-    from dfmsd_cli.models.registry import describe_models
 
     rows = {r["name"]: r for r in describe_models(num_classes=None)}
     for name in ("mrcnn_swin_t", "mrcnn_swin_s"):

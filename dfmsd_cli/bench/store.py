@@ -1,6 +1,6 @@
 """``bench precompute`` / ``bench store``: the store engineer's measurements, user-facing.
 
-The measurements themselves live in :mod:`dfmsd_cli.store.bench` (``bench_store``); this module
+The measurements themselves live in :mod:`dfmsd_cli.store.measure` (``bench_store``); this module
 runs them in a fresh process (so the reported peak memory is theirs) and shapes the result:
 
 * ``precompute``: precompute wall time ÷ teacher-only wall time over the same batches (the
@@ -35,7 +35,7 @@ def store_measure(
     import torch
 
     from dfmsd_cli.data.geometry import Geometry
-    from dfmsd_cli.store.bench import bench_store
+    from dfmsd_cli.store.measure import bench_store
 
     if threads:
         torch.set_num_threads(int(threads))

@@ -18,7 +18,7 @@ def models_command(
     config: str | None = ConfigOption,
 ) -> None:
     """List the models: head, backbone, FPN strides and channels, parameter count, weights."""
-    from dfmsd_cli.models.registry import describe_models
+    from dfmsd_cli.models.catalog import describe_models
 
     rows = describe_models(pattern, num_classes=num_classes if params else None)
     if as_json:

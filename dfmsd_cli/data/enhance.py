@@ -96,6 +96,22 @@ def image_seed(base_seed: int, image_id: int) -> int:
     return int.from_bytes(digest[:6], "little")
 
 
+def area_ratio(
+    boxes: torch.Tensor, scores: torch.Tensor, size: tuple[int, int], thr: float
+) -> float:
+    """DFMSD's candidate-box area ratio: sum of areas of boxes with score >= thr (clipped to the
+    image) divided by the image area h*w. Overlaps count twice, as a plain sum does."""
+    h, w = size
+    keep = scores >= thr
+    if not bool(keep.any()):
+        return 0.0
+    b = boxes[keep].float()
+    x1, x2 = b[:, 0].clamp(0, w), b[:, 2].clamp(0, w)
+    y1, y2 = b[:, 1].clamp(0, h), b[:, 3].clamp(0, h)
+    area = ((x2 - x1).clamp(min=0) * (y2 - y1).clamp(min=0)).sum()
+    return float(area / float(h * w))
+
+
 def choose(
     area_ratio: float, image_id: int, size: tuple[int, int], cfg: EnhanceConfig
 ) -> EnhanceParams:

@@ -149,7 +149,7 @@ def write_attention_png(results: dict[str, Any], out: Path) -> Path:
     on the first validation image, drawn by ``dfmsd viz masks``' functions from a live
     teacher pass (the stores hold training images only)."""
     from dfmsd_cli.data.geometry import Geometry
-    from dfmsd_cli.store.precompute import load_teacher
+    from dfmsd_cli.models.checkpoint import load_teacher
     from dfmsd_cli.viz.common import save
     from dfmsd_cli.viz.masks_fig import masks_figure, method_masks
     from dfmsd_cli.viz.source import dataset_for, live_record
@@ -168,7 +168,7 @@ def write_attention_png(results: dict[str, Any], out: Path) -> Path:
     )
 
 
-def write_report(results: dict[str, Any], out: Path, ann_val: Path | None = None) -> None:
+def write_report(results: dict[str, Any], out: Path) -> None:
     """Print the tables; write ``results.json`` and ``demo.png`` into ``out``."""
     from dfmsd_cli.utils.io import atomic_write_text
 

@@ -155,7 +155,6 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     timer = _Timer()
     t_start = time.perf_counter()
     data = out / "data"
-    ann_val = data / "annotations" / f"instances_{VAL_SPLIT}.json"
 
     with timer("data"):
         make_synthetic(
@@ -206,7 +205,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
         "total_wall_s": round(time.perf_counter() - t_start, 2),
         "torch_threads": torch.get_num_threads(),
     }
-    write_report(results, out, ann_val)
+    write_report(results, out)
     return results
 
 
@@ -264,7 +263,7 @@ def _teachers(cfg: DemoConfig, out: Path) -> dict[str, Path]:
 def _evaluate_checkpoint(name: str, weights: Path, cfg: DemoConfig, out: Path) -> dict:
     from dfmsd_cli.data.geometry import Geometry
     from dfmsd_cli.data.synthetic import CLASSES
-    from dfmsd_cli.store.precompute import load_teacher
+    from dfmsd_cli.models.checkpoint import load_teacher
 
     from .report import evaluate_model
 

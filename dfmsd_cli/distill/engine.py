@@ -47,19 +47,19 @@ from dfmsd_cli.distill.stages import (
     run_geometry,
 )
 from dfmsd_cli.distill.step import train_step
-from dfmsd_cli.engine.checkpoint import (
-    load_state,
-    rng_state,
-    save_state,
-    seed_everything,
-    set_rng_state,
-)
 from dfmsd_cli.engine.distributed import all_reduce_mean, barrier, cleanup, init_distributed
 from dfmsd_cli.engine.loop import epoch_loader, evaluate_split, options_dict
 from dfmsd_cli.engine.progress import MetricsLog, RunningMean
 from dfmsd_cli.engine.rundir import prepare_run_dir, write_config
 from dfmsd_cli.engine.sampler import ViewSampler
 from dfmsd_cli.engine.schedule import StepSchedule, build_sgd
+from dfmsd_cli.engine.state import (
+    load_state,
+    rng_state,
+    save_state,
+    seed_everything,
+    set_rng_state,
+)
 from dfmsd_cli.errors import UserError
 from dfmsd_cli.utils.console import console, format_losses, make_progress
 from dfmsd_cli.utils.device import resolve_device

@@ -43,7 +43,7 @@ def valid_masks(
 
 def load_online_teacher(name: str, num_classes: int, weights: str | None, seed: int, device):
     """Build a teacher without touching the training RNG stream (its init is seeded)."""
-    from dfmsd_cli.store.precompute import load_teacher
+    from dfmsd_cli.models.checkpoint import load_teacher
 
     with torch.random.fork_rng(devices=[]):
         model = load_teacher(name, num_classes, weights, seed)
@@ -94,8 +94,7 @@ class OnlineTeacher:
         return result
 
     def _me(self, batch: dict, images: Tensor, sizes, valid) -> tuple[TeacherView, Tensor]:
-        from dfmsd_cli.data.enhance import apply_enhance, choose
-        from dfmsd_cli.store.writer import area_ratio
+        from dfmsd_cli.data.enhance import apply_enhance, area_ratio, choose
 
         views = [m["view"] for m in batch["meta"]]
         raws = [

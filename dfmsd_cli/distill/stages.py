@@ -14,7 +14,7 @@ from pathlib import Path
 from dfmsd_cli.distill.losses.common import match_levels
 from dfmsd_cli.distill.methods import MethodConfig, stage_has_adv, stage_has_me
 from dfmsd_cli.errors import UserError
-from dfmsd_cli.store.schema import DONE_OK
+from dfmsd_cli.store.schema import DONE_OK, store_path
 
 TRAIN_VIEWS = ("orig", "hflip")
 
@@ -59,16 +59,6 @@ def plan_stages(cfg: MethodConfig, teachers: list[str], epochs: list[int]) -> li
         )
         for k, (t, e) in enumerate(zip(teachers, epochs, strict=True))
     ]
-
-
-def store_path(cache: str | Path, teacher: str, split: str) -> str:
-    """The stage's store: ``<cache>/<teacher>/<split>.zarr`` (precompute's layout); an entry of
-    ``--stages`` ending in ``.zarr`` names a store directly."""
-    from dfmsd_cli.store.precompute import store_path as precompute_store_path
-
-    if str(teacher).endswith(".zarr"):
-        return str(teacher)
-    return precompute_store_path(cache, teacher, split)
 
 
 @dataclass

@@ -17,7 +17,6 @@ from typing import Any
 import torch
 
 from dfmsd_cli.data.geometry import Geometry
-from dfmsd_cli.engine.checkpoint import load_state, save_state, seed_everything, set_rng_state
 from dfmsd_cli.engine.distributed import (
     DistInfo,
     all_reduce_mean,
@@ -30,6 +29,7 @@ from dfmsd_cli.engine.progress import MetricsLog, RunningMean
 from dfmsd_cli.engine.rundir import prepare_run_dir, write_config
 from dfmsd_cli.engine.sampler import ViewSampler
 from dfmsd_cli.engine.schedule import StepSchedule, build_sgd
+from dfmsd_cli.engine.state import load_state, save_state, seed_everything, set_rng_state
 from dfmsd_cli.errors import UserError
 from dfmsd_cli.utils.console import console, format_losses, make_progress
 from dfmsd_cli.utils.device import resolve_device

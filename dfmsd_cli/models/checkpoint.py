@@ -22,11 +22,11 @@ import torch
 from torch import Tensor, nn
 
 from dfmsd_cli.errors import UserError
+from dfmsd_cli.models.state_dict import load_state_strict, unwrap
 from dfmsd_cli.utils.safe_load import load_pth
 
 FORMAT = "dfmsd"
 VERSION = 1
-_SHOW = 3  # keys listed per category in mismatch messages
 
 
 def make_checkpoint(
@@ -61,11 +61,6 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, **kwargs: Any) ->
     path = Path(path)
     atomic_torch_save(make_checkpoint(model, **kwargs), path)
     return path
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The detector inside a DDP / DataParallel wrapper."""
-    return getattr(model, "module", model)
 
 
 def read_checkpoint(path: str | os.PathLike) -> Any:
@@ -111,48 +106,6 @@ def _state_dict_of(obj: Any, source: str) -> dict[str, Tensor]:
     if state and all(k.startswith("module.") for k in state):  # saved from a DDP wrapper
         state = {k[len("module.") :]: v for k, v in state.items()}
     return dict(state)
-
-
-def _short(keys: list[str]) -> str:
-    head = ", ".join(keys[:_SHOW])
-    return head + (f", ... (+{len(keys) - _SHOW})" if len(keys) > _SHOW else "")
-
-
-def load_state_strict(
-    model: nn.Module,
-    state: Mapping[str, Tensor],
-    source: str,
-    target: str | None = None,
-    hint: str | None = None,
-) -> None:
-    """``model.load_state_dict(state)`` with a one-line UserError on any key/shape mismatch.
-
-    ``target`` names the receiving model in the message (default: its name and class count).
-    """
-    m = unwrap(model)
-    if target is None:
-        target = f"{m.name} with {m.num_classes} classes"
-    own = m.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    shapes = [
-        f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
-        for k in own
-        if k in state and tuple(state[k].shape) != tuple(own[k].shape)
-    ]
-    if missing or unexpected or shapes:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing keys ({_short(missing)})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected keys ({_short(unexpected)})")
-        if shapes:
-            parts.append(f"{len(shapes)} shape mismatches (file vs model: {_short(shapes)})")
-        fix = hint or (
-            "pass weights of the same model and class count (or convert them with 'dfmsd convert')"
-        )
-        raise UserError(f"{source} does not fit {target}: {'; '.join(parts)}: {fix}")
-    m.load_state_dict(dict(state), strict=True)
 
 
 def load_weights(
@@ -208,3 +161,16 @@ def build_from_checkpoint(
     model = build_model(obj["model"], int(obj["num_classes"]), **obj.get("model_options", {}))
     load_state_strict(model, _state_dict_of(obj, str(path)), str(path))
     return model.to(device).eval(), checkpoint_meta(obj)
+
+
+def load_teacher(
+    name: str, num_classes: int, weights: str | None, seed: int = 0
+) -> torch.nn.Module:
+    """Build the teacher (random init seeded by ``seed``) and load ``weights`` strictly."""
+    from dfmsd_cli.models.registry import build_model
+
+    torch.manual_seed(seed)
+    model = build_model(name, num_classes=num_classes)
+    if weights:
+        load_weights(model, weights)
+    return model.eval()

@@ -25,8 +25,8 @@ from torchvision.models import resnet as tv_resnet
 from torchvision.models._meta import _COCO_CATEGORIES
 
 from dfmsd_cli.errors import UserError
-from dfmsd_cli.models.checkpoint import load_state_strict, unwrap
 from dfmsd_cli.models.registry import annotate_model
+from dfmsd_cli.models.state_dict import load_state_strict, unwrap
 
 # model name -> torchvision detection weights (91 COCO classes, layout of our v1 models)
 TORCHVISION_DETECTION: dict[str, Any] = {

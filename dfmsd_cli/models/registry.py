@@ -24,6 +24,7 @@ import inspect
 import pkgutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -220,10 +221,9 @@ def _load_all() -> None:
     if _LOADED:
         return
     _LOADED = True
-    import dfmsd_cli.models as pkg
-
-    for info in sorted(pkgutil.iter_modules(pkg.__path__), key=lambda i: i.name):
-        importlib.import_module(f"{pkg.__name__}.{info.name}")
+    package = __name__.rpartition(".")[0]  # not ``import dfmsd_cli.models``: no import circle
+    for info in sorted(pkgutil.iter_modules([str(Path(__file__).parent)]), key=lambda i: i.name):
+        importlib.import_module(f"{package}.{info.name}")
 
 
 def _accepted(fn: Callable[..., Any]) -> tuple[set[str], bool]:
@@ -332,25 +332,6 @@ def build_model(name: str, num_classes: int, **options: Any) -> nn.Module:
     if int(num_classes) < 1:
         raise UserError(f"num_classes must be >= 1, got {num_classes}: check the dataset")
     return spec.build(int(num_classes), **options)
-
-
-def describe_models(pattern: str | None = None, num_classes: int | None = 80) -> list[dict]:
-    """One JSON-able dict per model (``dfmsd models``); ``num_classes=None`` skips the
-    parameter counts. ``torchvision`` says which ``--weights torchvision`` exist."""
-    from dfmsd_cli.models.pretrained import torchvision_weights_kind
-
-    names = list_models(pattern)
-    if pattern and not names:
-        raise UserError(f"no model matches '{pattern}': run 'dfmsd models' for all names")
-    rows = []
-    for name in names:
-        spec = get_spec(name)
-        row = spec.to_dict()
-        if num_classes is not None:
-            row["parameters"] = spec.num_parameters(num_classes)
-        row["torchvision"] = torchvision_weights_kind(name, spec.backbone)
-        rows.append(row)
-    return rows
 
 
 def parse_options(items: list[str] | None) -> dict[str, Any]:

@@ -166,7 +166,7 @@ def verify_store(
         except UserError as exc:
             problems.append(f"dataset fingerprint: {exc}")
     if weights is not None:
-        from dfmsd_cli.store.precompute import load_teacher
+        from dfmsd_cli.models.checkpoint import load_teacher
 
         model = load_teacher(m.teacher, m.num_classes, weights)
         sha = schema.state_dict_sha256(model.state_dict())

@@ -26,6 +26,7 @@ import math
 import os
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,13 +40,9 @@ from dfmsd_cli.data.coco import CocoDetection
 from dfmsd_cli.data.enhance import EnhanceConfig, apply_enhance, choose, input_checksum
 from dfmsd_cli.data.geometry import Geometry, apply_view_image, normalize, pad_batch
 from dfmsd_cli.errors import UserError, io_path, suggest
+from dfmsd_cli.models.checkpoint import load_teacher
 from dfmsd_cli.store import schema
 from dfmsd_cli.store.lock import store_lock
-from dfmsd_cli.store.projection import (  # noqa: F401  re-exported
-    EXPECTED_RATIO,
-    expected_ratio,
-    plan_summary,
-)
 from dfmsd_cli.store.projection import dry_run as _dry_run
 from dfmsd_cli.store.quantize import check_keepbits
 from dfmsd_cli.store.reader import TeacherStore
@@ -61,8 +58,6 @@ from dfmsd_cli.store.writer import (
     store_exists,
 )
 from dfmsd_cli.utils.io import sha256_file
-
-THROTTLE_ENV = "DFMSD_PRECOMPUTE_THROTTLE"  # seconds slept per batch: tests kill a slow run
 
 
 @dataclass
@@ -162,21 +157,6 @@ def _device(name: str) -> torch.device:
     return dev
 
 
-def load_teacher(
-    name: str, num_classes: int, weights: str | None, seed: int = 0
-) -> torch.nn.Module:
-    """Build the teacher (random init seeded by ``seed``) and load ``weights`` strictly."""
-    from dfmsd_cli.models import build_model
-
-    torch.manual_seed(seed)
-    model = build_model(name, num_classes=num_classes)
-    if weights:
-        from dfmsd_cli.models.checkpoint import load_weights
-
-        load_weights(model, weights)
-    return model.eval()
-
-
 def batch_plan(
     sizes: list[tuple[int, int]], start: int, stop: int, block: int, batch_size: int
 ) -> list[list[int]]:
@@ -257,13 +237,13 @@ def precompute(
     image_dir: str | Path,
     options: PrecomputeOptions,
     dry_run: bool = False,
-    console: Any = None,
+    on_batch: Callable[[], None] | None = None,
 ) -> dict[str, Any]:
     """Write (or resume) the store of ``options.teacher`` for one split; returns a summary.
 
     The summary holds path, images (total, in this shard, written now, done, unreadable),
     wall time, teacher forward time, and for ``dry_run`` the projected bytes and seconds
-    (nothing is written then).
+    (nothing is written then). ``on_batch`` is called after each teacher batch is queued.
     """
     o = options
     views = _check_options(o)
@@ -316,7 +296,7 @@ def precompute(
     with io_path(path), store_lock(path, start, stop, f"{part}/{parts}"):
         return _write_store(
             ds, o, model, device, path, (start, stop), views, strides, pad_sizes,
-            ann_sha, enhance_cfg, ratios, weak_done, t_start,
+            ann_sha, enhance_cfg, ratios, weak_done, t_start, on_batch,
         )  # fmt: skip
 
 
@@ -335,6 +315,7 @@ def _write_store(
     ratios: np.ndarray | None,
     weak_done: np.ndarray | None,
     t_start: float,
+    on_batch: Callable[[], None] | None = None,
 ) -> dict[str, Any]:
     """Create or open the store and write images [start, stop) still pending (locked)."""
     (start, stop), n = rng, len(ds.image_ids)
@@ -405,7 +386,6 @@ def _write_store(
         on_written=on_written,
         threads=o.writer_threads,
     )
-    throttle = float(os.environ.get(THROTTLE_ENV, "0") or 0)
     t_forward = 0.0
     t_loop, c_loop = time.perf_counter(), time.process_time()
     try:
@@ -425,8 +405,8 @@ def _write_store(
                 for r in results:
                     if done[r.index] == schema.DONE_PENDING:
                         bg.submit(r)
-                if throttle:
-                    time.sleep(throttle)
+                if on_batch is not None:
+                    on_batch()
             bg.close()
         t_loop, c_loop = time.perf_counter() - t_loop, time.process_time() - c_loop
     except BaseException:

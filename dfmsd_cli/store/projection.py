@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 import torch
@@ -16,7 +16,17 @@ from dfmsd_cli.store.reader import TeacherStore
 
 if TYPE_CHECKING:
     from dfmsd_cli.data.coco import CocoDetection
-    from dfmsd_cli.store.precompute import PrecomputeOptions
+    from dfmsd_cli.data.geometry import Geometry
+
+
+class PlannedStore(Protocol):
+    """What a projection reads of ``PrecomputeOptions`` (precompute imports this module)."""
+
+    geometry: Geometry
+    dtype: str
+    codec: str
+    keepbits: int | None
+    batch_size: int
 
 
 # Stored / raw bytes (raw = the encoding's own item size) measured on real-image retina_r50
@@ -51,7 +61,7 @@ def expected_ratio(codec: str, dtype: str, keepbits: int | None) -> float:
 
 
 def plan_summary(
-    ds: CocoDetection, o: PrecomputeOptions, strides: list[int], channels: int, views: list[str]
+    ds: CocoDetection, o: PlannedStore, strides: list[int], channels: int, views: list[str]
 ) -> dict[str, float]:
     """Raw bytes per image of the planned store (features + spatial statistics), from sizes."""
     item = 1 if o.dtype == "uint8" else 2

@@ -83,7 +83,8 @@ def repair_store(
     **kw: Any,
 ) -> dict[str, Any]:
     """Recompute the images ``damaged`` of the store at ``path``; returns precompute's summary."""
-    from dfmsd_cli.store.precompute import load_teacher, precompute
+    from dfmsd_cli.models.checkpoint import load_teacher
+    from dfmsd_cli.store.precompute import precompute
 
     store = TeacherStore.open(path)
     options = options_of_store(store, weights, **kw)

@@ -90,7 +90,10 @@ FINGERPRINT_FIELDS: dict[str, str] = {
 
 
 def store_path(cache: str | os.PathLike, teacher: str, split: str) -> str:
-    """``<cache>/<teacher>/<split>.zarr`` (a local path or an fsspec URL)."""
+    """``<cache>/<teacher>/<split>.zarr`` (a local path or an fsspec URL); a ``teacher`` that
+    ends in ``.zarr`` names a store directly (an entry of ``distill --stages``)."""
+    if str(teacher).endswith(".zarr"):
+        return str(teacher)
     return f"{str(cache).rstrip('/')}/{teacher}/{split}.zarr"
 
 

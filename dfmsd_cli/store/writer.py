@@ -25,6 +25,7 @@ import numpy as np
 import torch
 import zarr
 
+from dfmsd_cli.data.enhance import area_ratio
 from dfmsd_cli.store import schema
 from dfmsd_cli.store.chunks import RowCodec, put_chunks
 from dfmsd_cli.store.create import (  # noqa: F401  re-exported: the store's write API
@@ -37,6 +38,7 @@ from dfmsd_cli.store.create import (  # noqa: F401  re-exported: the store's wri
     store_exists,
 )
 from dfmsd_cli.store.quantize import quantize_uint8, to_bfloat16, to_float16
+from dfmsd_cli.store.statistics import raw_statistics
 
 # ---------------------------------------------------------------------------------- per image
 
@@ -59,29 +61,6 @@ class ImageResult:
     views: dict[str, ViewResult]
     enhance: dict | None = None  # {"params": float64 (7,), "checksum": int}
     adv: dict | None = None  # {"delta": int8 (3, h, w), "checksum": int}
-
-
-def attention_stats(f: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Raw attention statistics of a (C, h, w) map (FGD, yzd-v/FGD fgd.py, before softmax/T):
-    spatial ``mean_c |F|`` -> (h, w) and channel ``mean_{h,w} |F|`` -> (C,)."""
-    a = f.float().abs()
-    return a.mean(dim=0), a.mean(dim=(1, 2))
-
-
-def area_ratio(
-    boxes: torch.Tensor, scores: torch.Tensor, size: tuple[int, int], thr: float
-) -> float:
-    """DFMSD's candidate-box area ratio: sum of areas of boxes with score >= thr (clipped to the
-    image) divided by the image area h*w. Overlaps count twice, as a plain sum does."""
-    h, w = size
-    keep = scores >= thr
-    if not bool(keep.any()):
-        return 0.0
-    b = boxes[keep].float()
-    x1, x2 = b[:, 0].clamp(0, w), b[:, 2].clamp(0, w)
-    y1, y2 = b[:, 1].clamp(0, h), b[:, 3].clamp(0, h)
-    area = ((x2 - x1).clamp(min=0) * (y2 - y1).clamp(min=0)).sum()
-    return float(area / float(h * w))
 
 
 def _place(x: np.ndarray, hc: int, wc: int, transposed: bool) -> np.ndarray:
@@ -169,7 +148,7 @@ class StoreWriter:
                 else:
                     data, rows[f"qparams/{v}/{s}"] = quantize_uint8(f, what)
                 chunks.append((f"feat/{v}/{s}", _place(data, hc, wc, transposed)))
-                sp, ch = attention_stats(f)
+                sp, ch = (x[0] for x in raw_statistics(f[None]))
                 chunks.append((f"att_s/{v}/{s}", _place(sp.numpy(), hc, wc, transposed)))
                 rows[f"att_c/{v}/{s}"] = ch.numpy()
         if "adv" in a["views"]:

@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from dfmsd_cli.store.statistics import raw_statistics  # noqa: F401  the one definition
+
 MASK_RULES: tuple[str, ...] = ("sample", "top", "random")
 
 
@@ -40,21 +42,6 @@ def resize_to(x: Tensor, size: tuple[int, int] | torch.Size) -> Tensor:
     if tuple(x.shape[-2:]) == tuple(size):
         return x
     return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
-
-
-def raw_statistics(feature: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
-    """The raw attention statistics of a (B, C, H, W) feature, as the store keeps them.
-
-    spatial: ``mean_c |F|`` -> (B, H, W), zero outside ``valid``;
-    channel: ``mean over valid positions of |F|`` -> (B, C).
-    Differentiable (FGD's student attention needs the gradient); detach for teacher-side use.
-    """
-    a = feature.abs().float()
-    v = valid.to(a.dtype)
-    spatial = a.mean(dim=1) * v
-    count = v.flatten(1).sum(dim=1).clamp_min(1.0)
-    channel = (a * v[:, None]).flatten(2).sum(dim=2) / count[:, None]
-    return spatial, channel
 
 
 def masked_softmax(logits: Tensor, valid: Tensor) -> Tensor:

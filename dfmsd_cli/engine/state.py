@@ -1,4 +1,6 @@
-"""Training-state checkpoints: model, optimizer, AMP scaler, position and RNG states.
+"""Run state (``last.pth``): model, optimizer, AMP scaler, position and RNG states.
+
+(Model weight files are ``models/checkpoint.py``.)
 
 Written atomically (temporary file + rename), so a run killed at any moment keeps its last
 good checkpoint; ``--resume`` restores the exact position (epoch, step in epoch, iteration)
@@ -64,11 +66,6 @@ def load_state(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise UserError(f"no checkpoint at {path} to resume from: drop --resume to start anew")
     return load_pth(path, what="run state", fix="remove it and start with --overwrite")
-
-
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The plain module inside DDP."""
-    return model.module if hasattr(model, "module") else model
 
 
 def seed_everything(seed: int) -> None:

@@ -28,12 +28,12 @@ from torch.utils.data import DataLoader
 
 from dfmsd_cli.data.coco import CocoDetection
 from dfmsd_cli.data.geometry import Geometry, apply_view_image, pad_batch
+from dfmsd_cli.models.checkpoint import load_teacher
 from dfmsd_cli.store.precompute import (
     PrecomputeOptions,
     _BatchLoad,
     _identity,
     batch_plan,
-    load_teacher,
     precompute,
 )
 from dfmsd_cli.store.quantize import dequantize_uint8, quantize_uint8, relative_rmse

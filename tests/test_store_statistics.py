@@ -1,0 +1,45 @@
+"""The one attention-statistics function: by hand, and equal to the bit to what the store wrote."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dfmsd_cli.distill.losses import common
+from dfmsd_cli.store.statistics import raw_statistics
+
+
+def test_raw_statistics_by_hand():
+    f = torch.tensor([[[[1.0, -3.0], [0.0, 2.0]], [[-2.0, 5.0], [4.0, -6.0]]]])  # (1, 2, 2, 2)
+    spatial, channel = raw_statistics(f)
+    # spatial: mean over the 2 channels of |F| per cell
+    assert torch.equal(spatial, torch.tensor([[[1.5, 4.0], [2.0, 4.0]]]))
+    # channel: mean over the 4 cells of |F| per channel: (1+3+0+2)/4, (2+5+4+6)/4
+    assert torch.equal(channel, torch.tensor([[1.5, 4.25]]))
+    valid = torch.tensor([[[True, False], [True, False]]])  # left column only
+    spatial, channel = raw_statistics(f, valid)
+    assert torch.equal(spatial, torch.tensor([[[1.5, 0.0], [2.0, 0.0]]]))
+    assert torch.equal(channel, torch.tensor([[0.5, 3.0]]))  # (1+0)/2, (2+4)/2
+
+
+@pytest.mark.parametrize("shape", [(256, 25, 38), (3, 1, 7), (17, 13, 4), (64, 100, 67)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_equal_to_the_bit_to_the_stores_former_formula(shape, dtype):
+    """Before there was one function, the writer computed ``|F|.mean(0)`` and
+    ``|F|.mean((1, 2))`` of each (C, h, w) map: the stored att_s/att_c must not change."""
+    f = (torch.randn(*shape, generator=torch.Generator().manual_seed(sum(shape))) * 7).to(dtype)
+    a = f.float().abs()
+    spatial, channel = raw_statistics(f[None])
+    assert torch.equal(spatial[0], a.mean(dim=0))
+    assert torch.equal(channel[0], a.mean(dim=(1, 2)))
+
+
+def test_losses_use_the_same_function():
+    assert common.raw_statistics is raw_statistics
+
+
+def test_gradient_reaches_the_feature():
+    f = torch.randn(2, 3, 4, 5, requires_grad=True)
+    spatial, channel = raw_statistics(f, torch.rand(2, 4, 5) > 0.3)
+    (spatial.sum() + channel.sum()).backward()
+    assert f.grad is not None and bool(f.grad.abs().sum() > 0)
