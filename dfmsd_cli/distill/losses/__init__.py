@@ -1,5 +1,6 @@
 """Feature-distillation losses on FPN maps ``{stride: (B, C, H, W)}`` (see docs/method.md)."""
 
+from dfmsd_cli.distill.losses.amd import AMD_DEFAULTS, AMDLevel, AMDLoss, attention_spatial_mask
 from dfmsd_cli.distill.losses.common import (
     MASK_RULES,
     GenerationBlock,
@@ -17,6 +18,10 @@ from dfmsd_cli.distill.losses.mgd import MGDLevel, MGDLoss
 from dfmsd_cli.distill.losses.sfa import SFALevel, SFALoss, finest_levels, pkd_level_loss
 
 __all__ = [
+    "AMD_DEFAULTS",
+    "AMDLevel",
+    "AMDLoss",
+    "attention_spatial_mask",
     "MASK_RULES",
     "DualMaskingLevel",
     "DualMaskingLoss",
