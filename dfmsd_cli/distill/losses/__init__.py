@@ -1,5 +1,6 @@
 """Feature-distillation losses on FPN maps ``{stride: (B, C, H, W)}`` (see docs/method.md)."""
 
+from dfmsd_cli.distill.losses.amd import AMD_DEFAULTS, AMDLevel, AMDLoss, attention_spatial_mask
 from dfmsd_cli.distill.losses.common import (
     MASK_RULES,
     GenerationBlock,
@@ -13,10 +14,20 @@ from dfmsd_cli.distill.losses.common import (
 )
 from dfmsd_cli.distill.losses.dual_masking import DualMaskingLevel, DualMaskingLoss, dual_masks
 from dfmsd_cli.distill.losses.fgd import FGDLevel, FGDLoss, foreground_background_masks
+from dfmsd_cli.distill.losses.fkd import FKD_DEFAULTS, FKDLevel, FKDLoss, RelationBlock, fkd_masks
 from dfmsd_cli.distill.losses.mgd import MGDLevel, MGDLoss
 from dfmsd_cli.distill.losses.sfa import SFALevel, SFALoss, finest_levels, pkd_level_loss
 
 __all__ = [
+    "AMD_DEFAULTS",
+    "AMDLevel",
+    "AMDLoss",
+    "FKD_DEFAULTS",
+    "FKDLevel",
+    "FKDLoss",
+    "RelationBlock",
+    "attention_spatial_mask",
+    "fkd_masks",
     "MASK_RULES",
     "DualMaskingLevel",
     "DualMaskingLoss",
