@@ -304,7 +304,7 @@ def test_sld_loss_by_hand_gradients_and_zero():
 
 
 def test_sfd_pooled_scale_by_hand():
-    # pool: grids (1, 2) → the 1×1-window scale works on maps max-pooled by 2, its Σ/B × 2²
+    # pool: grids (1, 2) → the 1×1-window scale works on maps max-pooled by 2 (Σ/B over 1 cell)
     t = torch.rand(1, 2, 2, 2) + 0.1
     valid = torch.ones(1, 2, 2, dtype=torch.bool)
     level = SFDLevel(2, 2, grids=(1, 2), lambda_s=0.0, lambda_c=0.0, pool=True)
@@ -312,5 +312,5 @@ def test_sfd_pooled_scale_by_hand():
     s = torch.zeros(1, 2, 2, 2)
     losses = level.scale_losses(s, t, valid)
     pooled = t.amax(dim=(2, 3))  # one cell; the student pools to 0 and reconstructs 0
-    assert math.isclose(float(losses[0]), 4 * float((pooled**2).sum()), rel_tol=1e-5)
+    assert math.isclose(float(losses[0]), float((pooled**2).sum()), rel_tol=1e-5)
     assert math.isclose(float(losses[1]), float((t**2).sum()), rel_tol=1e-5)

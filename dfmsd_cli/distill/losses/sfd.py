@@ -24,9 +24,8 @@ g in ``grids`` (default 1, 2, 4; windows as in :mod:`.windows`):
 
 ``pool=True`` (v1): scale g works on both maps max-pooled (over valid cells) by
 ``f_g = max(grids) / g`` — the global 1×1 window on a coarse map, the finest windows at full
-resolution; its statistics are recomputed from the pooled teacher, and with the ``"batch"``
-reduction its loss is multiplied by f_g² (a pooled cell stands for f_g² cells) so the scales
-stay comparable.
+resolution; its statistics are recomputed from the pooled teacher. Its Σ/B runs over the pooled
+cells, uncompensated — a coarse scale weighs less, as a coarse FPN level does in MGD's sum.
 With ``grids=(1,)`` and ``pool=False`` SFD is DFM's dual masking (the same masks).
 """
 
@@ -167,9 +166,7 @@ class SFDLevel(nn.Module):
                 s_g, t_g, v_g, sp, ch = s, teacher, valid, spatial_stat, channel_stat
             m_s, m_c = self.masks(t_g, v_g, g, sp, ch)
             generated = self.reconstruct(s_g, m_s, m_c, v_g)
-            loss = generation_loss(generated, t_g, v_g, self.dfm.reduction)
-            # Σ/B on a map pooled by f: a pooled cell stands for f² cells of the level
-            out.append(loss * factor**2 if self.dfm.reduction == "batch" else loss)
+            out.append(generation_loss(generated, t_g, v_g, self.dfm.reduction))
         return torch.stack(out)
 
     def forward(
