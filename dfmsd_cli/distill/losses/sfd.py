@@ -19,14 +19,16 @@ g in ``grids`` (default 1, 2, 4; windows as in :mod:`.windows`):
   per-element mean (``"mean"``);
 * ``L_SFD = Σ_levels Σ_g ω_g L^g`` with fixed ``scale_weights`` (default ``"uniform"``, 1/n
   each) or ``"learnable"``: ``ω = softmax(φ)``, φ initialised to 0. A learnable mixture of
-  *losses* is minimised by moving all weight to the smallest L^g (∂/∂φ_g = ω_g(L^g − L̄)), so it
-  drifts towards the easiest scale over a long schedule — hence uniform by default.
+  *losses* is minimised by moving all weight to the smallest L^g (∂/∂φ_g = ω_g(L^g − L̄)): it
+  collapses onto the easiest scale (within 100 SGD steps on fixed tensors,
+  examples/samkd_scale_weights.py) — hence uniform by default.
 
 ``pool=True`` (v1): scale g works on both maps max-pooled (over valid cells) by
 ``f_g = max(grids) / g`` — the global 1×1 window on a coarse map, the finest windows at full
 resolution; its statistics are recomputed from the pooled teacher. Its Σ/B runs over the pooled
 cells, uncompensated — a coarse scale weighs less, as a coarse FPN level does in MGD's sum.
-With ``grids=(1,)`` and ``pool=False`` SFD is DFM's dual masking (the same masks).
+With ``grids=(1,)`` and ``pool=False`` SFD is DFM's dual masking: the same masks on the valid
+cells (DFM's channel mask also zeroes padding cells, SFD's windows have none).
 """
 
 from __future__ import annotations
