@@ -1,6 +1,6 @@
 """Parse-time checks of every count and size option, for all commands at once.
 
-A count option (``--batch-size``, ``--epochs``, ``--num-workers``, ``--images``, ``--topk``,
+A count option (``--batch-size``, ``--epochs``, ``--num-workers``, ``--num-images``, ``--topk``,
 ``--block``, ``--levels``, ...) is checked by NAME, whatever command declares it: ``install``
 attaches one typer callback to each such option, so ``train --batch-size 0`` stops before any
 work with ``error: --batch-size must be at least 1 (the number of images per step), got 0:
@@ -28,7 +28,7 @@ COUNTS: dict[str, tuple[int, str]] = {
     "batch_size": (1, "the number of images per step"),
     "epochs": (1, "the number of epochs, per stage"),
     "num_workers": (0, "the number of DataLoader worker processes; 0 loads in the main process"),
-    "images": (1, "a number of images"),
+    "num_images": (1, "a number of images"),
     "val_images": (1, "the number of validation images"),
     "max_images": (1, "the number of images to use"),
     "topk": (1, "the number of teacher detections kept per image"),
