@@ -135,3 +135,16 @@ def test_one_meaning_per_flag_name():
 def test_converted_commands_take_a_config_file(cmd):
     names = {name for c, name, _, _ in checks.iter_options(app) if c == cmd}
     assert "config" in names
+
+
+def test_a_count_check_declared_at_the_field():
+    """``opt(count=(1, ...))`` registers the name's check; a second minimum for the same name
+    is refused at declaration (one meaning per flag name)."""
+    assert checks.COUNTS["num_images"][0] == 1  # declared by NumImagesOptions, not in the table
+
+    @dataclass(kw_only=True)
+    class Clash:
+        num_images: int = opt(3, "How many.", count=(0, "something else"))
+
+    with pytest.raises(TypeError, match="one meaning per name"):
+        command(typer.Typer(), "clash", Clash)(lambda o: None)

@@ -18,6 +18,7 @@ from dfmsd_cli.utils.options import (
     DeviceOptions,
     GeometryOptions,
     JsonOptions,
+    NumImagesOptions,
     opt,
     record,
     reuse,
@@ -31,13 +32,15 @@ app.add_typer(bench_app, name="bench")
 
 
 @dataclass(kw_only=True)
-class BenchOptions(GeometryOptions, BatchOptions, JsonOptions):
+class BenchOptions(NumImagesOptions, GeometryOptions, BatchOptions, JsonOptions):
     """The options every bench command shares (only --data/--split of the data group: bench
     reads the first N images of a COCO root)."""
 
     data: Path = reuse(DataOptions, "data", default=dataclasses.MISSING)
     split: str = reuse(DataOptions, "split", help="Split to measure on.")
-    num_images: int = opt(16, "Number of images measured (the first N of the split).")
+    num_images: int = reuse(
+        NumImagesOptions, "num_images", help="Number of images measured (the first N of the split)."
+    )
     num_workers: int = reuse(DeviceOptions, "num_workers")
     work_dir: Path | None = opt(None, "Where stores and runs go (default: a temporary folder).")
     isolate: bool = opt(

@@ -10,16 +10,30 @@ import typer
 
 from dfmsd_cli.cli.app import app, write_config
 from dfmsd_cli.cli.options import command, emit_json
-from dfmsd_cli.utils.options import DataOptions, JsonOptions, OutOptions, opt, record, reuse
+from dfmsd_cli.utils.options import (
+    DataOptions,
+    JsonOptions,
+    NumImagesOptions,
+    OutOptions,
+    opt,
+    record,
+    reuse,
+)
 
 make_data = typer.Typer(help="Generate a COCO-layout dataset.", no_args_is_help=True)
 app.add_typer(make_data, name="make-data")
 
 
 @dataclass(kw_only=True)
-class SyntheticOptions(OutOptions):
+class SyntheticOptions(NumImagesOptions, OutOptions):
     out: Path = reuse(OutOptions, "out", help="Dataset root to write (COCO layout).")
-    num_images: int = opt(200, "Training images (validation gets N/4).", short="-n")
+    num_images: int = reuse(
+        NumImagesOptions,
+        "num_images",
+        default=200,
+        help="Training images (validation gets N/4).",
+        short="-n",
+    )
     seed: int = opt(0, "Seed: the same seed gives bit-identical files.")
     val_images: int | None = opt(None, "Validation images (default N/4, at least 1).")
     min_size: int = opt(160, "Smallest long side of an image, px.")

@@ -12,6 +12,7 @@ from dfmsd_cli.utils.options import (
     BatchOptions,
     DeviceOptions,
     GeometryOptions,
+    NumImagesOptions,
     OutOptions,
     opt,
     reuse,
@@ -19,11 +20,13 @@ from dfmsd_cli.utils.options import (
 
 
 @dataclass(kw_only=True)
-class DemoCLI(OutOptions, GeometryOptions, BatchOptions, DeviceOptions):
+class DemoCLI(NumImagesOptions, OutOptions, GeometryOptions, BatchOptions, DeviceOptions):
     out: Path = reuse(OutOptions, "out", default=Path("dfmsd-demo"))
     seed: int = opt(0, "Seed of the dataset, weights and data order.")
     overwrite: bool = reuse(OutOptions, "overwrite", help="Replace an earlier demo in --out.")
-    num_images: int = opt(200, "Synthetic training images.")
+    num_images: int = reuse(
+        NumImagesOptions, "num_images", default=200, help="Synthetic training images."
+    )
     val_images: int = opt(100, "Synthetic validation images.")
     epochs: str = opt("5,5", "Epochs per DFMSD stage; the baseline trains for their sum.")
     img_scale: str = reuse(GeometryOptions, "img_scale", default="320,256")

@@ -20,6 +20,7 @@ from typing import Any, get_origin
 
 import typer
 
+from dfmsd_cli.cli import checks
 from dfmsd_cli.cli.app import ConfigOption
 from dfmsd_cli.utils.options import flag_of, option_fields
 
@@ -48,6 +49,8 @@ def parameters(cls: type) -> tuple[list[inspect.Parameter], dict[str, dataclasse
     params, deprecated = [], {}
     for field, hint in option_fields(cls):
         meta, default = field.metadata, _default(field)
+        if meta.get("count"):
+            checks.declare_count(field.name, *meta["count"])
         if meta.get("argument"):
             info = typer.Argument(default, help=meta.get("help"), hidden=meta.get("hidden"))
         else:

@@ -33,6 +33,7 @@ def opt(
     hidden: bool = False,
     deprecated: tuple[str, ...] = (),
     repeatable: bool = False,
+    count: tuple[int, str] | None = None,
 ) -> Any:
     """A command option as a dataclass field.
 
@@ -40,7 +41,9 @@ def opt(
     ``flag``: the long flag (default ``--field-name``), or ``--on/--off`` for a switch pair;
     ``short``: e.g. ``-b``; ``argument``: a positional argument instead of a flag;
     ``deprecated``: old spellings accepted with a one-line warning (hidden from ``--help``);
-    ``repeatable``: a list given by repeating the flag (the default is copied per instance).
+    ``repeatable``: a list given by repeating the flag (the default is copied per instance);
+    ``count``: (minimum, what it counts) — the parse-time check of ``cli/checks.py`` for this
+    option name (an int, or a comma list of ints).
     """
     meta = {
         "help": help,
@@ -50,6 +53,7 @@ def opt(
         "hidden": hidden,
         "deprecated": tuple(deprecated),
         "repeatable": repeatable,
+        "count": count,
     }
     if repeatable or isinstance(default, list):
         value = [] if default is _NO or default is None else list(default)
@@ -57,6 +61,9 @@ def opt(
         meta["required"] = required
         return dataclasses.field(default_factory=lambda: list(value), metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
+
+
+_KEPT = ("flag", "short", "argument", "hidden", "deprecated", "repeatable", "count")
 
 
 def reuse(cls: type, name: str, **changes: Any) -> Any:
@@ -67,7 +74,10 @@ def reuse(cls: type, name: str, **changes: Any) -> Any:
     default = field.default
     if field.default_factory is not _NO:  # type: ignore[misc]
         default = [] if meta.get("required") else field.default_factory()  # type: ignore[misc]
-    kw = {k: meta[k] for k in ("flag", "short", "argument", "hidden", "deprecated", "repeatable")}
+    kw = {
+        k: meta[k]
+        for k in ("flag", "short", "argument", "hidden", "deprecated", "repeatable", "count")
+    }
     kw.update({k: v for k, v in changes.items() if k not in ("default", "help")})
     return opt(changes.get("default", default), changes.get("help", meta["help"]), **kw)
 
@@ -135,6 +145,13 @@ class DeviceOptions:
 @dataclasses.dataclass(kw_only=True)
 class BatchOptions:
     batch_size: int = opt(2, "Images per batch.", short="-b")
+
+
+@dataclasses.dataclass(kw_only=True)
+class NumImagesOptions:
+    """A count of images is ``--num-images`` (``--images`` is a folder)."""
+
+    num_images: int = opt(16, "Number of images.", count=(1, "a number of images"))
 
 
 @dataclasses.dataclass(kw_only=True)
