@@ -4,7 +4,7 @@ Writes the same teacher features twice — a schema-2 store (crc32c on every chu
 schema-1 store (no checksum) — then reads every image of both, alternating the order over
 several repeats, and reports the CPU time per sample of each and their ratio.
 
-    python examples/bench_checksum.py [--data ROOT] [--teacher retina_r50] [--images 16]
+    python examples/bench_checksum.py [--data ROOT] [--teacher retina_r50] [--num-images 16]
         [--img-scale 640,512] [--repeats 5]
 
 Without --data it uses ../shared/data/coco2017-subset when present, else generated images.
@@ -41,7 +41,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data")
     ap.add_argument("--teacher", default="retina_r50")
-    ap.add_argument("--images", type=int, default=16)
+    ap.add_argument("--num-images", type=int, default=16)
     ap.add_argument("--img-scale", default="640,512")
     ap.add_argument("--repeats", type=int, default=5)
     args = ap.parse_args()
@@ -55,7 +55,7 @@ def main() -> None:
         schema.SCHEMA_VERSION = version  # 1: the layout before checksums
         o = PrecomputeOptions(
             teacher=args.teacher, split=split, cache=str(tmp / f"v{version}"), device="cpu",
-            geometry=Geometry(img_scale=scale), num_workers=0, max_images=args.images,
+            geometry=Geometry(img_scale=scale), num_workers=0, max_images=args.num_images,
             progress=False,
         )
         stores[version] = precompute(ann, root / split, o)["path"]

@@ -40,9 +40,9 @@ mkdir -p "$WORK"
 
 # 1. Convert the MMDetection teachers (strict: every key mapped, or an error naming them).
 dfmsd convert mmdet "$CKPT/cascade_mask_rcnn_r101_fpn_1x_coco_20200203-befdf6ee.pth" \
-  --model cmr_r101 --out "$WORK/cmr_r101.pth"
+  --model cmr_r101 --out "$WORK"  # writes $WORK/cmr_r101.pth
 dfmsd convert mmdet "$CKPT/cascade_mask_rcnn_x101_64x4d_fpn_20e_coco_20200512_161033-bdb5126a.pth" \
-  --model cmr_x101 --out "$WORK/cmr_x101.pth"
+  --model cmr_x101 --out "$WORK"  # writes $WORK/cmr_x101.pth
 
 # Optional: check the converted teachers reproduce their published box AP (42.9 / 45.6).
 # dfmsd eval "$WORK/cmr_r101.pth" --data "$COCO" --split val2017
@@ -67,7 +67,7 @@ $DFMSD distill --student mmretina_r50 --weights torchvision --stages cmr_r101,cm
 
 # 4. Evaluate the final student (also evaluated on val2017 after each stage by distill).
 dfmsd eval "$WORK/dfmsd_retina_r50/student.pth" --data "$COCO" --split val2017 \
-  --out "$WORK/dfmsd_retina_r50/eval_val2017.json"
+  --json "$WORK/dfmsd_retina_r50/eval_val2017.json"
 
 # The student alone, same recipe, for the comparison (paper: RetinaNet R50 37.4 -> 40.1 with
 # DFMSD from Cascade Mask R-CNN R101 -> X101):

@@ -17,7 +17,7 @@ JOBS=${JOBS:-2}
 HERE=$(cd "$(dirname "$0")" && pwd)
 SCALE="--img-scale 320,256"
 mkdir -p "$W"
-[ -d "$W/data/train2017" ] || dfmsd make-data synthetic --out "$W/data" --images 200 \
+[ -d "$W/data/train2017" ] || dfmsd make-data synthetic --out "$W/data" --num-images 200 \
   --val-images 100 --seed 0 --min-size 160 --max-size 320 > /dev/null
 for enc in $ENCODINGS; do
   dtype=${enc%%:*}; keep=""; [ "$enc" != "$dtype" ] && keep="--keepbits ${enc#*:}"

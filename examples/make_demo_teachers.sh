@@ -17,7 +17,7 @@ WORK=${WORK:-runs/demo-teachers}
 OUT=${OUT:-examples/demo_teachers}
 mkdir -p "$WORK" "$OUT"
 
-dfmsd make-data synthetic --out "$WORK/data" --images 500 --val-images 100 --seed 1000 --overwrite
+dfmsd make-data synthetic --out "$WORK/data" --num-images 500 --val-images 100 --seed 1000 --overwrite
 
 for T in fcos_tiny gfl_tiny; do
   dfmsd train --model "$T" --data "$WORK/data" --out "$WORK/$T" \
@@ -29,6 +29,6 @@ wait
 for T in fcos_tiny gfl_tiny; do
   python -c "from dfmsd_cli.demo.teachers import pack_teacher as p; p('$WORK/$T/model.pth', '$OUT/$T.pth')"
   dfmsd eval "$OUT/$T.pth" --data "$WORK/data" --img-scale 320,256 --num-workers 0 \
-    --out "$WORK/$T/eval_packed.json"
+    --json "$WORK/$T/eval_packed.json"
 done
 ls -l "$OUT"

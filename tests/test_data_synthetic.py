@@ -79,7 +79,7 @@ def test_refuses_to_overwrite(tmp_path, capsys):
         make_synthetic(other, images=2, overwrite=True, **SMALL)
     capsys.readouterr()
     with pytest.raises(SystemExit) as exc:
-        main(["make-data", "synthetic", "--out", str(root), "--images", "2"])
+        main(["make-data", "synthetic", "--out", str(root), "--num-images", "2"])
     assert exc.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--overwrite" in err[0]
@@ -87,7 +87,7 @@ def test_refuses_to_overwrite(tmp_path, capsys):
 
 def test_cli_writes_coco_root(tmp_path):
     out = tmp_path / "cli"
-    argv = ["make-data", "synthetic", "--out", str(out), "--images", "4", "--seed", "2"]
+    argv = ["make-data", "synthetic", "--out", str(out), "--num-images", "4", "--seed", "2"]
     with pytest.raises(SystemExit) as exc:
         main(argv + ["--min-size", "64", "--max-size", "96"])
     assert exc.value.code == 0

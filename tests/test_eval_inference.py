@@ -182,7 +182,7 @@ def test_eval_cli_end_to_end(synthetic_root, tmp_path, capsys):
                 str(ckpt),
                 "--data",
                 str(synthetic_root),
-                "--out",
+                "--json",
                 str(out),
                 "--num-workers",
                 "0",

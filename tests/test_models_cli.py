@@ -16,7 +16,7 @@ def _run(args: list[str]) -> int:
 
 
 def test_models_json(capsys):
-    assert _run(["models", "*_tiny", "--json"]) == 0
+    assert _run(["models", "*_tiny", "--json", "-"]) == 0
     rows = json.loads(capsys.readouterr().out)
     by_name = {r["name"]: r for r in rows}
     assert {"retina_tiny", "fcos_tiny", "frcnn_tiny", "mrcnn_tiny"} <= set(by_name)

@@ -3,6 +3,7 @@ shards, mismatch errors, the enhancement view, and ``cache verify``."""
 
 from __future__ import annotations
 
+import json
 import math
 import multiprocessing as mp
 import os
@@ -242,9 +243,9 @@ def test_cli_precompute_info_and_user_errors(data, tmp_path, capsys):
     path = tmp_path / "retina_tiny" / "train2017.zarr"
     assert (tmp_path / "retina_tiny" / "config.json").is_file()
     capsys.readouterr()
-    assert _main(["cache", "info", str(path), "--json"]) == 0
-    out = capsys.readouterr().out
-    assert '"done": 3' in out and '"levels": [8, 16]' in out
+    assert _main(["cache", "info", str(path), "--json", "-"]) == 0
+    info = json.loads(capsys.readouterr().out)  # the table went to stderr
+    assert info["done"] == 3 and info["levels"] == [8, 16]
     assert _main(["precompute", "--teacher", "retina_tiny", *common, "--views", "orig,hflp"]) == 2
     assert "did you mean: hflip" in capsys.readouterr().err
     assert _main(["precompute", "--teacher", "retina_tiny", *common, "--levels", "4"]) == 2

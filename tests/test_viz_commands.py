@@ -223,7 +223,7 @@ def test_cli_one_line_errors(env, tmp_path, capsys):
     assert err.startswith("error: view 'me' is not in store") and "\n" not in err
     out = tmp_path / "m.pdf"
     with pytest.raises(SystemExit) as exc:
-        main(["viz", "masks", str(env["store"]), "--index", "0", "--method", "mgd", "-o", str(out)])
+        main(["viz", "masks", str(env["store"]), "--index", "0", "--method", "mgd", "-f", str(out)])
     assert exc.value.code in (0, None) and out.read_bytes().startswith(b"%PDF")
 
 

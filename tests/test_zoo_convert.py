@@ -312,13 +312,15 @@ def test_cli_convert_writes_loadable_checkpoint(tmp_path):
     direct = build_model("cmr_tiny", num_classes=2)
     src = tmp_path / "mm.pth"
     torch.save({"state_dict": to_mmdet_layout(direct.state_dict())}, src)
-    out = tmp_path / "w.pth"
-    args = ["convert", "mmdet", str(src), "--model", "cmr_tiny", "--out", str(out)]
+    args = ["convert", "mmdet", str(src), "--model", "cmr_tiny", "--out", str(tmp_path / "w")]
     res = CliRunner().invoke(app, args)
     assert res.exit_code == 0, res.output
+    out = tmp_path / "w" / "cmr_tiny.pth"  # --out is a folder: OUT/MODEL.pth
     ckpt = torch.load(out, weights_only=True)
     assert ckpt["model"] == "cmr_tiny" and ckpt["converted_from"]["report"]["ok"]
-    assert (tmp_path / "w.pth.report.json").is_file()
+    assert (tmp_path / "w" / "cmr_tiny.pth.report.json").is_file()
+    res = CliRunner().invoke(app, args[:-1] + [str(tmp_path / "x.pth")])
+    assert isinstance(res.exception, UserError) and "--out is a folder" in str(res.exception)
     from dfmsd_cli.models.checkpoint import build_from_checkpoint, load_weights
 
     meta = load_weights(build_model("cmr_tiny", num_classes=2), out)  # what --weights does

@@ -35,10 +35,10 @@ def test_convert_refuses_torchvision_layouts_naming_the_right_model(tmp_path, mo
     torch.save({"state_dict": {"backbone.conv1.weight": torch.zeros(1)}}, src)
     with pytest.raises(UserError, match=rf"use --model {right}\b"):
         convert_mmdet(src, model)
-    out = tmp_path / "w.pth"
+    out = tmp_path / "w"
     res = CliRunner().invoke(app, ["convert", "mmdet", str(src), "-m", model, "-o", str(out)])
     assert isinstance(res.exception, UserError) and right in str(res.exception)
-    assert not out.exists()
+    assert not (out / f"{model}.pth").exists()
 
 
 def test_published_ap_only_on_models_that_reproduce_it():

@@ -192,12 +192,17 @@ def _mmdet_swin_checkpoint(path, num_classes, names=None):
 
 
 def _convert_cli(src, out, model="mmmrcnn_swin_t"):
+    """``convert mmdet SRC --model M -o DIR`` writes DIR/M.pth; moved to ``out``."""
     from typer.testing import CliRunner
 
     from dfmsd_cli.cli import app
 
-    res = CliRunner().invoke(app, ["convert", "mmdet", str(src), "--model", model, "-o", str(out)])
+    folder = out.parent / "converted"
+    res = CliRunner().invoke(
+        app, ["convert", "mmdet", str(src), "--model", model, "-o", str(folder)]
+    )
     assert res.exit_code == 0, res.output
+    (folder / f"{model}.pth").replace(out)
 
 
 def test_converted_swin_mask_rcnn_loads_and_matches(tmp_path):
@@ -233,7 +238,7 @@ def test_converted_swin_evaluates_with_weights(synthetic_root, tmp_path):
     args = ["eval", "--data", str(synthetic_root), "--model", "mmmrcnn_swin_t"]
     args += ["--weights", str(tmp_path / "w.pth"), "--img-scale", "128,96", "--max-images", "1"]
     with pytest.raises(SystemExit) as exc:
-        main([*args, "--num-workers", "0", "--out", str(out)])
+        main([*args, "--num-workers", "0", "--json", str(out)])
     assert exc.value.code in (0, None)
     assert "mAP" in json.loads(out.read_text())["bbox"]
     loaded = build_model("mmmrcnn_swin_t", num_classes=len(names)).eval()

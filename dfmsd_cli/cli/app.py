@@ -78,7 +78,8 @@ def _load_config(ctx: typer.Context, _param: typer.CallbackParam, value: str | N
     section = data.get(ctx.info_name or "", data)
     if not isinstance(section, dict):
         raise UserError(f"config file {path}: [{ctx.info_name}] must be a table")
-    names = {p.name for p in ctx.command.params}
+    params = {p.name: p for p in ctx.command.params if not p.name.startswith("deprecated__")}
+    names = set(params)
     defaults: dict[str, Any] = {}
     for key, val in section.items():
         if isinstance(val, dict):
@@ -89,7 +90,8 @@ def _load_config(ctx: typer.Context, _param: typer.CallbackParam, value: str | N
                 f"config file {path}: unknown option '{key}' for '{ctx.info_name}' "
                 f"(valid: {', '.join(sorted(names - {'config'}))})"
             )
-        if isinstance(val, list):
+        multiple = getattr(params[name], "multiple", False) or params[name].nargs == -1
+        if isinstance(val, list) and not multiple:  # a comma list option (--epochs 12,12)
             val = ",".join(str(v) for v in val)
         defaults[name] = val
     ctx.default_map = {**(ctx.default_map or {}), **defaults}

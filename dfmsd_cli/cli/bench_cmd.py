@@ -1,14 +1,28 @@
-"""``dfmsd bench {precompute,store,distill}``: size your hardware (rich tables, or --json)."""
+"""``dfmsd bench {precompute,store,distill}``: size your hardware (rich tables; ``--json PATH``
+also writes the result, ``--json -`` prints it on stdout instead of the tables)."""
 
 from __future__ import annotations
 
-import json
+import dataclasses
+from dataclasses import dataclass
 from pathlib import Path
 
 import typer
 
-from dfmsd_cli.cli.app import ConfigOption, app
+from dfmsd_cli.cli.app import app
+from dfmsd_cli.cli.options import command, emit_json
 from dfmsd_cli.data.geometry import parse_img_scale
+from dfmsd_cli.utils.options import (
+    BatchOptions,
+    DataOptions,
+    DeviceOptions,
+    GeometryOptions,
+    JsonOptions,
+    NumImagesOptions,
+    opt,
+    record,
+    reuse,
+)
 
 bench_app = typer.Typer(
     help="Measure precompute overhead, store size/throughput and distill step cost on your data.",
@@ -16,176 +30,127 @@ bench_app = typer.Typer(
 )
 app.add_typer(bench_app, name="bench")
 
-DataOpt = typer.Option(
-    ..., "--data", help="COCO root: ROOT/annotations/instances_{split}.json and ROOT/{split}/."
-)
-SplitOpt = typer.Option("train2017", "--split", help="Split to measure on.")
-ImagesOpt = typer.Option(
-    16, "--images", help="Number of images measured (the first N of the split)."
-)
-ScaleOpt = typer.Option("1333,800", "--img-scale", help="Keep-ratio resize bound LONG,SHORT.")
-BatchOpt = typer.Option(2, "--batch-size", "-b", help="Images per batch.")
-WorkersOpt = typer.Option(2, "--num-workers", help="DataLoader workers.")
-WorkOpt = typer.Option(
-    None, "--work-dir", help="Where stores and runs go (default: a temporary folder)."
-)
-IsolateOpt = typer.Option(
-    True,
-    "--isolate/--in-process",
-    help="Run each measurement in a fresh process (its own peak memory).",
-)
-ThreadsOpt = typer.Option(
-    None, "--threads", help="torch threads in the measurement process (default: torch's)."
-)
-JsonOpt = typer.Option(
-    False, "--json", help="Print the result as JSON on stdout instead of tables."
-)
-OutOpt = typer.Option(None, "--out", "-o", help="Also write the JSON result to this file.")
+
+@dataclass(kw_only=True)
+class BenchOptions(NumImagesOptions, GeometryOptions, BatchOptions, JsonOptions):
+    """The options every bench command shares (only --data/--split of the data group: bench
+    reads the first N images of a COCO root)."""
+
+    data: Path = reuse(DataOptions, "data", default=dataclasses.MISSING)
+    split: str = reuse(DataOptions, "split", help="Split to measure on.")
+    num_images: int = reuse(
+        NumImagesOptions, "num_images", help="Number of images measured (the first N of the split)."
+    )
+    num_workers: int = reuse(DeviceOptions, "num_workers")
+    work_dir: Path | None = opt(None, "Where stores and runs go (default: a temporary folder).")
+    isolate: bool = opt(
+        True,
+        "Run each measurement in a fresh process (its own peak memory).",
+        flag="--isolate/--in-process",
+    )
+    threads: int | None = opt(None, "torch threads in the measurement process (default: torch's).")
+    json: Path | None = reuse(JsonOptions, "json", deprecated=("--out", "-o"))
 
 
-def _emit(result: dict, kind: str, as_json: bool, out: Path | None) -> None:
+def _emit(result: dict, kind: str, json_path: Path | None) -> None:
     from dfmsd_cli.bench.report import TABLES
     from dfmsd_cli.utils.console import console
 
-    text = json.dumps(result, indent=2, default=str)
-    if out is not None:
-        from dfmsd_cli.utils.io import atomic_write_text
-
-        atomic_write_text(out, text + "\n")
-    if as_json:
-        typer.echo(text)
+    if emit_json(result, json_path):
         return
     from rich.console import Console
 
     stdout = Console()
     for table in TABLES[kind](result):
         stdout.print(table)
-    if out is not None:
-        console.print(f"wrote {out}")
+    if json_path is not None:
+        console.print(f"wrote {json_path}")
 
 
-def _store_like(what: str, **kw) -> None:
+def _quiet(o: BenchOptions) -> bool:
+    return o.json is not None and str(o.json) == "-"
+
+
+def _store_like(what: str, o: BenchOptions) -> None:
     from dfmsd_cli.bench.store import bench_store_cmd
 
-    as_json, out = kw.pop("as_json"), kw.pop("out")
-    kw["img_scale"] = parse_img_scale(kw["img_scale"])
-    kw["quiet"] = as_json
-    _emit(bench_store_cmd(what, **kw), what, as_json, out)
+    kw = {k: v for k, v in record(o).items() if k not in ("json", "num_images", "img_scale")}
+    kw.update(data=o.data, work_dir=o.work_dir, images=o.num_images)
+    kw.update(img_scale=parse_img_scale(o.img_scale), quiet=_quiet(o))
+    _emit(bench_store_cmd(what, **kw), what, o.json)
 
 
-@bench_app.command("precompute")
-def bench_precompute(
-    data: Path = DataOpt,
-    split: str = SplitOpt,
-    teacher: str = typer.Option(
-        "retina_r50", "--teacher", help="Teacher zoo name (random init: timing and size only)."
-    ),
-    images: int = ImagesOpt,
-    img_scale: str = ScaleOpt,
-    batch_size: int = BatchOpt,
-    num_workers: int = WorkersOpt,
-    work_dir: Path | None = WorkOpt,
-    isolate: bool = IsolateOpt,
-    threads: int | None = ThreadsOpt,
-    as_json: bool = JsonOpt,
-    out: Path | None = OutOpt,
-    config: str | None = ConfigOption,
-) -> None:
+@dataclass(kw_only=True)
+class BenchPrecomputeOptions(BenchOptions):
+    teacher: str = opt("retina_r50", "Teacher zoo name (random init: timing and size only).")
+
+
+@command(bench_app, "precompute", BenchPrecomputeOptions)
+def bench_precompute(o: BenchPrecomputeOptions) -> None:
     """precompute wall time ÷ teacher-only wall time (same images and batches), bytes/image per dtype, peak memory."""
-    _store_like("precompute", data=data, split=split, teacher=teacher, images=images,
-                img_scale=img_scale, batch_size=batch_size, num_workers=num_workers,
-                work_dir=work_dir, isolate=isolate, threads=threads, as_json=as_json, out=out)  # fmt: skip
+    _store_like("precompute", o)
 
 
-@bench_app.command("store")
-def bench_store(
-    data: Path = DataOpt,
-    split: str = SplitOpt,
-    teacher: str = typer.Option("retina_r50", "--teacher", help="Teacher zoo name (random init)."),
-    student: str = typer.Option(
-        "retina_r18", "--student", help="Student whose train step sets the read rate needed."
-    ),
-    images: int = ImagesOpt,
-    img_scale: str = ScaleOpt,
-    batch_size: int = BatchOpt,
-    num_workers: int = WorkersOpt,
-    work_dir: Path | None = WorkOpt,
-    isolate: bool = IsolateOpt,
-    threads: int | None = ThreadsOpt,
-    as_json: bool = JsonOpt,
-    out: Path | None = OutOpt,
-    config: str | None = ConfigOption,
-) -> None:
+@dataclass(kw_only=True)
+class BenchStoreOptions(BenchOptions):
+    teacher: str = opt("retina_r50", "Teacher zoo name (random init).")
+    student: str = opt("retina_r18", "Student whose train step sets the read rate needed.")
+
+
+@command(bench_app, "store", BenchStoreOptions)
+def bench_store(o: BenchStoreOptions) -> None:
     """Store bytes/image per dtype and codec (with quantisation error), read throughput vs the student's consumption, flip cosine."""
-    _store_like("store", data=data, split=split, teacher=teacher, student=student,
-                images=images, img_scale=img_scale, batch_size=batch_size,
-                num_workers=num_workers, work_dir=work_dir, isolate=isolate, threads=threads,
-                as_json=as_json, out=out)  # fmt: skip
+    _store_like("store", o)
 
 
-@bench_app.command("distill")
-def bench_distill_cmd(
-    data: Path = DataOpt,
-    split: str = SplitOpt,
-    student: str = typer.Option("retina_r50", "--student", help="Student zoo name."),
-    teachers: str = typer.Option(
-        "retina_r101",
-        "--teachers",
-        help="One teacher, or WEAKER,STRONGER (the stronger stage with ME is measured).",
-    ),
-    teacher_weights: str = typer.Option(
-        "", "--teacher-weights", help="Comma-separated weights per teacher (default: random init)."
-    ),
-    images: int = ImagesOpt,
-    steps: int = typer.Option(
-        10, "--steps", help="Timed optimizer steps per run (the first is excluded)."
-    ),
-    img_scale: str = ScaleOpt,
-    batch_size: int = BatchOpt,
-    num_workers: int = typer.Option(
-        0, "--num-workers", help="DataLoader workers (0: decoding counts in the peak memory)."
-    ),
-    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
-    online: bool = typer.Option(
-        True, "--online/--no-online", help="Also measure teachers in the loop (--online)."
-    ),
-    clock: str = typer.Option(
-        "wall",
-        "--clock",
-        help="wall, or cpu: step time in process CPU seconds (robust on a shared machine).",
-    ),
-    work_dir: Path | None = WorkOpt,
-    isolate: bool = IsolateOpt,
-    threads: int | None = ThreadsOpt,
-    as_json: bool = JsonOpt,
-    out: Path | None = OutOpt,
-    config: str | None = ConfigOption,
-) -> None:
+@dataclass(kw_only=True)
+class BenchDistillOptions(BenchOptions, DeviceOptions):
+    student: str = opt("retina_r50", "Student zoo name.")
+    teachers: str = opt(
+        "retina_r101", "One teacher, or WEAKER,STRONGER (the stronger stage with ME is measured)."
+    )
+    teacher_weights: str = opt("", "Comma-separated weights per teacher (default: random init).")
+    steps: int = opt(10, "Timed optimizer steps per run (the first is excluded).")
+    num_workers: int = reuse(
+        DeviceOptions,
+        "num_workers",
+        default=0,
+        help="DataLoader workers (0: decoding counts in the peak memory).",
+    )
+    online: bool = opt(
+        True, "Also measure teachers in the loop (--online).", flag="--online/--no-online"
+    )
+    clock: str = opt(
+        "wall", "wall, or cpu: step time in process CPU seconds (robust on a shared machine)."
+    )
+
+
+@command(bench_app, "distill", BenchDistillOptions)
+def bench_distill_cmd(o: BenchDistillOptions) -> None:
     """Store-fed distill step ÷ student-only step, --online step ÷ store-fed step, peak memory of each."""
     from dfmsd_cli.bench.distill import bench_distill
     from dfmsd_cli.utils.device import resolve_device
 
-    names = tuple(t.strip() for t in teachers.split(",") if t.strip())
-    weights = (
-        tuple((w.strip() or None) for w in teacher_weights.split(",")) if teacher_weights else ()
-    )
+    names = tuple(t.strip() for t in o.teachers.split(",") if t.strip())
+    tw = o.teacher_weights
+    weights = tuple((w.strip() or None) for w in tw.split(",")) if tw else ()
     result = bench_distill(
-        data,
-        split=split,
-        student=student,
+        o.data,
+        split=o.split,
+        student=o.student,
         teachers=names,
         teacher_weights=weights,
-        images=images,
-        steps=steps,
-        img_scale=parse_img_scale(img_scale),
-        batch_size=batch_size,
-        num_workers=num_workers,
-        device=str(resolve_device(device)),
-        online=online,
-        isolate=isolate,
-        work_dir=work_dir,
-        threads=threads,
-        clock=clock,
-        log=(lambda *a: None) if as_json else print,
+        images=o.num_images,
+        steps=o.steps,
+        img_scale=parse_img_scale(o.img_scale),
+        batch_size=o.batch_size,
+        num_workers=o.num_workers,
+        device=str(resolve_device(o.device)),
+        online=o.online,
+        isolate=o.isolate,
+        work_dir=o.work_dir,
+        threads=o.threads,
+        clock=o.clock,
+        log=(lambda *a: None) if _quiet(o) else print,
     )
-    _emit(result, "distill", as_json, out)
+    _emit(result, "distill", o.json)

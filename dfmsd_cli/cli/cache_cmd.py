@@ -2,31 +2,41 @@
 
 from __future__ import annotations
 
-import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import typer
 
-from dfmsd_cli.cli.app import ConfigOption, app
+from dfmsd_cli.cli.app import app
+from dfmsd_cli.cli.options import command, emit_json
 from dfmsd_cli.utils.console import console
 from dfmsd_cli.utils.fmt import format_bytes
+from dfmsd_cli.utils.options import DataOptions, DeviceOptions, JsonOptions, opt, reuse
 
 cache_app = typer.Typer(help="Inspect and verify teacher-feature stores.", no_args_is_help=True)
 app.add_typer(cache_app, name="cache")
 
 
-@cache_app.command("info")
-def info_cmd(
-    path: str = typer.Argument(..., help="Store path, e.g. cache/retina_r50/train2017.zarr."),
-    json_out: bool = typer.Option(False, "--json", help="Print the summary as JSON too."),
-    config: str | None = ConfigOption,
-) -> None:
+STORE_HELP = "Store path, e.g. cache/retina_r50/train2017.zarr."
+
+
+@dataclass(kw_only=True)
+class InfoOptions(JsonOptions):
+    path: str = opt(help=STORE_HELP, argument=True)
+    json: Path | None = reuse(
+        JsonOptions, "json", help="Also write the summary as JSON to this file ('-': stdout)."
+    )
+
+
+@command(cache_app, "info", InfoOptions)
+def info_cmd(o: InfoOptions) -> None:
     """Teacher, split, views, levels, dtype, images done/total, size, bytes/image, compression."""
     from rich.table import Table
 
     from dfmsd_cli.store.inspect import store_info
 
+    path = o.path
     info = store_info(path)
     table = Table(title=f"teacher store {path}")
     table.add_column("item")
@@ -47,37 +57,33 @@ def info_cmd(
         ("created", str(info["created"])),
     ):
         table.add_row(key, val)
-    console.print(table)
-    if json_out:
-        print(json.dumps(info, default=str))
+    console.print(table)  # stderr: stdout stays clean for --json -
+    emit_json(info, o.json)
 
 
-@cache_app.command("verify")
-def verify_cmd(
-    path: str = typer.Argument(..., help="Store path, e.g. cache/retina_r50/train2017.zarr."),
-    data: Path | None = typer.Option(
-        None, "--data", help="COCO root to check the dataset fingerprints against."
-    ),
-    ann: Path | None = typer.Option(None, "--ann", help="Annotation file (overrides --data)."),
-    images: Path | None = typer.Option(None, "--images", help="Image folder (overrides --data)."),
-    weights: str | None = typer.Option(
-        None, "--weights", help="Teacher weights to check the store's weights fingerprint against."
-    ),
-    quick: bool = typer.Option(
-        False, "--quick", help="Skip decoding every image (fingerprints and markers only)."
-    ),
-    repair: bool = typer.Option(
+@dataclass(kw_only=True)
+class VerifyOptions(DataOptions, DeviceOptions):
+    path: str = opt(help=STORE_HELP, argument=True)
+    data: Path | None = reuse(
+        DataOptions, "data", help="COCO root to check the dataset fingerprints against."
+    )
+    split: str | None = reuse(DataOptions, "split", default=None, help="Split of --data "
+                              "(default: the store's).")  # fmt: skip
+    weights: str | None = opt(
+        None, "Teacher weights to check the store's weights fingerprint against."
+    )
+    quick: bool = opt(False, "Skip decoding every image (fingerprints and markers only).")
+    repair: bool = opt(
         False,
-        "--repair",
-        help="Recompute exactly the damaged images with the store's teacher (needs --data; "
+        "Recompute exactly the damaged images with the store's teacher (needs --data; "
         "--weights if the store's recorded weights file is elsewhere).",
-    ),
-    device: str = typer.Option("auto", "--device", help="Device for --repair: auto, cpu, cuda."),
-    num_workers: int = typer.Option(
-        2, "--num-workers", min=0, help="DataLoader workers for --repair."
-    ),
-    config: str | None = ConfigOption,
-) -> None:
+    )
+    device: str = reuse(DeviceOptions, "device", help="Device for --repair: auto, cpu, cuda.")
+    num_workers: int = reuse(DeviceOptions, "num_workers", help="DataLoader workers for --repair.")
+
+
+@command(cache_app, "verify", VerifyOptions)
+def verify_cmd(o: VerifyOptions) -> None:
     """Check fingerprints, completion markers and every chunk (crc32c checksums, missing
     chunks, NaN/inf, statistics); exit 1 on any problem, naming it. --repair recomputes the
     damaged images."""
@@ -85,12 +91,13 @@ def verify_cmd(
     from dfmsd_cli.store.inspect import verify_store
     from dfmsd_cli.store.reader import TeacherStore
 
+    path, weights, quick, repair = o.path, o.weights, o.quick, o.repair
     ann_file = image_dir = None
-    if data is not None or ann is not None:
+    if o.data is not None or o.ann is not None:
         from dfmsd_cli.data.loader import resolve_data
 
-        split = TeacherStore.open(path).meta.split
-        ann_file, image_dir = resolve_data(data, split, ann, images)
+        split = o.split or TeacherStore.open(path).meta.split
+        ann_file, image_dir = resolve_data(o.data, split, o.ann, o.images)
     if repair and (ann_file is None or quick):
         raise UserError(
             "--repair recomputes damaged images with the teacher: pass --data ROOT (the dataset "
@@ -107,8 +114,8 @@ def verify_cmd(
             image_dir,
             report.damaged,
             weights=weights,
-            device=device,
-            num_workers=num_workers,
+            device=o.device,
+            num_workers=o.num_workers,
         )
         report = verify_store(path, ann_file, image_dir, weights=weights, progress=True)
     problems, notes = report.problems, report.notes

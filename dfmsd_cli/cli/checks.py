@@ -1,6 +1,6 @@
 """Parse-time checks of every count and size option, for all commands at once.
 
-A count option (``--batch-size``, ``--epochs``, ``--num-workers``, ``--images``, ``--topk``,
+A count option (``--batch-size``, ``--epochs``, ``--num-workers``, ``--num-images``, ``--topk``,
 ``--block``, ``--levels``, ...) is checked by NAME, whatever command declares it: ``install``
 attaches one typer callback to each such option, so ``train --batch-size 0`` stops before any
 work with ``error: --batch-size must be at least 1 (the number of images per step), got 0:
@@ -8,7 +8,9 @@ pass a value >= 1`` (exit 2); values read from ``--config`` files pass the same 
 lists (``--epochs 12,12``, ``--levels 8,16``, ``--steps 8,11``) are checked item by item,
 ``--img-scale`` must be two positive integers, and float options with a plain range (``--lr``,
 loss weights, ``--score-thr``) are checked the same way (``FLOATS``). ``tests/test_cli_checks.py``
-fails when a command gains an int or float option that is classified nowhere here.
+fails when a command gains an int or float option that is classified nowhere here. Options
+declared with ``dfmsd_cli.utils.options.opt(count=...)`` register their check here themselves
+(``declare_count``).
 """
 
 from __future__ import annotations
@@ -28,7 +30,6 @@ COUNTS: dict[str, tuple[int, str]] = {
     "batch_size": (1, "the number of images per step"),
     "epochs": (1, "the number of epochs, per stage"),
     "num_workers": (0, "the number of DataLoader worker processes; 0 loads in the main process"),
-    "images": (1, "a number of images"),
     "val_images": (1, "the number of validation images"),
     "max_images": (1, "the number of images to use"),
     "topk": (1, "the number of teacher detections kept per image"),
@@ -69,6 +70,16 @@ FLOATS_CHECKED_ELSEWHERE = frozenset(
      "lambda_c", "tau"}
 )  # fmt: skip
 PAIRS = {"img_scale": "the keep-ratio resize bound LONG,SHORT"}
+
+
+def declare_count(name: str, minimum: int, meaning: str) -> None:
+    """Register the check of count option ``name`` declared at its field (``opt(count=...)``);
+    one name has one minimum in every command."""
+    old = COUNTS.setdefault(name, (minimum, meaning))
+    if old[0] != minimum:
+        raise TypeError(
+            f"--{name}: minimum {minimum} here, {old[0]} elsewhere: one meaning per name"
+        )
 
 
 def _flag(param: Any, name: str) -> str:

@@ -2,56 +2,60 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
-import typer
-
-from dfmsd_cli.cli.app import ConfigOption, app
+from dfmsd_cli.cli.app import app
+from dfmsd_cli.cli.options import command
 from dfmsd_cli.errors import UserError
+from dfmsd_cli.utils.options import (
+    BatchOptions,
+    DataOptions,
+    DeviceOptions,
+    GeometryOptions,
+    JsonOptions,
+    opt,
+    reuse,
+)
 
 
-@app.command("eval")
-def eval_cmd(
-    checkpoint: Path | None = typer.Argument(
+@dataclass(kw_only=True)
+class EvalCLI(DataOptions, GeometryOptions, BatchOptions, DeviceOptions, JsonOptions):
+    checkpoint: Path | None = opt(
         None,
-        help="A dfmsd checkpoint (model.pth, student.pth, last.pth): the architecture is rebuilt from it.",
-    ),
-    data: Path | None = typer.Option(
-        None, "--data", help="COCO root: ROOT/annotations/instances_{split}.json and ROOT/{split}/."
-    ),
-    split: str = typer.Option("val2017", "--split", help="Split to evaluate."),
-    ann: Path | None = typer.Option(None, "--ann", help="Annotation file (overrides --data)."),
-    images: Path | None = typer.Option(None, "--images", help="Image folder (overrides --data)."),
-    out: Path = typer.Option(
-        Path("results.json"),
-        "--out",
-        "-o",
-        help="Metrics JSON; detections go to <stem>.bbox.json beside it.",
-    ),
-    model: str | None = typer.Option(
-        None, "--model", "-m", help="Zoo name, for a teacher given by --weights instead of CKPT."
-    ),
-    weights: str | None = typer.Option(
-        None, "--weights", help="Weights for --model: a checkpoint, a state dict, or 'torchvision'."
-    ),
-    random_weights: bool = typer.Option(
-        False,
-        "--random-weights",
-        help="Evaluate --model with random weights (pipeline checks, timing).",
-    ),
-    img_scale: str | None = typer.Option(
-        None,
-        "--img-scale",
+        "A dfmsd checkpoint (model.pth, student.pth, last.pth): the architecture is rebuilt "
+        "from it.",
+        argument=True,
+    )
+    split: str = reuse(DataOptions, "split", default="val2017", help="Split to evaluate.")
+    json: Path = reuse(
+        JsonOptions,
+        "json",
+        default=Path("results.json"),
+        help="Metrics JSON file; detections go to <stem>.bbox.json beside it.",
+        deprecated=("--out", "-o"),
+    )
+    model: str | None = opt(
+        None, "Zoo name, for a teacher given by --weights instead of CKPT.", short="-m"
+    )
+    weights: str | None = opt(
+        None, "Weights for --model: a checkpoint, a state dict, or 'torchvision'."
+    )
+    random_weights: bool = opt(
+        False, "Evaluate --model with random weights (pipeline checks, timing)."
+    )
+    img_scale: str | None = reuse(
+        GeometryOptions,
+        "img_scale",
+        default=None,
         help="LONG,SHORT resize bound (default: the checkpoint's, else 1333,800).",
-    ),
-    batch_size: int = typer.Option(2, "--batch-size", "-b", help="Images per forward pass."),
-    num_workers: int = typer.Option(2, "--num-workers", help="DataLoader worker processes."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
-    max_images: int | None = typer.Option(
-        None, "--max-images", help="Evaluate only the first N images (by id)."
-    ),
-    config: str | None = ConfigOption,
-) -> None:
+    )
+    batch_size: int = reuse(BatchOptions, "batch_size", help="Images per forward pass.")
+    max_images: int | None = opt(None, "Evaluate only the first N images (by id).")
+
+
+@command(app, "eval", EvalCLI)
+def eval_cmd(o: EvalCLI) -> None:
     """Evaluate detections with pycocotools (bbox, and segm for mask models) and print the
     paper's columns: mAP, AP50, AP75, APs, APm, APl, mAR, ARs, ARm, ARl."""
     from rich.console import Console
@@ -64,6 +68,21 @@ def eval_cmd(
     from dfmsd_cli.models.checkpoint import build_from_checkpoint, load_weights
     from dfmsd_cli.utils.device import resolve_device
 
+    checkpoint, data, split, ann, images, out = (
+        o.checkpoint,
+        o.data,
+        o.split,
+        o.ann,
+        o.images,
+        o.json,
+    )
+    model, weights, random_weights, img_scale = o.model, o.weights, o.random_weights, o.img_scale
+    batch_size, num_workers, device, max_images = (
+        o.batch_size,
+        o.num_workers,
+        o.device,
+        o.max_images,
+    )
     console = Console(stderr=True)
     dev = resolve_device(device)
     ann_file, image_dir = resolve_data(data, split, ann, images)

@@ -2,27 +2,36 @@
 
 from __future__ import annotations
 
-import json
+from dataclasses import dataclass
+from pathlib import Path
 
-import typer
+from dfmsd_cli.cli.app import app
+from dfmsd_cli.cli.options import command, emit_json
+from dfmsd_cli.utils.options import JsonOptions, opt, reuse
 
-from dfmsd_cli.cli.app import ConfigOption, app
+
+@dataclass(kw_only=True)
+class ModelsOptions(JsonOptions):
+    pattern: str | None = opt(
+        None, "Only names matching this glob, e.g. 'retina_*'.", argument=True
+    )
+    num_classes: int = opt(80, "Class count for the parameters.")
+    params: bool = opt(True, "Count parameters.", flag="--params/--no-params")
+    json: Path | None = reuse(
+        JsonOptions,
+        "json",
+        help="Also write the list as JSON to this file ('-': stdout, instead of the table).",
+    )
 
 
-@app.command("models")
-def models_command(
-    pattern: str = typer.Argument(None, help="Only names matching this glob, e.g. 'retina_*'."),
-    as_json: bool = typer.Option(False, "--json", help="Print the list as JSON instead."),
-    num_classes: int = typer.Option(80, "--num-classes", help="Class count for the parameters."),
-    params: bool = typer.Option(True, "--params/--no-params", help="Count parameters."),
-    config: str | None = ConfigOption,
-) -> None:
+@command(app, "models", ModelsOptions)
+def models_command(o: ModelsOptions) -> None:
     """List the models: head, backbone, FPN strides and channels, parameter count, weights."""
     from dfmsd_cli.models.catalog import describe_models
 
-    rows = describe_models(pattern, num_classes=num_classes if params else None)
-    if as_json:
-        typer.echo(json.dumps(rows, indent=2))
+    num_classes, params = o.num_classes, o.params
+    rows = describe_models(o.pattern, num_classes=num_classes if params else None)
+    if emit_json(rows, o.json):
         return
     from rich.console import Console
     from rich.table import Table

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import dataclass
 from pathlib import Path
 
 import typer
 
 from dfmsd_cli.cli.app import app, parse_int_list
+from dfmsd_cli.cli.options import command
 from dfmsd_cli.utils.console import console
+from dfmsd_cli.utils.options import DataOptions, opt, reuse
 
 viz_app = typer.Typer(
     help="Figures: teacher attention, masks, features, run curves, comparisons, detections.",
@@ -15,18 +19,40 @@ viz_app = typer.Typer(
 )
 app.add_typer(viz_app, name="viz")
 
-IMAGE = typer.Option(None, "--image", help="COCO image id.")
-INDEX = typer.Option(None, "--index", help="Image position in the store/annotations (0-based).")
-VIEW = typer.Option("orig", "--view", help="A view the store holds: orig, hflip, me, ...")
-DATA = typer.Option(None, "--data", help="COCO root with the images (ROOT/SPLIT/, annotations).")
-SPLIT = typer.Option(None, "--split", help="Split of --data (default: the store's).")
-LEVELS = typer.Option(None, "--levels", help="Strides to draw, e.g. 8,16 (default: all).")
-FORMAT = typer.Option(None, "--format", help="png, svg or pdf (default: from --out, else png).")
-DPI = typer.Option(None, "--dpi", help="Pixels per inch of a PNG (default 100).")
+
+@dataclass(kw_only=True)
+class FigureOptions:
+    """Where a figure goes: a file (not a folder; --out is a folder in every command)."""
+
+    figure: Path = opt(
+        Path("figure.png"), "Output figure file.", short="-f", deprecated=("--out", "-o")
+    )
+    fmt: str | None = opt(
+        None, "png, svg or pdf (default: from --figure, else png).", flag="--format"
+    )
+    dpi: int | None = opt(None, "Pixels per inch of a PNG (default 100).")
 
 
-def _out(default: str) -> typer.Option:
-    return typer.Option(Path(default), "--out", "-o", help="Output figure file.")
+def _figure(default: str) -> Path:
+    return reuse(FigureOptions, "figure", default=Path(default))
+
+
+@dataclass(kw_only=True)
+class ImageOptions:
+    """One image of a store or of a COCO split."""
+
+    image: int | None = opt(None, "COCO image id.")
+    index: int | None = opt(None, "Image position in the store/annotations (0-based).")
+    view: str = opt("orig", "A view the store holds: orig, hflip, me, ...")
+    data: Path | None = reuse(
+        DataOptions, "data", help="COCO root with the images (ROOT/SPLIT/, annotations)."
+    )
+    split: str | None = reuse(
+        DataOptions, "split", default=None, help="Split of --data (default: the store's)."
+    )
+
+
+LEVELS_HELP = "Strides to draw, e.g. 8,16 (default: all)."
 
 
 def _done(path: Path) -> None:
@@ -37,121 +63,120 @@ def _lv(levels: str | None) -> list[int] | None:
     return parse_int_list(levels, "--levels") if levels else None
 
 
-@viz_app.command("store")
-def store_cmd(
-    store: str = typer.Argument(..., help="Teacher store, e.g. cache/retina_r50/train2017.zarr."),
-    image: int | None = IMAGE,
-    index: int | None = INDEX,
-    view: str = VIEW,
-    data: Path | None = DATA,
-    split: str | None = SPLIT,
-    tau: float = typer.Option(0.5, "--tau", help="Attention temperature τ (losses: 0.5)."),
-    topk: int = typer.Option(10, "--topk", help="Teacher boxes to draw."),
-    levels: str | None = LEVELS,
-    out: Path = _out("viz_store.png"),
-    fmt: str | None = FORMAT,
-    dpi: int | None = DPI,
-) -> None:
+@dataclass(kw_only=True)
+class VizStoreOptions(ImageOptions, FigureOptions):
+    store: str = opt(help="Teacher store, e.g. cache/retina_r50/train2017.zarr.", argument=True)
+    tau: float = opt(0.5, "Attention temperature τ (losses: 0.5).")
+    topk: int = opt(10, "Teacher boxes to draw.")
+    levels: str | None = opt(None, LEVELS_HELP)
+    figure: Path = _figure("viz_store.png")
+
+
+@command(viz_app, "store", VizStoreOptions)
+def store_cmd(o: VizStoreOptions) -> None:
     """Teacher attention on one stored image.
 
     Spatial attention per level over the image, channel attention strips, top-K boxes; for
     the me view the original next to the enhanced input."""
     from dfmsd_cli.viz import viz_store
 
-    _done(viz_store(store, out, image=image, index=index, view=view, data=data, split=split,
-                    tau=tau, topk=topk, levels=_lv(levels), fmt=fmt, dpi=dpi))  # fmt: skip
+    _done(viz_store(o.store, o.figure, image=o.image, index=o.index, view=o.view, data=o.data,
+                    split=o.split, tau=o.tau, topk=o.topk, levels=_lv(o.levels), fmt=o.fmt,
+                    dpi=o.dpi))  # fmt: skip
 
 
-@viz_app.command("masks")
-def masks_cmd(
-    store: str = typer.Argument(..., help="Teacher store."),
-    method: str = typer.Option("dfmsd", "--method", help="dfmsd, dmkd, mgd, fgd, pkd."),
-    image: int | None = IMAGE,
-    index: int | None = INDEX,
-    view: str = VIEW,
-    data: Path | None = DATA,
-    split: str | None = SPLIT,
-    student: str = typer.Option(
-        "retina_r50", "--student", help="Student name: picks the method's family defaults."
-    ),
-    seed: int = typer.Option(0, "--seed", help="Seed of the sampled/random masks."),
-    levels: str | None = LEVELS,
-    out: Path = _out("viz_masks.png"),
-    fmt: str | None = FORMAT,
-    dpi: int | None = DPI,
-) -> None:
+@dataclass(kw_only=True)
+class VizMasksOptions(ImageOptions, FigureOptions):
+    store: str = opt(help="Teacher store.", argument=True)
+    method: str = opt("dfmsd", "dfmsd, dmkd, mgd, fgd, pkd.")
+    student: str = opt("retina_r50", "Student name: picks the method's family defaults.")
+    seed: int = opt(0, "Seed of the sampled/random masks.")
+    levels: str | None = opt(None, LEVELS_HELP)
+    figure: Path = _figure("viz_masks.png")
+
+
+@command(viz_app, "masks", VizMasksOptions)
+def masks_cmd(o: VizMasksOptions) -> None:
     """The masks a method applies on one image, per level and rule."""
     from dfmsd_cli.viz import viz_masks
 
-    _done(viz_masks(store, out, method=method, image=image, index=index, view=view, data=data,
-                    split=split, student=student, seed=seed, levels=_lv(levels), fmt=fmt, dpi=dpi))  # fmt: skip
+    _done(viz_masks(o.store, o.figure, method=o.method, image=o.image, index=o.index,
+                    view=o.view, data=o.data, split=o.split, student=o.student, seed=o.seed,
+                    levels=_lv(o.levels), fmt=o.fmt, dpi=o.dpi))  # fmt: skip
 
 
-@viz_app.command("features")
-def features_cmd(
-    student: list[Path] = typer.Option(..., "--student", help="Student checkpoint (repeatable)."),
-    store: str = typer.Option(..., "--store", help="Teacher store."),
-    image: int | None = IMAGE,
-    index: int | None = INDEX,
-    view: str = VIEW,
-    data: Path | None = DATA,
-    split: str | None = SPLIT,
-    levels: str | None = LEVELS,
-    out: Path = _out("viz_features.png"),
-    fmt: str | None = FORMAT,
-    dpi: int | None = DPI,
-) -> None:
+@dataclass(kw_only=True)
+class VizFeaturesOptions(ImageOptions, FigureOptions):
+    checkpoint: list[Path] = opt(
+        help="Student checkpoint (repeatable; --student is a zoo name in every command).",
+        repeatable=True,
+    )
+    store: str = opt(help="Teacher store.")
+    levels: str | None = opt(None, LEVELS_HELP)
+    figure: Path = _figure("viz_features.png")
+
+
+@command(viz_app, "features", VizFeaturesOptions)
+def features_cmd(o: VizFeaturesOptions) -> None:
     """Teacher vs student FPN features on one image.
 
     Channel-mean maps, shared-basis PCA RGB, squared difference, raw and standardised
     histograms."""
     from dfmsd_cli.viz import viz_features
 
-    _done(viz_features(student, store, out, image=image, index=index, view=view, data=data,
-                       split=split, levels=_lv(levels), fmt=fmt, dpi=dpi))  # fmt: skip
+    _done(viz_features(o.checkpoint, o.store, o.figure, image=o.image, index=o.index, view=o.view,
+                       data=o.data, split=o.split, levels=_lv(o.levels), fmt=o.fmt,
+                       dpi=o.dpi))  # fmt: skip
 
 
-@viz_app.command("run")
-def run_cmd(
-    runs: list[Path] = typer.Argument(..., help="Run folders (dfmsd train/distill --out)."),
-    log: bool = typer.Option(False, "--log", help="Log-scale loss axis."),
-    out: Path = _out("viz_run.png"),
-    fmt: str | None = FORMAT,
-    dpi: int | None = DPI,
-) -> None:
+@dataclass(kw_only=True)
+class VizRunOptions(FigureOptions):
+    runs: list[Path] = opt(
+        help="Run folders (dfmsd train/distill --out).", argument=True, repeatable=True
+    )
+    log: bool = opt(False, "Log-scale loss axis.")
+    figure: Path = _figure("viz_run.png")
+
+
+@command(viz_app, "run", VizRunOptions)
+def run_cmd(o: VizRunOptions) -> None:
     """Loss components per stage, learning rate, evaluation per stage; runs overlaid."""
     from dfmsd_cli.viz import viz_run
 
-    _done(viz_run(runs, out, log_y=log, fmt=fmt, dpi=dpi))
+    _done(viz_run(o.runs, o.figure, log_y=o.log, fmt=o.fmt, dpi=o.dpi))
 
 
-@viz_app.command("compare")
-def compare_cmd(
-    compare_dir: Path = typer.Argument(..., help="OUT of examples/compare.sh."),
-    out: Path = _out("viz_compare.png"),
-    fmt: str | None = FORMAT,
-    dpi: int | None = DPI,
-) -> None:
+@dataclass(kw_only=True)
+class VizCompareOptions(FigureOptions):
+    compare_dir: Path = opt(help="OUT of examples/compare.sh.", argument=True)
+    figure: Path = _figure("viz_compare.png")
+
+
+@command(viz_app, "compare", VizCompareOptions)
+def compare_cmd(o: VizCompareOptions) -> None:
     """The compare table as grouped bars, error bars over seeds."""
     from dfmsd_cli.viz import viz_compare
 
-    _done(viz_compare(compare_dir, out, fmt=fmt, dpi=dpi))
+    _done(viz_compare(o.compare_dir, o.figure, fmt=o.fmt, dpi=o.dpi))
 
 
-@viz_app.command("detections")
-def detections_cmd(
-    checkpoints: list[Path] = typer.Argument(..., help="dfmsd checkpoints, side by side."),
-    data: Path = typer.Option(..., "--data", help="COCO root."),
-    split: str = typer.Option("val2017", "--split", help="Split of --data."),
-    image: int | None = IMAGE,
-    index: int | None = INDEX,
-    score_thr: float = typer.Option(0.3, "--score-thr", help="Draw predictions scoring above."),
-    out: Path = _out("viz_detections.png"),
-    fmt: str | None = FORMAT,
-    dpi: int | None = DPI,
-) -> None:
+@dataclass(kw_only=True)
+class VizDetectionsOptions(FigureOptions):
+    checkpoints: list[Path] = opt(
+        help="dfmsd checkpoints, side by side.", argument=True, repeatable=True
+    )
+    data: Path = reuse(DataOptions, "data", default=dataclasses.MISSING, help="COCO root.")
+    split: str = reuse(DataOptions, "split", default="val2017")
+    image: int | None = reuse(ImageOptions, "image")
+    index: int | None = reuse(ImageOptions, "index")
+    score_thr: float = opt(0.3, "Draw predictions scoring above.")
+    figure: Path = _figure("viz_detections.png")
+
+
+@command(viz_app, "detections", VizDetectionsOptions)
+def detections_cmd(o: VizDetectionsOptions) -> None:
     """Predictions vs ground truth on one image, one panel per checkpoint."""
     from dfmsd_cli.viz import viz_detections
 
-    _done(viz_detections(checkpoints, out, data=data, split=split, image=image, index=index,
-                         score_thr=score_thr, fmt=fmt, dpi=dpi))  # fmt: skip
+    _done(viz_detections(o.checkpoints, o.figure, data=o.data, split=o.split, image=o.image,
+                         index=o.index, score_thr=o.score_thr, fmt=o.fmt, dpi=o.dpi))  # fmt: skip
