@@ -137,6 +137,24 @@ def test_relative_links_resolve(page):
     assert _broken(page) == [], f"{page.relative_to(REPO)}: broken links"
 
 
+def test_docs_pages_named_in_code_and_scripts_exist():
+    """Docstrings, comments and scripts that point to a docs page (``docs/<page>.md``) name a
+    page that exists (pages move; the mentions are not links, so the link test cannot see them)."""
+    files = [*(REPO / "dfmsd_cli").rglob("*.py"), *(REPO / "tests").glob("*.py")]
+    files += [f for d in ("examples", "tools", ".ci") for f in (REPO / d).rglob("*") if f.is_file()]
+    files += PAGES
+    stale = set()
+    for f in files:
+        try:
+            text = f.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            continue
+        for name in re.findall(r"\bdocs/[\w./-]*?\.md\b", text):
+            if not (REPO / name).is_file():
+                stale.add(f"{f.relative_to(REPO)}: {name}")
+    assert sorted(stale) == []
+
+
 # ------------------------------------------------------------------ fast tier covers modules
 def _is_slow(decorators: list[ast.expr]) -> bool:
     return any("slow" in ast.unparse(d) for d in decorators)
