@@ -14,7 +14,7 @@
 # Disk (store = float16, Zstd level 3; levels 8,16,32,64 = the strides the student shares with
 # the teachers, stride 4 is skipped): a COCO image resized to 1333x800 pads to ~1088x800, i.e.
 # ~18k positions x 256 channels x 2 B = ~9.3 MB per view raw, ~8.6 MB stored (ratio 0.93
-# measured on real r50-class features, docs/readme/store.md).
+# measured on real r50-class features, docs/store.md).
 #   cmr_r101, views orig+hflip     : ~17 MB/image -> ~2.0 TB for train2017 (118,287 images)
 #   cmr_x101, views orig+hflip+me  : ~26 MB/image -> ~3.1 TB
 #   --dtype uint8 halves both (~1.0 TB + ~1.5 TB) at ~0.5 % relative RMSE.

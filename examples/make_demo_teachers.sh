@@ -7,7 +7,7 @@
 # schedule (batch 4, lr 0.02, 100 warm-up iterations, gradient clip 35, images resized to fit
 # 320x256) stopped after its first 4 epochs (--max-steps 472 = 4 x 118 steps, before the first
 # lr decay: our CPU time budget). The weights are packed to float16 (~1.7 MB each), which load
-# strictly into the float32 models. Their mAP on the demo's val split: docs/readme/demo.md.
+# strictly into the float32 models. Their mAP on the demo's val split: docs/demo.md.
 #
 # Time: 472 optimizer steps per teacher, ~0.4 CPU-s each (~3-4 min per teacher on an idle
 # 2-core machine; both teachers can train in parallel with OMP_NUM_THREADS=1).

@@ -22,6 +22,7 @@ def data(tmp_path_factory):
     return make_synthetic(root / "data", images=6, seed=0, val_images=1, min_size=64, max_size=96)
 
 
+@pytest.mark.slow  # two fresh interpreters
 def test_run_isolated_reports_child_memory_and_errors():
     big = run_isolated("numpy:ones", {"shape": (64, 1024, 1024), "dtype": "uint8"})
     assert big["result"].nbytes == 64 * 2**20

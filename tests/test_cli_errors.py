@@ -21,8 +21,12 @@ class _Failing(Dataset):
 
 
 def _worker_error() -> BaseException:
-    with pytest.raises(UserError) as info:
-        next(iter(DataLoader(_Failing(), num_workers=1)))
+    batches = iter(DataLoader(_Failing(), num_workers=1))
+    try:
+        with pytest.raises(UserError) as info:
+            next(batches)
+    finally:  # now: left to the garbage collector, the worker's shutdown waits 5 s
+        batches._shutdown_workers()
     return info.value
 
 

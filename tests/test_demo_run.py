@@ -44,6 +44,7 @@ def test_pack_teacher_is_float16_and_loads_strictly(teacher_dir):
         load_weights(build_model("gfl_tiny", num_classes=5), str(teacher_dir / "fcos_tiny.pth"))
 
 
+@pytest.mark.slow  # the whole demo: teachers, baseline, precompute, two stages, eval
 def test_demo_quick_writes_results_and_png(tmp_path, teacher_dir):
     out = tmp_path / "demo"
     cfg = DemoConfig.quick(out, seed=1, teacher_dir=teacher_dir, train_teachers=False)

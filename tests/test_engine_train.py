@@ -72,6 +72,7 @@ def test_resume_mid_epoch_is_bit_exact(synthetic_root, tmp_path, model):
         assert torch.equal(opt_a[k]["momentum_buffer"], opt_b[k]["momentum_buffer"])
 
 
+@pytest.mark.slow  # a separate interpreter, killed and resumed
 def test_killed_process_resumes(synthetic_root, tmp_path):
     """SIGKILL a real training process after its first checkpoint, then resume it."""
     out = tmp_path / "run"

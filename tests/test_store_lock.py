@@ -85,8 +85,12 @@ class _FullDisk:
 def test_os_error_from_a_dataloader_worker_keeps_errno_and_path():
     from torch.utils.data import DataLoader
 
-    with pytest.raises(OSError) as info:
-        next(iter(DataLoader(_FullDisk(), num_workers=1)))
+    batches = iter(DataLoader(_FullDisk(), num_workers=1))
+    try:
+        with pytest.raises(OSError) as info:
+            next(batches)
+    finally:  # now: left to the garbage collector, the worker's shutdown waits 5 s
+        batches._shutdown_workers()
     assert info.value.errno is None  # what PyTorch re-raises in the main process
     line = os_error_line(info.value)
     assert line.startswith("no space left on the device of /x/run/last.pth (")

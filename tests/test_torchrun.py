@@ -10,6 +10,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.slow  # two interpreters per test, torchrun end to end
+
 
 def _free_port() -> int:
     with socket.socket() as s:

@@ -19,12 +19,13 @@ from dfmsd_cli.viz.common import DPI
 
 GEOM = Geometry(img_scale=(128, 96))
 WEAK, STRONG = "fcos_tiny", "retina_tiny"
+LEVELS = [8, 16, 32]
 
 
 @pytest.fixture(scope="module")
 def env(synthetic_root, tmp_path_factory) -> dict:
-    """Two stores over the first 4 training images (the stronger with the me view), a student
-    checkpoint and a one-epoch (3-step) training run."""
+    """Two stores over the first 4 training images and 3 of the 5 levels (the stronger with the
+    me view), a student checkpoint and a one-epoch (3-step) training run."""
     from dfmsd_cli.models import build_model
     from dfmsd_cli.models.checkpoint import save_checkpoint
     from dfmsd_cli.store.precompute import PrecomputeOptions, precompute
@@ -47,6 +48,7 @@ def env(synthetic_root, tmp_path_factory) -> dict:
                 device="cpu",
                 seed=1,
                 max_images=4,
+                levels=LEVELS,  # fewer panels per figure: a faster fast tier
                 progress=False,
             ),
         )
@@ -91,7 +93,7 @@ def test_store_figure_every_view(env, tmp_path):
     p = viz_store(env["store"], tmp_path / "x.png", index=0, levels=[8, 16])
     _png(p, (3 * 2.6, 2 * 2.2))
     assert viz_store(env["store"], tmp_path / "x", index=0, fmt="svg").suffix == ".svg"
-    _png(viz_store(env["store"], tmp_path / "d.png", index=0, dpi=50), (6 * 2.6 / 2, 2 * 2.2 / 2))
+    _png(viz_store(env["store"], tmp_path / "d.png", index=0, dpi=50), ((1 + levels) * 1.3, 2.2))
 
 
 def test_store_errors_are_one_line(env, tmp_path):
@@ -258,7 +260,8 @@ def test_store_written_by_an_earlier_schema(synthetic_root, tmp_path, monkeypatc
         synthetic_root / "annotations" / "instances_train2017.json",
         synthetic_root / "train2017",
         PrecomputeOptions(teacher="retina_tiny", cache=str(tmp_path / "c"), geometry=GEOM,
-                          num_workers=0, device="cpu", max_images=2, progress=False),
+                          num_workers=0, device="cpu", max_images=2, levels=LEVELS,
+                          progress=False),
     )  # fmt: skip
     monkeypatch.undo()
     store = TeacherStore.open(summary["path"])

@@ -205,6 +205,7 @@ def _convert_cli(src, out, model="mmmrcnn_swin_t"):
     (folder / f"{model}.pth").replace(out)
 
 
+@pytest.mark.slow  # full-size Swin-T through the CLI: 370 MB written and read
 def test_converted_swin_mask_rcnn_loads_and_matches(tmp_path):
     """convert mmdet -> --weights for Swin: derived buffers (relative_position_index) are
     written from the built model, so the strict load succeeds and the forward is unchanged."""

@@ -39,7 +39,7 @@ SPLIT, VAL_SPLIT = "train2017", "val2017"
 
 @dataclass
 class DemoConfig:
-    """Every knob of the demo; defaults: the measured configuration of docs/readme/demo.md."""
+    """Every knob of the demo; defaults: the measured configuration of docs/demo.md."""
 
     out: Path = Path("dfmsd-demo")
     seed: int = 0

@@ -43,7 +43,7 @@ def feature_codec(name: str, dtype: str):
 
     ``zstd``: ZstdCodec(level=3). ``blosc``: Blosc-zstd level 3 with a byte shuffle (float16;
     a bit shuffle for uint8), which groups the exponent bytes of neighbouring values — measured
-    on real-image r50 features in docs/readme/store.md.
+    on real-image r50 features in docs/store.md.
     """
     if name == "zstd":
         return ZstdCodec(level=ZSTD_LEVEL)

@@ -1,4 +1,4 @@
-"""Store measurements (for ``dfmsd bench store`` and docs/readme/store.md), not tests.
+"""Store measurements (for ``dfmsd bench store`` and docs/store.md), not tests.
 
 * ``flip_consistency``: cosine(teacher(flip x), flip(teacher(x))) per FPN level — is a flipped
   stored map a substitute for the teacher on the flipped image? (It is not: see the README.)

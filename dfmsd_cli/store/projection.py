@@ -30,7 +30,7 @@ class PlannedStore(Protocol):
 
 
 # Stored / raw bytes (raw = the encoding's own item size) measured on real-image retina_r50
-# features (docs/readme/store.md; `dfmsd bench store`): (codec, dtype, keepbits) -> ratio.
+# features (docs/store.md; `dfmsd bench store`): (codec, dtype, keepbits) -> ratio.
 EXPECTED_RATIO = {
     ("blosc", "float16", None): 0.75,
     ("blosc", "uint8", None): 0.90,
