@@ -24,6 +24,7 @@ import importlib
 import pkgutil
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from dfmsd_cli.errors import UserError, suggest
@@ -242,11 +243,11 @@ def _load_all() -> None:
     if _LOADED:
         return
     _LOADED = True
-    import dfmsd_cli.distill.methods as pkg
-
-    for info in sorted(pkgutil.iter_modules(pkg.__path__), key=lambda i: i.name):
+    # the folder, not the package: importing the package from here would be an import circle
+    package = __name__.rsplit(".", 1)[0]
+    for info in sorted(pkgutil.iter_modules([str(Path(__file__).parent)]), key=lambda i: i.name):
         if info.name != "registry":
-            importlib.import_module(f"{pkg.__name__}.{info.name}")
+            importlib.import_module(f"{package}.{info.name}")
 
 
 def list_methods() -> list[str]:
