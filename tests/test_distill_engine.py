@@ -12,7 +12,7 @@ import torch
 from typer.testing import CliRunner
 
 from dfmsd_cli.data.geometry import Geometry
-from dfmsd_cli.distill.engine import DistillOptions, distill
+from dfmsd_cli.distill.run import DistillOptions, distill
 from dfmsd_cli.errors import UserError
 
 GEOM = Geometry(img_scale=(128, 96))

@@ -9,8 +9,8 @@
 Losses live in :mod:`dfmsd_cli.distill.losses`; formulas in docs/method.md.
 """
 
-from dfmsd_cli.distill.engine import DistillOptions, distill
 from dfmsd_cli.distill.methods import METHODS, MethodConfig, method_config, student_family
+from dfmsd_cli.distill.run import DistillOptions, distill
 
 __all__ = [
     "METHODS",
