@@ -141,7 +141,7 @@ def test_precomputed_adv_view_is_the_teachers_attack_replayed(adv_env):
 
 
 def _distill(adv_env, out: Path, **kw):
-    from dfmsd_cli.distill.engine import DistillOptions, distill
+    from dfmsd_cli.distill.run import DistillOptions, distill
 
     opts = DistillOptions(
         student="retina_tiny",

@@ -12,7 +12,7 @@ import torch
 from typer.testing import CliRunner
 
 from dfmsd_cli.data.geometry import Geometry
-from dfmsd_cli.distill.engine import DistillOptions, distill
+from dfmsd_cli.distill.run import DistillOptions, distill
 from dfmsd_cli.errors import UserError
 
 GEOM = Geometry(img_scale=(128, 96))
@@ -158,6 +158,8 @@ def test_baselines_run_on_the_same_engine(env, tmp_path, method, built_models):
         assert summary["stages"][0]["teacher"] == TEACHERS[-1]  # one stage, strongest teacher
     log = (tmp_path / method / "metrics.jsonl").read_text()
     assert ("loss_kd" in log) == (method != "none")
+    written = json.loads((tmp_path / method / "summary.json").read_text())  # by distill()
+    assert written["stages"][0]["iterations"] == 2
 
 
 def test_ablation_flags_shape_the_run(env, tmp_path):

@@ -44,6 +44,7 @@ def test_train_writes_run_files_and_evaluates(synthetic_root, tmp_path):
     }
     assert summary["epochs_done"] == 1
     assert "mAP" in json.dumps(summary["val"])
+    assert json.loads((out / "summary.json").read_text()) == json.loads(json.dumps(summary))
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert records[-1]["phase"] == "val"
     assert all(r["loss"] > 0 for r in records if r["phase"] == "train")

@@ -10,6 +10,7 @@ import torch
 from dfmsd_cli.cli import main
 from dfmsd_cli.data.coco import CocoDetection
 from dfmsd_cli.data.geometry import Geometry
+from dfmsd_cli.errors import UserError
 from dfmsd_cli.eval import evaluate, predict
 from dfmsd_cli.eval.inference import _to_coco
 from dfmsd_cli.models.detector import DetectorOutput
@@ -224,3 +225,26 @@ def test_eval_cli_errors(synthetic_root, args, needle, capsys):
     assert exc.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and needle in err[0]
+
+
+def test_evaluate_checkpoint_is_the_library_twin_of_eval(synthetic_root, tmp_path):
+    from dfmsd_cli.eval.run import evaluate_checkpoint
+
+    warned: list[str] = []
+    out = tmp_path / "res.json"
+    name, metrics = evaluate_checkpoint(
+        data=synthetic_root,
+        model="retina_tiny",
+        random_weights=True,
+        img_scale=(128, 96),
+        num_workers=0,
+        device="cpu",
+        max_images=2,
+        out=out,
+        warn=warned.append,
+    )
+    assert name == "retina_tiny" and "mAP" in metrics["bbox"]
+    assert json.loads(out.read_text())["options"]["max_images"] == 2
+    assert len(warned) == 1 and "random weights" in warned[0]
+    with pytest.raises(UserError, match="not both"):
+        evaluate_checkpoint(tmp_path / "x.pth", data=synthetic_root, model="retina_tiny")

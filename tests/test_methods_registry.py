@@ -70,7 +70,7 @@ def test_l2_loss_by_hand():
 
 
 def test_toy_method_trains_without_any_other_edit(toy, tiny_cache, synthetic_root, tmp_path):
-    from dfmsd_cli.distill.engine import DistillOptions, distill
+    from dfmsd_cli.distill.run import DistillOptions, distill
 
     assert "l2toy" in list_methods()
     cfg = method_config("l2toy", "retina_tiny", alpha=2e-3)

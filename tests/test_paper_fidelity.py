@@ -113,8 +113,8 @@ def test_fgd_defaults_per_head():
 
 
 def test_kd_warmup_factor_and_model_scaling():
-    from dfmsd_cli.distill.engine import kd_warmup_factor
     from dfmsd_cli.distill.model import DistillModel
+    from dfmsd_cli.distill.task import kd_warmup_factor
 
     assert [kd_warmup_factor(i, 4) for i in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
     assert kd_warmup_factor(0, 0) == 1.0

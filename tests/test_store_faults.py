@@ -163,7 +163,7 @@ def _distill(data: Path, cache: Path, out: Path, *extra: str) -> list[str]:
 
 @pytest.mark.parametrize("how", ["deleted", "emptied"])
 def test_store_deleted_while_distill_reads(data, store_cache, tmp_path, monkeypatch, capsys, how):
-    import dfmsd_cli.distill.engine as eng
+    import dfmsd_cli.distill.task as eng
 
     cache = tmp_path / "cache"
     shutil.copytree(store_cache, cache)

@@ -1,6 +1,6 @@
 """``bench_distill``: what a distillation step costs with the store, without it, and alone.
 
-Three runs of :func:`dfmsd_cli.distill.engine.distill` on the same images, batch and student,
+Three runs of :func:`dfmsd_cli.distill.run.distill` on the same images, batch and student,
 each in a fresh process (:mod:`dfmsd_cli.bench.isolate`) so its peak memory is its own:
 
 * ``student``  ``--method none``: the student alone (detection loss only);
@@ -65,26 +65,16 @@ def distill_steps(**kw: Any) -> dict[str, Any]:
     """One measured distill run (runs in the child process): the last stage's timing."""
     import torch
 
-    from dfmsd_cli.distill.engine import DistillOptions, distill
+    from dfmsd_cli.distill.run import DistillOptions, distill
 
     threads = kw.pop("threads", None)
     if threads:
         torch.set_num_threads(int(threads))
-    from dfmsd_cli.distill import engine
-
-    saved = engine.time
-    if kw.pop("clock", "wall") == "cpu":
-        # the engine times steps with time.perf_counter: make it the process CPU clock (all
-        # threads), which a busy shared machine does not inflate; restored afterwards
-        import types
-
-        engine.time = types.SimpleNamespace(perf_counter=time.process_time)
+    # "cpu": the process CPU clock (all threads), which a busy shared machine does not inflate
+    clock = time.process_time if kw.pop("clock", "wall") == "cpu" else time.perf_counter
     for k in ("out", "data", "ann", "images"):
         kw[k] = Path(kw[k])
-    try:
-        summary = distill(DistillOptions(**kw))
-    finally:
-        engine.time = saved
+    summary = distill(DistillOptions(**kw), clock=clock)
     last = summary["stages"][-1]
     return {
         "stage": last["stage"],

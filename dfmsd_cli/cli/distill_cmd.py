@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 
 import typer
@@ -99,7 +97,7 @@ def distill_cmd(
     config: str | None = ConfigOption,
 ) -> None:
     """Distill a student stage by stage from teacher stores (never loads a teacher)."""
-    from dfmsd_cli.distill.engine import DistillOptions, distill
+    from dfmsd_cli.distill.run import DistillOptions, distill
 
     opts = DistillOptions(
         student=student,
@@ -148,13 +146,11 @@ def distill_cmd(
         if teacher_weights
         else (),
     )
-    summary = distill(opts)
-    if int(os.environ.get("RANK", "0")) == 0:
-        _print_summary(summary)
-        from dfmsd_cli.utils.io import atomic_write_text
+    summary = distill(opts)  # also writes OUT/summary.json
+    from dfmsd_cli.engine.distributed import is_main_process
 
-        if out.is_dir():
-            atomic_write_text(out / "summary.json", json.dumps(summary, indent=2, default=str))
+    if is_main_process():
+        _print_summary(summary)
 
 
 def _print_summary(summary: dict) -> None:

@@ -102,9 +102,9 @@ def train_cmd(
         max_steps=max_steps,
     )
     summary = train(opts)
-    import os
+    from dfmsd_cli.engine.distributed import is_main_process
 
-    if int(os.environ.get("RANK", "0")) == 0:
+    if is_main_process():
         _print_summary(summary)
 
 
@@ -115,7 +115,7 @@ def _print_summary(summary: dict) -> None:
     table.add_column("key")
     table.add_column("value")
     for k, v in summary.items():
-        if k != "val":
+        if k not in ("val", "split_seconds_per_step"):
             table.add_row(k, str(v))
     console.print(table)
     if summary.get("val"):

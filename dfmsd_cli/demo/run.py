@@ -332,7 +332,7 @@ def _precompute(
 
 
 def _distill(cfg: DemoConfig, data: Path, cache: Path, run: Path) -> dict[str, Any]:
-    from dfmsd_cli.distill.engine import DistillOptions, distill
+    from dfmsd_cli.distill.run import DistillOptions, distill
 
     opts = DistillOptions(
         student=cfg.student,

@@ -9,7 +9,6 @@
 Losses live in :mod:`dfmsd_cli.distill.losses`; formulas in docs/method.md.
 """
 
-from dfmsd_cli.distill.engine import DistillOptions, distill
 from dfmsd_cli.distill.methods import (
     MethodConfig,
     list_methods,
@@ -17,6 +16,7 @@ from dfmsd_cli.distill.methods import (
     register_method,
     student_family,
 )
+from dfmsd_cli.distill.run import DistillOptions, distill
 
 __all__ = [
     "DistillOptions",

@@ -1,4 +1,8 @@
-"""``torchrun`` / DDP helpers: gloo on CPU, nccl on CUDA; rank 0 alone writes files."""
+"""``torchrun`` / DDP helpers: gloo on CPU, nccl on CUDA; rank 0 alone writes files.
+
+The one place that reads torchrun's environment (``WORLD_SIZE``, ``RANK``, ``LOCAL_RANK``):
+commands ask :func:`is_main_process`, loops get a :class:`DistInfo` from ``init_distributed``.
+"""
 
 from __future__ import annotations
 
@@ -24,13 +28,25 @@ class DistInfo:
         return self.world_size > 1
 
 
-def init_distributed(device: torch.device) -> DistInfo:
-    """Initialise the process group when launched by ``torchrun`` (WORLD_SIZE > 1)."""
+def launch_info() -> DistInfo:
+    """This process's rank, world size and local rank as torchrun set them (single: 0, 1, 0)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return DistInfo()
-    rank = int(os.environ["RANK"])
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    return DistInfo(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def is_main_process() -> bool:
+    """True on rank 0 (or without torchrun): the process that prints and writes."""
+    return launch_info().is_main
+
+
+def init_distributed(device: torch.device) -> DistInfo:
+    """Initialise the process group when launched by ``torchrun`` (WORLD_SIZE > 1)."""
+    info = launch_info()
+    if not info.enabled:
+        return info
+    world, rank, local_rank = info.world_size, info.rank, info.local_rank
     if not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         if device.type == "cuda":

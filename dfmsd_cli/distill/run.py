@@ -1,0 +1,281 @@
+"""``distill()``: stage-wise distillation of a student from precomputed teacher stores.
+
+Never builds or loads a teacher: all teacher knowledge is read from the stores written by
+``dfmsd precompute`` (``dfmsd_cli.store``). Per step (DFMSD, arXiv 2407.13147, Eq. 8 and our
+docs/method.md)::
+
+    L = L_det(student, original/hflip view) + α·L_stage + β·L_ME + γ·L_SFA
+
+``L_stage`` is the method's feature loss against the stored features of the view the sample
+drew (augmentation replay); ``L_ME`` runs the student's backbone+FPN on the masking-enhancement
+input regenerated from the stored parameters and compares with the stored ``me``-view features
+(last stage by default); ``L_SFA`` is PKD's standardised MSE on every shared level.
+
+Each stage is a :class:`dfmsd_cli.distill.task.StageTask` run by the one training loop
+:func:`dfmsd_cli.engine.fit.fit`: SGD + MMDetection schedule (fresh per stage), gradient-norm
+clip 35 by default (MGD/FGD configs; docs/distill.md), the replayable view sampler, atomic
+checkpoints with RNG state (``--resume`` continues mid-stage, bit-exact on CPU), run folders,
+DDP, progress bars and ``metrics.jsonl``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dfmsd_cli.distill.methods import (
+    COMMON_OPTIONS,
+    MethodConfig,
+    all_options,
+    get_method,
+    method_config,
+)
+from dfmsd_cli.distill.stages import (
+    StageStore,
+    open_stage_store,
+    plan_stages,
+    print_plan,
+    run_geometry,
+)
+from dfmsd_cli.distill.task import RunContext, StageTask
+from dfmsd_cli.engine.distributed import barrier, cleanup, init_distributed
+from dfmsd_cli.engine.fit import FitOptions, fit
+from dfmsd_cli.engine.loop import options_dict
+from dfmsd_cli.engine.progress import MetricsLog
+from dfmsd_cli.engine.rundir import prepare_run_dir, write_config
+from dfmsd_cli.engine.state import load_state, seed_everything
+from dfmsd_cli.engine.train import write_summary
+from dfmsd_cli.errors import UserError
+from dfmsd_cli.utils.console import console
+from dfmsd_cli.utils.device import resolve_device
+
+
+@dataclass
+class DistillOptions:
+    """Options of ``dfmsd distill`` (also usable from Python)."""
+
+    student: str
+    out: Path
+    stages: tuple[str, ...] = ()
+    data: Path | None = None
+    split: str = "train2017"
+    val_split: str = "val2017"
+    ann: Path | None = None
+    images: Path | None = None
+    cache: str = "cache"
+    epochs: tuple[int, ...] = (12,)
+    method: str = "dfmsd"
+    sal: bool = True
+    me: bool = True
+    sfa: bool = True
+    adv: bool | None = None  # None: L_adv when the last store has the 'adv' view
+    adv_weight: float | None = None
+    me_stages: str = "last"
+    alpha: float | None = None
+    beta: float | None = None
+    gamma: float | None = None
+    lambda_s: float | None = None
+    lambda_c: float | None = None
+    tau: float | None = None
+    mask_rule: str | None = None
+    sfa_levels: str | None = None  # dfmsd: 'all' or N finest shared levels (default 3)
+    kd_warmup: int | None = None  # linear warm-up of the distillation weights (iterations)
+    batch_size: int = 2
+    lr: float = 0.01
+    warmup_iters: int = 500
+    grad_clip: float | None = 35.0
+    weights: str | None = None
+    img_scale: tuple[int, int] | None = None
+    flip: bool = True
+    skip_empty: bool = True
+    seed: int = 0
+    num_workers: int = 2
+    device: str = "auto"
+    evaluate: bool = True
+    resume: bool = False
+    overwrite: bool = False
+    save_interval: int = 0
+    max_steps: int | None = None  # stop after this many optimizer steps (tests, benchmarks)
+    online: bool = False  # teachers in the loop instead of the stores
+    teacher_weights: tuple[str | None, ...] = ()  # --online: one per --stages entry
+
+
+def resolve_method(opts: DistillOptions) -> MethodConfig:
+    """The method config for ``opts``: every registered method option (``all_options``) that
+    ``opts`` sets; one the method does not declare counts only when it differs from its CLI
+    default (``--no-sal`` etc. default to on), and then ``method_config`` refuses it."""
+    spec = get_method(opts.method)
+    declared = {o.name for o in (*COMMON_OPTIONS, *spec.options)}
+    given = {}
+    for name, opt in all_options().items():
+        value = getattr(opts, name, None)
+        if name in declared or value != opt.default:
+            given[name] = value
+    return method_config(opts.method, opts.student, **given)
+
+
+def identity_of(opts: DistillOptions) -> dict[str, Any]:
+    """The options that define a run: a resumed run must match them."""
+    return {
+        "student": opts.student,
+        "stages": list(opts.stages),
+        "data": str(opts.data) if opts.data else None,
+        "split": opts.split,
+        "epochs": list(opts.epochs),
+        "method": opts.method,
+        "batch_size": opts.batch_size,
+        "seed": opts.seed,
+    }
+
+
+def distill(opts: DistillOptions, *, clock: Callable[[], float] = time.perf_counter) -> dict:
+    """Run every stage of ``opts``; returns a summary (per-stage steps, time, val metrics).
+
+    ``clock`` times the run and its steps (``bench distill`` passes the process CPU clock).
+    Writes ``OUT/config.json``, ``OUT/metrics.jsonl``, ``OUT/last.pth`` (training state, every
+    epoch), ``OUT/stage{k}_{teacher}.pth`` (the student after stage k) and ``OUT/student.pth``
+    (the final student only: a dfmsd checkpoint whose ``state_dict`` is a plain state dict;
+    also after a stop by ``max_steps``, marked ``distill.stopped``) and ``OUT/summary.json``.
+    """
+    from dfmsd_cli.data.coco import CocoDetection
+    from dfmsd_cli.data.loader import resolve_data
+    from dfmsd_cli.models import build_model
+    from dfmsd_cli.utils.io import sha256_file
+
+    cfg = resolve_method(opts)
+    if opts.online and cfg.adv_required:
+        raise UserError(
+            "--adv replays perturbations stored by precompute: drop --online or drop --adv"
+        )
+    plans = plan_stages(cfg, list(opts.stages), list(opts.epochs))
+    if opts.batch_size < 1:
+        raise UserError(f"--batch-size must be at least 1, got {opts.batch_size}")
+    device = resolve_device(opts.device)
+    dist_info = init_distributed(device)
+    if dist_info.enabled and device.type == "cuda":
+        device = torch.device("cuda", dist_info.local_rank)
+    out = Path(opts.out)
+    ann_file, image_dir = resolve_data(opts.data, opts.split, opts.ann, opts.images)
+    geometry = run_geometry(opts.img_scale, opts.cache, opts.split, plans, cfg, online=opts.online)
+
+    # -- the dataset, the student, and every stage's store, checked before any training
+    coco = CocoDetection(
+        ann_file,
+        image_dir,
+        geometry=geometry,
+        views=("orig", "hflip"),
+        train=True,
+        skip_empty=opts.skip_empty,  # store rows are matched by image id, so this is safe
+    )
+    keep = list(range(len(coco.image_ids)))
+    if not keep:
+        raise UserError(f"no training images in {image_dir}: check --data/--split or annotations")
+    seed_everything(opts.seed)
+    student = build_model(opts.student, num_classes=coco.num_classes)
+    stores: list[StageStore | None] = [None] * len(plans)
+    if cfg.needs_store and not opts.online:
+        ann_sha = sha256_file(ann_file)
+        for k, plan in enumerate(plans):
+            stores[k] = open_stage_store(
+                plan,
+                opts.cache,
+                opts.split,
+                geometry=geometry,
+                ann_sha256=ann_sha,
+                image_ids=coco.image_ids,
+                train_images=keep,
+                student_strides=tuple(student.strides),
+                want_views=("orig", "hflip") if opts.flip else ("orig",),
+                warn=console.print if dist_info.is_main else (lambda *_: None),
+                adv_required=cfg.adv_required,
+            )
+
+    resuming = False
+    if dist_info.is_main:
+        resuming = prepare_run_dir(out, "distill", identity_of(opts), opts.resume, opts.overwrite)
+        write_config(out, {**options_dict(opts), "resolved": cfg.to_dict()}, "distill")
+    barrier(dist_info)
+    resuming = opts.resume and (out / "last.pth").is_file()
+    state = load_state(out / "last.pth") if resuming else None
+    if state is not None:
+        if state.get("model") != opts.student:
+            raise UserError(
+                f"{out}/last.pth is a '{state.get('model')}' run, not '{opts.student}': "
+                "use another --out or --overwrite"
+            )
+        student.load_state_dict(state["state_dict"])
+    elif opts.weights:
+        from dfmsd_cli.models.checkpoint import load_weights
+
+        load_weights(student, opts.weights)
+    student.to(device)
+
+    if dist_info.is_main:
+        print_plan(cfg, plans, stores, opts, console)
+    log = MetricsLog(out / "metrics.jsonl", enabled=dist_info.is_main)
+    ctx = RunContext(opts, cfg, coco, geometry, device, dist_info, keep)
+    summary: dict[str, Any] = {"method": cfg.to_dict(), "stages": []}
+    t0 = clock()
+    stopped, steps_done = False, 0  # optimizer steps of this process, all stages (--max-steps)
+    for plan, ss in zip(plans, stores, strict=True):
+        if state is not None and state["stage"] > plan.index:
+            continue  # finished before the interruption; its weights are in the state
+        stage_state = state if state is not None and state["stage"] == plan.index else None
+        task = StageTask(ctx, student, plan, ss, stage_state)
+        mid_stage = stage_state is not None and stage_state.get("optimizer") is not None
+        result = fit(
+            task,
+            _fit_options(opts, out, plan.epochs, steps_done),
+            device=device,
+            dist=dist_info,
+            log=log,
+            state=stage_state if mid_stage else None,
+            clock=clock,
+        )
+        steps_done += result["steps_this_run"]
+        state = None
+        summary["stages"].append(result)
+        if not result["complete"] or (result["stopped"] and plan is not plans[-1]):
+            stopped = True
+            break
+    summary["seconds"] = round(clock() - t0, 2)
+    # a run stopped by --max-steps also writes student.pth: the student the user stopped at
+    if dist_info.is_main:
+        from dfmsd_cli.models.checkpoint import make_checkpoint
+        from dfmsd_cli.utils.io import atomic_torch_save
+
+        final = make_checkpoint(student, categories=coco.categories, geometry=geometry)
+        final["distill"] = {
+            "method": cfg.to_dict(),
+            "stages": [p.teacher for p in plans],
+            "stopped": stopped,  # True: --max-steps ended the run before its last epoch
+        }
+        atomic_torch_save(final, out / "student.pth")
+        summary["student"] = str(out / "student.pth")
+        write_summary(out, summary)
+    cleanup(dist_info)
+    return summary
+
+
+def _fit_options(opts: DistillOptions, out: Path, epochs: int, steps_done: int) -> FitOptions:
+    """One stage's recipe: a fresh schedule over its epochs, the rest of the step budget."""
+    return FitOptions(
+        out=out,
+        epochs=epochs,
+        batch_size=opts.batch_size,
+        lr=opts.lr,
+        warmup_iters=opts.warmup_iters,
+        grad_clip=opts.grad_clip,
+        save_interval=opts.save_interval,
+        max_steps=None if opts.max_steps is None else opts.max_steps - steps_done,
+        seed=opts.seed,
+        num_workers=opts.num_workers,
+    )
+
+
+__all__ = ["DistillOptions", "distill", "resolve_method"]
