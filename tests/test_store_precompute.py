@@ -90,13 +90,14 @@ def assert_same_store(a: Path, b: Path) -> None:
 
 
 def _run(data: Path, cache: Path, shard: tuple[int, int], delay: float) -> None:
-    """Child-process body: a real, separate writer process (forked: no second torch import);
+    """Child-process body: a real, separate writer process (spawned: a forked child can inherit
+    torch's intra-op thread pool in a broken state, "Invalid thread pool!");
     ``delay`` seconds after each batch keep it running long enough to be killed mid-way."""
     precompute(*_files(data), _opts(cache, shard=shard), on_batch=lambda: time.sleep(delay))
 
 
 def _spawn(data: Path, cache: Path, shard=(0, 1), delay=0.0) -> mp.Process:
-    p = mp.get_context("fork").Process(target=_run, args=(data, cache, shard, delay))
+    p = mp.get_context("spawn").Process(target=_run, args=(data, cache, shard, delay))
     p.start()
     return p
 
