@@ -230,12 +230,14 @@ def test_gdetkd_config_terms_and_switches():
     cfg = method_config("gdetkd", "retina_tiny")
     assert (cfg.alpha, cfg.stage_loss, cfg.sal) == (1.0, "sgfi", False)
     assert cfg.spec.store.boxes and cfg.needs_store
+    assert "L_feat+L_ckd (heterogeneous form: no class-aware localisation KD" in cfg.summary()
     assert set(build_stage_losses(cfg, [8, 16], 4, 4)) == {"stage", "ckd"}
     cfg = method_config("gdetkd", "frcnn_tiny", ckd=False, ckd_queue=32)
     assert cfg.family == "two_stage" and set(build_stage_losses(cfg, [8], 4, 4)) == {"stage"}
     cfg = method_config("gdetkd", "retina_tiny", sgfi=False, ckd_queue=32)
     mods = build_stage_losses(cfg, [8], 4, 4)
     assert set(mods) == {"ckd"} and mods["ckd"].queue.shape[0] == 32
+    assert cfg.loss_kwargs["parts"].startswith("L_ckd (")
     with pytest.raises(UserError, match="--no-sgfi with --no-ckd"):
         method_config("gdetkd", "retina_tiny", sgfi=False, ckd=False)
     with pytest.raises(UserError, match="--ckd-gamma must be positive"):

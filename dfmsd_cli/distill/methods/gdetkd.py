@@ -76,10 +76,16 @@ def _switch(name: str):
     return lambda cfg, v: replace(cfg, loss_kwargs={**cfg.loss_kwargs, name: bool(v)})
 
 
+HETEROGENEOUS = "heterogeneous form: no class-aware localisation KD, no head transfer"
+
+
 def _check(cfg: MethodConfig, given: dict[str, Any]) -> MethodConfig:
-    if not cfg.loss_kwargs["sgfi"] and not cfg.loss_kwargs["ckd"]:
+    """Both switches off is an error; ``parts`` says which terms run (the start summary)."""
+    kw = cfg.loss_kwargs
+    if not kw["sgfi"] and not kw["ckd"]:
         raise UserError("--no-sgfi with --no-ckd leaves gdetkd no loss: use --method none")
-    return cfg
+    terms = [n for n, on in (("L_feat", kw["sgfi"]), ("L_ckd", kw["ckd"])) if on]
+    return replace(cfg, loss_kwargs={**kw, "parts": f"{'+'.join(terms)} ({HETEROGENEOUS})"})
 
 
 _WHAT = "G-DetKD's contrastive term"
