@@ -276,3 +276,26 @@ def test_gdetkd_from_the_cli_and_resume(tiny_cache, synthetic_root, tmp_path):
     a = torch.load(full / "student.pth", map_location="cpu", weights_only=True)["state_dict"]
     b = torch.load(part / "student.pth", map_location="cpu", weights_only=True)["state_dict"]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_losses_are_float32_under_autocast():
+    torch.manual_seed(0)
+    sgfi, ckd = SGFILoss(2, 3), CKDLoss(2, 3, queue_size=8)
+    student = {8: torch.randn(1, 2, 12, 16) * 50, 16: torch.randn(1, 2, 6, 8) * 50}
+    teacher = {8: torch.randn(1, 3, 12, 16) * 50, 16: torch.randn(1, 3, 6, 8) * 50}
+    gt, det, scores = _detections()
+    args = (student, teacher, [det * 4], [scores], [{"boxes": gt * 4}])
+    ref = sgfi(*args).item()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low, c = sgfi(*args), ckd(*args)
+    assert low.dtype == c.dtype == torch.float32 and math.isfinite(c.item())
+    assert low.item() == pytest.approx(ref, rel=0.05)
+
+
+def test_level_weights_of_fp16_keys_do_not_overflow():
+    """Keys of 64 entries of 100 have a dot product of 6.4e5 > fp16's max (65504)."""
+    keys_s = torch.full((2, 1, 64), 100.0, dtype=torch.float16)
+    keys_s[1] *= 0.5
+    alpha = level_weights(keys_s, keys_s[0, :, :], 1e5)
+    assert torch.isfinite(alpha).all() and float(alpha.sum()) == pytest.approx(1.0)
+    assert float(alpha[0, 0]) > float(alpha[1, 0])

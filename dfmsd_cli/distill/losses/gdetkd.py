@@ -57,7 +57,8 @@ def two_stride2_convs(channels: int) -> nn.Sequential:
 
 def level_weights(keys_s: Tensor, key_t: Tensor, tau: Tensor | float) -> Tensor:
     """α = softmax over levels of K^s·K^t / τ: ``keys_s`` (L, N, D), ``key_t`` (N, D) → (L, N)."""
-    return torch.softmax((keys_s * key_t[None]).sum(-1) / tau, dim=0)
+    # float32: under CUDA autocast a dot product of long fp16 keys can overflow
+    return torch.softmax((keys_s.float() * key_t.float()[None]).sum(-1) / tau, dim=0)
 
 
 def info_nce(
@@ -66,12 +67,12 @@ def info_nce(
     """(1/N) Σ_i −log[exp(c_ii/γ) / Σ_j exp(c_ij/γ)], c = cosine similarity of the student's
     embedding i with the teacher's j over the batch then the ``queue`` (Q, D); ``exclude``
     (N, N) bool drops batch pairs from the denominator (near-duplicates; never the diagonal)."""
-    z_s, z_t = F.normalize(z_s, dim=1), F.normalize(z_t, dim=1)
+    z_s, z_t = F.normalize(z_s.float(), dim=1), F.normalize(z_t.float(), dim=1)
     logits = z_s @ z_t.t() / gamma
     if exclude is not None:
         logits = logits.masked_fill(exclude, float("-inf"))
     if queue.numel():
-        logits = torch.cat([logits, z_s @ F.normalize(queue, dim=1).t() / gamma], dim=1)
+        logits = torch.cat([logits, z_s @ F.normalize(queue.float(), dim=1).t() / gamma], dim=1)
     target = torch.arange(z_s.shape[0], device=z_s.device)
     return F.cross_entropy(logits, target)
 
