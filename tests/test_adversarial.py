@@ -140,7 +140,7 @@ def test_precomputed_adv_view_is_the_teachers_attack_replayed(adv_env):
         assert store.get(i, "orig")["adversarial"] is None
 
 
-def _distill(adv_env, out: Path, **kw):
+def _distill(adv_env, out: Path, online: bool = False, **method):
     from dfmsd_cli.distill.run import DistillOptions, distill
 
     opts = DistillOptions(
@@ -156,8 +156,8 @@ def _distill(adv_env, out: Path, **kw):
         device="cpu",
         evaluate=False,
         max_steps=2,
-        me=False,
-        **kw,
+        online=online,
+        method_options={"me": False, **method},
     )
     return distill(opts)
 

@@ -162,8 +162,11 @@ def test_baselines_run_on_the_same_engine(env, tmp_path, method, built_models):
     assert written["stages"][0]["iterations"] == 2
 
 
+NO_SAL_SFA_ME = {"sal": False, "sfa": False, "me": False}
+
+
 def test_ablation_flags_shape_the_run(env, tmp_path):
-    s = distill(_opts(env, tmp_path / "nosal", sal=False, sfa=False, me=False, max_steps=1))
+    s = distill(_opts(env, tmp_path / "nosal", max_steps=1, method_options=NO_SAL_SFA_ME))
     assert [st["teacher"] for st in s["stages"]] == [TEACHERS[-1]]
     log = (tmp_path / "nosal" / "metrics.jsonl").read_text()
     assert "loss_kd" in log and "loss_sfa" not in log and "loss_me" not in log
@@ -171,13 +174,13 @@ def test_ablation_flags_shape_the_run(env, tmp_path):
 
 def test_nan_loss_stops_with_clear_message(env, tmp_path):
     with pytest.raises(UserError, match="loss became nan .*no checkpoint was written yet"):
-        distill(_opts(env, tmp_path / "nan", alpha=float("nan")))
+        distill(_opts(env, tmp_path / "nan", method_options={"alpha": float("nan")}))
     # a good first stage, then a NaN in the second: stage 1's checkpoint is kept
     out = tmp_path / "nan2"
     distill(_opts(env, out, epochs=(1, 1), max_steps=2))  # exactly stage 1
     before = (out / "last.pth").read_bytes()
     with pytest.raises(UserError, match="last good checkpoint .* is kept"):
-        distill(_opts(env, out, epochs=(1, 1), beta=float("inf"), resume=True))
+        distill(_opts(env, out, epochs=(1, 1), method_options={"beta": float("inf")}, resume=True))
     assert (out / "last.pth").read_bytes() == before
 
 

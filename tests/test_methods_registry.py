@@ -13,6 +13,7 @@ from torch import nn
 
 from dfmsd_cli.distill.methods import (
     LossTerm,
+    MethodOption,
     MethodSpec,
     StoreNeeds,
     call_features,
@@ -43,6 +44,10 @@ class L2Loss(nn.Module):
         return total
 
 
+def _norm(value):
+    return None if value in ("sum", "mean") else f"must be sum or mean, got '{value}'"
+
+
 TOY = MethodSpec(
     "l2toy",
     "L_det + α·Σ(S−T)², one stage (a test's toy)",
@@ -50,6 +55,11 @@ TOY = MethodSpec(
     defaults={"one_stage": {"alpha": 1e-3}, "two_stage": {"alpha": 1e-4}},
     store=StoreNeeds(),
     stage_loss="l2",
+    options=(
+        MethodOption(
+            "toy_norm", str, None, "l2toy: sum or mean.", "the toy's norm", _norm, kwarg=True
+        ),
+    ),  # fmt: skip
 )
 
 
@@ -70,27 +80,53 @@ def test_l2_loss_by_hand():
 
 
 def test_toy_method_trains_without_any_other_edit(toy, tiny_cache, synthetic_root, tmp_path):
-    from dfmsd_cli.distill.run import DistillOptions, distill
+    """Registered after the CLI was imported: its option is a flag of ``dfmsd distill`` (help,
+    parse, check) and reaches the method config, with no other edit."""
+    from typer.testing import CliRunner
+
+    from dfmsd_cli.cli import app
 
     assert "l2toy" in list_methods()
     cfg = method_config("l2toy", "retina_tiny", alpha=2e-3)
     assert (cfg.family, cfg.alpha, cfg.needs_store) == ("one_stage", 2e-3, True)
+    help_text = CliRunner().invoke(app, ["distill", "--help"], env={"COLUMNS": "200"}).output
+    assert "--toy-norm" in help_text and "l2toy: sum or mean." in help_text
+    assert "fgd, none or l2toy (none: the student" in help_text  # --method lists it
     out = tmp_path / "run"
-    opts = DistillOptions(
-        student="retina_tiny", out=out, stages=("retina_tiny",), data=synthetic_root,
-        cache=str(tiny_cache), method="l2toy", epochs=(1,), batch_size=2, warmup_iters=2,
-        num_workers=0, device="cpu", evaluate=False, max_steps=2, img_scale=(128, 96),
-    )  # fmt: skip
-    summary = distill(opts)
-    assert summary["method"]["name"] == "l2toy" and len(summary["stages"]) == 1
+    argv = [
+        "distill", "--student", "retina_tiny", "--out", str(out), "--stages", "retina_tiny",
+        "--data", str(synthetic_root), "--cache", str(tiny_cache), "--method", "l2toy",
+        "--epochs", "1", "-b", "2", "--warmup-iters", "2", "--num-workers", "0",
+        "--device", "cpu", "--no-eval", "--max-steps", "2", "--img-scale", "128,96",
+    ]  # fmt: skip
+    assert _cli([*argv, "--toy-norm", "max"]) == 2  # the method's check, before any work
+    assert not out.exists()
+    assert _cli([*argv, "--toy-norm", "mean"]) == 0
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     kd = [r["loss_kd"] for r in rows if r.get("phase") == "train"]
     assert kd and all(v > 0 for v in kd)
     config = json.loads((out / "config.json").read_text())
     resolved = config["options"]["resolved"]
     assert resolved["name"] == "l2toy" and resolved["alpha"] == 1e-3
+    assert resolved["loss_kwargs"] == {"toy_norm": "mean"}
+    assert config["options"]["toy_norm"] == "mean"  # the option itself, at the top level
     state = torch.load(out / "student.pth", weights_only=True)
     assert state["distill"]["method"]["stage_loss"] == "l2"
+    assert state["distill"]["method"]["loss_kwargs"] == {"toy_norm": "mean"}
+
+
+def test_method_options_reach_the_config_from_python(toy):
+    from dfmsd_cli.distill.run import DistillOptions, resolve_method
+
+    opts = DistillOptions(student="retina_tiny", out="x", method="l2toy",
+                          method_options={"toy_norm": "sum", "sal": True})  # fmt: skip
+    assert resolve_method(opts).loss_kwargs == {"toy_norm": "sum"}  # sal: its default, ignored
+    with pytest.raises(UserError, match="--toy-norm sets the toy's norm of l2toy, not of 'mgd'"):
+        resolve_method(DistillOptions(student="retina_tiny", out="x", method="mgd",
+                                      method_options={"toy_norm": "sum"}))  # fmt: skip
+    with pytest.raises(UserError, match="unknown method option.* toy_nrom"):
+        resolve_method(DistillOptions(student="retina_tiny", out="x", method="l2toy",
+                                      method_options={"toy_nrom": "sum"}))  # fmt: skip
 
 
 def test_toy_method_options_are_checked(toy):

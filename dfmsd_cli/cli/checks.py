@@ -186,11 +186,17 @@ def iter_options(app: typer.Typer):
 def install(app: typer.Typer) -> None:
     """Attach the count / pair check to every matching option of every command of ``app``."""
     for _cmd, pname, base, opt in iter_options(app):
-        if opt.callback is not None:
-            continue
-        if pname in COUNTS and base in (int, str):
-            opt.callback = _count_callback(pname)
-        elif pname in PAIRS and base is str:
-            opt.callback = _pair_callback(pname)
-        elif pname in FLOATS and base is float:
-            opt.callback = _float_callback(pname)
+        attach(pname, base, opt)
+
+
+def attach(pname: str, base: Any, opt: OptionInfo) -> None:
+    """Attach the check of option ``pname`` (of value type ``base``) to ``opt``, if any (the
+    generated commands call this as they build their parameters)."""
+    if opt.callback is not None:
+        return
+    if pname in COUNTS and base in (int, str):
+        opt.callback = _count_callback(pname)
+    elif pname in PAIRS and base is str:
+        opt.callback = _pair_callback(pname)
+    elif pname in FLOATS and base is float:
+        opt.callback = _float_callback(pname)

@@ -1,154 +1,24 @@
-"""``dfmsd distill``: stage-wise distillation of a student from precomputed teacher stores."""
+"""``dfmsd distill``: stage-wise distillation of a student from precomputed teacher stores.
+
+The flags are ``DistillOptions``' fields (``dfmsd_cli.distill.run``); the method flags
+(``--alpha``, ``--no-sal``, ``--lambda-s``, ...) are generated from the method registry
+(``dfmsd_cli.distill.methods``), so a registered method's own options are flags here."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
-import typer
-
-from dfmsd_cli.cli.app import ConfigOption, app, parse_int_list
-from dfmsd_cli.data.geometry import parse_img_scale
-from dfmsd_cli.distill.methods.registry import method_help, option_help
+from dfmsd_cli.cli.app import app
+from dfmsd_cli.cli.options import command
+from dfmsd_cli.distill.run import DistillOptions
 from dfmsd_cli.utils.console import console
 
 
-@app.command("distill")
-def distill_cmd(
-    student: str = typer.Option(..., "--student", "-s", help="Student zoo name, e.g. retina_r50."),
-    stages: str = typer.Option(
-        "",
-        "--stages",
-        help="Teachers weaker→stronger, e.g. cmr_r101,cmr_x101 (their stores must exist in "
-        "--cache; a path ending in .zarr names a store directly). Not needed for --method none.",
-    ),
-    data: Path | None = typer.Option(
-        None, "--data", help="COCO root: ROOT/annotations/instances_{split}.json and ROOT/{split}/."
-    ),
-    out: Path = typer.Option(
-        ...,
-        "--out",
-        "-o",
-        help="Run folder (config.json, metrics.jsonl, last.pth, stage*.pth, student.pth).",
-    ),
-    cache: str = typer.Option(
-        "cache", "--cache", help="Store root: CACHE/TEACHER/SPLIT.zarr (an fsspec URL works)."
-    ),
-    epochs: str = typer.Option(
-        "12", "--epochs", help="Epochs per stage, e.g. 12,12 (one value: the same for all)."
-    ),
-    method: str = typer.Option("dfmsd", "--method", help=method_help()),
-    no_sal: bool = typer.Option(False, "--no-sal", help=option_help("sal")),
-    no_me: bool = typer.Option(False, "--no-me", help=option_help("me")),
-    no_sfa: bool = typer.Option(False, "--no-sfa", help=option_help("sfa")),
-    # method options: help (and checks) declared by the method modules (distill/methods/)
-    adv: bool | None = typer.Option(None, "--adv/--no-adv", help=option_help("adv")),
-    adv_weight: float | None = typer.Option(None, "--adv-weight", help=option_help("adv_weight")),
-    me_stages: str = typer.Option("last", "--me-stages", help=option_help("me_stages")),
-    alpha: float | None = typer.Option(None, "--alpha", help=option_help("alpha")),
-    beta: float | None = typer.Option(None, "--beta", help=option_help("beta")),
-    gamma: float | None = typer.Option(None, "--gamma", help=option_help("gamma")),
-    lambda_s: float | None = typer.Option(None, "--lambda-s", help=option_help("lambda_s")),
-    lambda_c: float | None = typer.Option(None, "--lambda-c", help=option_help("lambda_c")),
-    tau: float | None = typer.Option(None, "--tau", help=option_help("tau")),
-    mask_rule: str | None = typer.Option(None, "--mask-rule", help=option_help("mask_rule")),
-    sfa_levels: str | None = typer.Option(None, "--sfa-levels", help=option_help("sfa_levels")),
-    kd_warmup: int | None = typer.Option(None, "--kd-warmup", help=option_help("kd_warmup")),
-    split: str = typer.Option("train2017", "--split", help="Training split (the stores' split)."),
-    val_split: str = typer.Option("val2017", "--val-split", help="Split evaluated after stages."),
-    ann: Path | None = typer.Option(None, "--ann", help="Annotation file (overrides --data)."),
-    images: Path | None = typer.Option(None, "--images", help="Image folder (overrides --data)."),
-    batch_size: int = typer.Option(2, "--batch-size", "-b", help="Images per step (per process)."),
-    lr: float = typer.Option(0.01, "--lr", help="Base learning rate of SGD (each stage)."),
-    warmup_iters: int = typer.Option(500, "--warmup-iters", help="Linear warm-up iterations."),
-    grad_clip: float = typer.Option(
-        35.0, "--grad-clip", help="Gradient-norm clip (MGD/FGD configs: 35; 0 disables)."
-    ),
-    weights: str | None = typer.Option(
-        None, "--weights", help="Initial student weights: checkpoint, state dict or 'torchvision'."
-    ),
-    img_scale: str | None = typer.Option(
-        None, "--img-scale", help="LONG,SHORT resize bound (default: the stores' geometry)."
-    ),
-    flip: bool = typer.Option(
-        True, "--flip/--no-flip", help="Replay the stores' hflip view (augmentation replay)."
-    ),
-    seed: int = typer.Option(0, "--seed", help="Random seed (weights, order, views, masks)."),
-    num_workers: int = typer.Option(2, "--num-workers", help="DataLoader worker processes."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
-    no_eval: bool = typer.Option(False, "--no-eval", help="Skip evaluation after each stage."),
-    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from last.pth."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a run already in --out."),
-    save_interval: int = typer.Option(
-        0, "--save-interval", help="Also checkpoint every N steps (0: each epoch only)."
-    ),
-    max_steps: int | None = typer.Option(
-        None, "--max-steps", help="Stop after N steps in all (quick runs, benchmarks)."
-    ),
-    online: bool = typer.Option(
-        False,
-        "--online",
-        help="Teachers in the loop instead of the stores (no disk needed; slower, more memory).",
-    ),
-    teacher_weights: str = typer.Option(
-        "",
-        "--teacher-weights",
-        help="--online: teacher checkpoints, one per --stages entry (empty: seeded random init).",
-    ),
-    config: str | None = ConfigOption,
-) -> None:
+@command(app, "distill", DistillOptions)
+def distill_cmd(o: DistillOptions) -> None:
     """Distill a student stage by stage from teacher stores (never loads a teacher)."""
-    from dfmsd_cli.distill.run import DistillOptions, distill
-
-    opts = DistillOptions(
-        student=student,
-        out=out,
-        stages=tuple(t.strip() for t in stages.split(",") if t.strip()),
-        data=data,
-        split=split,
-        val_split=val_split,
-        ann=ann,
-        images=images,
-        cache=cache,
-        epochs=tuple(parse_int_list(epochs, "--epochs")),
-        method=method,
-        sal=not no_sal,
-        me=not no_me,
-        sfa=not no_sfa,
-        adv=adv,
-        adv_weight=adv_weight,
-        me_stages=me_stages,
-        alpha=alpha,
-        beta=beta,
-        gamma=gamma,
-        lambda_s=lambda_s,
-        lambda_c=lambda_c,
-        tau=tau,
-        mask_rule=mask_rule,
-        sfa_levels=sfa_levels,
-        kd_warmup=kd_warmup,
-        batch_size=batch_size,
-        lr=lr,
-        warmup_iters=warmup_iters,
-        grad_clip=grad_clip or None,
-        weights=weights,
-        img_scale=parse_img_scale(img_scale) if img_scale else None,
-        flip=flip,
-        seed=seed,
-        num_workers=num_workers,
-        device=device,
-        evaluate=not no_eval,
-        resume=resume,
-        overwrite=overwrite,
-        save_interval=save_interval,
-        max_steps=max_steps,
-        online=online,
-        teacher_weights=tuple(w.strip() or None for w in teacher_weights.split(","))
-        if teacher_weights
-        else (),
-    )
-    summary = distill(opts)  # also writes OUT/summary.json
+    from dfmsd_cli.distill.run import distill
     from dfmsd_cli.engine.distributed import is_main_process
 
+    summary = distill(o)  # also writes OUT/summary.json
     if is_main_process():
         _print_summary(summary)
 

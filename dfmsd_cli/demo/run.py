@@ -63,7 +63,7 @@ class DemoConfig:
     num_workers: int = 0
     device: str = "auto"
     overwrite: bool = False
-    extra: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)  # more method options (by name)
 
     @classmethod
     def quick(cls, out: str | Path, seed: int = 0, **kw: Any) -> DemoConfig:
@@ -342,9 +342,7 @@ def _distill(cfg: DemoConfig, data: Path, cache: Path, run: Path) -> dict[str, A
         cache=str(cache),
         epochs=tuple(cfg.epochs),
         method="dfmsd",
-        alpha=cfg.alpha,
-        beta=cfg.beta,
-        gamma=cfg.gamma,
+        method_options={"alpha": cfg.alpha, "beta": cfg.beta, "gamma": cfg.gamma, **cfg.extra},
         batch_size=cfg.batch_size,
         lr=cfg.lr,
         warmup_iters=cfg.warmup_iters,
@@ -354,6 +352,5 @@ def _distill(cfg: DemoConfig, data: Path, cache: Path, run: Path) -> dict[str, A
         num_workers=cfg.num_workers,
         device=cfg.device,
         evaluate=True,
-        **cfg.extra,
     )
     return distill(opts)

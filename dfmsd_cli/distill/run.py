@@ -28,12 +28,15 @@ from typing import Any
 
 import torch
 
+from dfmsd_cli.data.geometry import parse_img_scale
 from dfmsd_cli.distill.methods import (
     COMMON_OPTIONS,
     MethodConfig,
     all_options,
     get_method,
     method_config,
+    method_help,
+    options_class,
 )
 from dfmsd_cli.distill.stages import (
     StageStore,
@@ -45,7 +48,6 @@ from dfmsd_cli.distill.stages import (
 from dfmsd_cli.distill.task import RunContext, StageTask
 from dfmsd_cli.engine.distributed import barrier, cleanup, init_distributed
 from dfmsd_cli.engine.fit import FitOptions, fit
-from dfmsd_cli.engine.loop import options_dict
 from dfmsd_cli.engine.progress import MetricsLog
 from dfmsd_cli.engine.rundir import prepare_run_dir, write_config
 from dfmsd_cli.engine.state import load_state, seed_everything
@@ -53,68 +55,128 @@ from dfmsd_cli.engine.train import write_summary
 from dfmsd_cli.errors import UserError
 from dfmsd_cli.utils.console import console
 from dfmsd_cli.utils.device import resolve_device
+from dfmsd_cli.utils.options import (
+    BatchOptions,
+    DataOptions,
+    DeviceOptions,
+    GeometryOptions,
+    OptimOptions,
+    OutOptions,
+    ValidationOptions,
+    int_tuple,
+    name_tuple,
+    opt,
+    record,
+    reuse,
+)
 
 
-@dataclass
-class DistillOptions:
-    """Options of ``dfmsd distill`` (also usable from Python)."""
+def _teacher_weights(text: str) -> tuple[str | None, ...]:
+    return tuple(w.strip() or None for w in text.split(",")) if text else ()
 
-    student: str
-    out: Path
-    stages: tuple[str, ...] = ()
-    data: Path | None = None
-    split: str = "train2017"
-    val_split: str = "val2017"
-    ann: Path | None = None
-    images: Path | None = None
-    cache: str = "cache"
-    epochs: tuple[int, ...] = (12,)
-    method: str = "dfmsd"
-    sal: bool = True
-    me: bool = True
-    sfa: bool = True
-    adv: bool | None = None  # None: L_adv when the last store has the 'adv' view
-    adv_weight: float | None = None
-    me_stages: str = "last"
-    alpha: float | None = None
-    beta: float | None = None
-    gamma: float | None = None
-    lambda_s: float | None = None
-    lambda_c: float | None = None
-    tau: float | None = None
-    mask_rule: str | None = None
-    sfa_levels: str | None = None  # dfmsd: 'all' or N finest shared levels (default 3)
-    kd_warmup: int | None = None  # linear warm-up of the distillation weights (iterations)
-    batch_size: int = 2
-    lr: float = 0.01
-    warmup_iters: int = 500
-    grad_clip: float | None = 35.0
-    weights: str | None = None
-    img_scale: tuple[int, int] | None = None
-    flip: bool = True
-    skip_empty: bool = True
-    seed: int = 0
-    num_workers: int = 2
-    device: str = "auto"
-    evaluate: bool = True
-    resume: bool = False
-    overwrite: bool = False
-    save_interval: int = 0
-    max_steps: int | None = None  # stop after this many optimizer steps (tests, benchmarks)
-    online: bool = False  # teachers in the loop instead of the stores
-    teacher_weights: tuple[str | None, ...] = ()  # --online: one per --stages entry
+
+@dataclass(kw_only=True)
+class DistillOptions(
+    DeviceOptions, GeometryOptions, BatchOptions, ValidationOptions, OptimOptions, DataOptions,
+    OutOptions,
+):  # fmt: skip
+    """Options of ``dfmsd distill`` (also usable from Python): the typer command, the
+    ``--config`` keys and ``config.json`` come from these fields (``dfmsd_cli.utils.options``).
+
+    ``method_options`` holds the method options by name (``alpha``, ``sal``, ``lambda_s``, ...:
+    ``COMMON_OPTIONS`` and each registered method's ``MethodSpec.options``); absent or None:
+    the method's default. Each is a flag of ``dfmsd distill`` generated from the registry.
+    ``stages``, ``epochs``, ``img_scale`` and ``teacher_weights`` are typed as text on the
+    command line and parsed here (``opt(parse=...)``)."""
+
+    student: str = opt(help="Student zoo name, e.g. retina_r50.", short="-s")
+    stages: tuple[str, ...] = opt(
+        "",
+        "Teachers weaker→stronger, e.g. cmr_r101,cmr_x101 (their stores must exist in --cache; "
+        "a path ending in .zarr names a store directly). Not needed for --method none.",
+        parse=name_tuple,
+    )
+    out: Path = reuse(
+        OutOptions,
+        "out",
+        help="Run folder (config.json, metrics.jsonl, last.pth, stage*.pth, student.pth).",
+    )
+    cache: str = opt("cache", "Store root: CACHE/TEACHER/SPLIT.zarr (an fsspec URL works).")
+    epochs: tuple[int, ...] = reuse(
+        OptimOptions,
+        "epochs",
+        default="12",
+        help="Epochs per stage, e.g. 12,12 (one value: the same for all).",
+        parse=int_tuple("--epochs"),
+    )
+    method: str = opt("dfmsd", method_help)
+    method_options: dict[str, Any] = opt(
+        {}, "Method options by name (flags from the registry).", options_from=options_class
+    )
+    split: str = reuse(DataOptions, "split", help="Training split (the stores' split).")
+    val_split: str = reuse(ValidationOptions, "val_split", help="Split evaluated after stages.")
+    batch_size: int = reuse(BatchOptions, "batch_size", help="Images per step (per process).")
+    lr: float = reuse(OptimOptions, "lr", help="Base learning rate of SGD (each stage).")
+    grad_clip: float | None = reuse(
+        OptimOptions,
+        "grad_clip",
+        default=35.0,
+        help="Gradient-norm clip (MGD/FGD configs: 35; 0 disables).",
+    )
+    weights: str | None = reuse(
+        OptimOptions,
+        "weights",
+        help="Initial student weights: checkpoint, state dict or 'torchvision'.",
+    )
+    img_scale: tuple[int, int] | None = reuse(
+        GeometryOptions,
+        "img_scale",
+        default=None,
+        help="LONG,SHORT resize bound (default: the stores' geometry).",
+        parse=parse_img_scale,
+    )
+    flip: bool = opt(
+        True, "Replay the stores' hflip view (augmentation replay).", flag="--flip/--no-flip"
+    )
+    skip_empty: bool = True  # library only: store rows are matched by image id
+    seed: int = reuse(OptimOptions, "seed", help="Random seed (weights, order, views, masks).")
+    num_workers: int = reuse(DeviceOptions, "num_workers", help="DataLoader worker processes.")
+    evaluate: bool = reuse(ValidationOptions, "evaluate", help="Skip evaluation after each stage.")
+    overwrite: bool = reuse(OutOptions, "overwrite", help="Replace a run already in --out.")
+    max_steps: int | None = reuse(
+        OptimOptions, "max_steps", help="Stop after N steps in all (quick runs, benchmarks)."
+    )
+    online: bool = opt(
+        False,
+        "Teachers in the loop instead of the stores (no disk needed; slower, more memory).",
+    )
+    teacher_weights: tuple[str | None, ...] = opt(
+        "",
+        "--online: teacher checkpoints, one per --stages entry (empty: seeded random init).",
+        parse=_teacher_weights,
+    )
+
+    def __post_init__(self) -> None:
+        if not self.grad_clip:  # --grad-clip 0 disables clipping (recorded as None)
+            self.grad_clip = None
 
 
 def resolve_method(opts: DistillOptions) -> MethodConfig:
-    """The method config for ``opts``: every registered method option (``all_options``) that
-    ``opts`` sets; one the method does not declare counts only when it differs from its CLI
-    default (``--no-sal`` etc. default to on), and then ``method_config`` refuses it."""
+    """The method config for ``opts``: every method option ``opts.method_options`` sets (the
+    flags generated from the registry); one the method does not declare counts only when it
+    differs from its CLI default (``--no-sal`` etc. default to on), and then ``method_config``
+    refuses it."""
     spec = get_method(opts.method)
     declared = {o.name for o in (*COMMON_OPTIONS, *spec.options)}
+    known = all_options()
+    unknown = sorted(set(opts.method_options) - set(known))
+    if unknown:
+        raise UserError(
+            f"unknown method option(s) {', '.join(unknown)}: use one of {', '.join(known)}"
+        )
     given = {}
-    for name, opt in all_options().items():
-        value = getattr(opts, name, None)
-        if name in declared or value != opt.default:
+    for name, value in opts.method_options.items():
+        if name in declared or value != known[name].default:
             given[name] = value
     return method_config(opts.method, opts.student, **given)
 
@@ -198,7 +260,7 @@ def distill(opts: DistillOptions, *, clock: Callable[[], float] = time.perf_coun
     resuming = False
     if dist_info.is_main:
         resuming = prepare_run_dir(out, "distill", identity_of(opts), opts.resume, opts.overwrite)
-        write_config(out, {**options_dict(opts), "resolved": cfg.to_dict()}, "distill")
+        write_config(out, {**record(opts), "resolved": cfg.to_dict()}, "distill")
     barrier(dist_info)
     resuming = opts.resume and (out / "last.pth").is_file()
     state = load_state(out / "last.pth") if resuming else None

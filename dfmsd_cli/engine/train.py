@@ -10,13 +10,13 @@ runs it (checkpoints, bit-exact resume, DDP under ``torchrun``; rank 0 writes).
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from dfmsd_cli.data.geometry import Geometry
+from dfmsd_cli.data.geometry import Geometry, parse_img_scale
 from dfmsd_cli.engine.distributed import DistInfo, barrier, cleanup, init_distributed
 from dfmsd_cli.engine.fit import FitOptions, StepContext, Task, fit
 from dfmsd_cli.engine.loop import evaluate_split, options_dict
@@ -26,39 +26,53 @@ from dfmsd_cli.engine.sampler import ViewSampler
 from dfmsd_cli.engine.state import load_state, seed_everything
 from dfmsd_cli.errors import UserError
 from dfmsd_cli.utils.device import resolve_device
+from dfmsd_cli.utils.options import (
+    BatchOptions,
+    DataOptions,
+    DeviceOptions,
+    GeometryOptions,
+    OptimOptions,
+    OutOptions,
+    ValidationOptions,
+    int_tuple,
+    opt,
+    record,
+    reuse,
+)
 
 
-@dataclass
-class TrainOptions:
-    """Options of ``dfmsd train`` (also usable from Python)."""
+def _lr_steps(text: str) -> tuple[int, ...] | None:
+    return int_tuple("--steps")(text) or None
 
-    model: str
-    out: Path
-    data: Path | None = None
-    split: str = "train2017"
-    val_split: str = "val2017"
-    ann: Path | None = None
-    images: Path | None = None
-    epochs: int = 12
-    batch_size: int = 2
-    lr: float = 0.01
-    steps: tuple[int, ...] | None = None
-    warmup_iters: int = 500
-    grad_clip: float | None = None
-    weights: str | None = None
-    resume: bool = False
-    overwrite: bool = False
-    img_scale: tuple[int, int] = (1333, 800)
-    flip: bool = True
-    skip_empty: bool = True
-    strict: bool = False
-    seed: int = 0
-    num_workers: int = 2
-    device: str = "auto"
-    evaluate: bool = True
-    save_interval: int = 0
-    max_steps: int | None = None  # stop early after this many optimizer steps (benchmarks/tests)
-    extra: dict[str, Any] = field(default_factory=dict)
+
+@dataclass(kw_only=True)
+class TrainOptions(
+    DeviceOptions, GeometryOptions, BatchOptions, ValidationOptions, OptimOptions, DataOptions,
+    OutOptions,
+):  # fmt: skip
+    """Options of ``dfmsd train`` (also usable from Python): the typer command, the ``--config``
+    keys and ``config.json`` come from these fields (``dfmsd_cli.utils.options``).
+    ``img_scale`` and ``steps`` are typed as text on the command line and parsed here."""
+
+    model: str = opt(
+        help="Zoo name {head}_{backbone}, e.g. retina_r50 (see `dfmsd models`).", short="-m"
+    )
+    out: Path = reuse(
+        OutOptions, "out", help="Run folder (config.json, last.pth, model.pth, metrics.jsonl)."
+    )
+    split: str = reuse(DataOptions, "split", help="Training split name.")
+    batch_size: int = reuse(BatchOptions, "batch_size", help="Images per step (per process).")
+    steps: tuple[int, ...] | None = opt(
+        None, "LR decay epochs, e.g. 8,11 (default: 8/12 and 11/12 of --epochs).", parse=_lr_steps
+    )
+    overwrite: bool = reuse(OutOptions, "overwrite", help="Replace a run already in --out.")
+    img_scale: tuple[int, int] = reuse(GeometryOptions, "img_scale", parse=parse_img_scale)
+    flip: bool = opt(True, "Random horizontal flip (the hflip view).", flag="--flip/--no-flip")
+    skip_empty: bool = opt(
+        True, "Skip images without annotations in training.", flag="--skip-empty/--keep-empty"
+    )
+    strict: bool = opt(False, "Fail on unreadable images instead of skipping them.")
+    num_workers: int = reuse(DeviceOptions, "num_workers", help="DataLoader worker processes.")
 
 
 def identity_of(opts: TrainOptions) -> dict[str, Any]:
@@ -198,7 +212,7 @@ def train(opts: TrainOptions) -> dict[str, Any]:
     data = resolve_data(opts.data, opts.split, opts.ann, opts.images)
     if dist.is_main:
         prepare_run_dir(out, "train", identity_of(opts), opts.resume, opts.overwrite)
-        write_config(out, options_dict(opts), "train")
+        write_config(out, record(opts), "train")
     barrier(dist)
     resuming = (out / "last.pth").is_file() and opts.resume
     state = load_state(out / "last.pth") if resuming else None

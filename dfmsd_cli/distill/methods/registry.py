@@ -11,7 +11,8 @@ A :class:`MethodSpec` declares everything the engine, the CLI and the docs need 
 * ``store``: what it reads from a teacher store (:class:`StoreNeeds`; None = no store);
 * ``sal``: stage-wise over every listed teacher, else one stage with the last teacher;
 * ``options``: its own options (:class:`MethodOption`: name, type, default, help, check), from
-  which the CLI's help and the "not of this method" errors are generated.
+  which the flags of ``dfmsd distill`` (:func:`options_class`) and the "not of this method"
+  errors are generated.
 
 The registry loads every module of ``dfmsd_cli.distill.methods`` at the first lookup (as the
 model registry does), so a new method is one module there, or a ``register_method`` call
@@ -282,6 +283,30 @@ def all_options() -> dict[str, MethodOption]:
         for o in get_method(name).options:
             out.setdefault(o.name, o)
     return out
+
+
+def options_class() -> type:
+    """Every registered method option (:func:`all_options`) as an option dataclass
+    (``dfmsd_cli.utils.options.opt`` fields), made on demand: ``dfmsd distill`` generates its
+    method flags from it, so a newly registered method's options become flags with no other
+    edit. A switch that defaults to on is its negative flag (``sal`` -> ``--no-sal``), one that
+    defaults to None both (``--adv/--no-adv``); an option with default None is optional."""
+    from dataclasses import make_dataclass
+
+    from dfmsd_cli.utils.options import opt
+
+    fields = []
+    for o in all_options().values():
+        dash = o.name.replace("_", "-")
+        if o.type is bool and o.default is True:
+            f = opt(True, o.help, flag=f"--no-{dash}", negate=True)
+        elif o.type is bool and o.default is None:
+            f = opt(None, o.help, flag=f"--{dash}/--no-{dash}")
+        else:
+            f = opt(o.default, o.help)
+        hint = o.type if o.default is not None else o.type | None
+        fields.append((o.name, hint, f))
+    return make_dataclass("MethodOptions", fields, kw_only=True)
 
 
 def option_help(name: str) -> str:
