@@ -25,6 +25,7 @@ from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 from dfmsd_cli.errors import UserError
 from dfmsd_cli.store import schema
 from dfmsd_cli.store.guard import GuardedLocalStore, incomplete_store_error
+from dfmsd_cli.store.remote import is_remote, open_zarr_store, remote_errors
 
 ZSTD_LEVEL = 3
 CODECS = ("zstd", "blosc")
@@ -129,16 +130,20 @@ class StoreSpec:
 
 
 def _is_remote(path: str) -> bool:
-    return "://" in str(path)
+    return is_remote(path)
 
 
 def store_exists(path: str | os.PathLike) -> bool:
+    """Whether a store is at ``path``. On object storage a missing bucket, refused credentials
+    or an unreachable endpoint are one-line errors (``store/remote.py``), not "no store"."""
     if _is_remote(str(path)):
-        try:
-            zarr.open_group(str(path), mode="r")
-            return True
-        except Exception:  # noqa: BLE001 - any backend error means "not there"
-            return False
+        store = open_zarr_store(str(path), "r")
+        with remote_errors(str(path)):
+            try:
+                zarr.open_group(store=store, mode="r")
+                return True
+            except (FileNotFoundError, zarr.errors.GroupNotFoundError):
+                return False
     return (Path(path) / "zarr.json").is_file()
 
 
@@ -206,8 +211,9 @@ def create_or_open(path: str | os.PathLike, spec: StoreSpec, fix: str) -> zarr.G
         raise incomplete
     if not store_exists(path):
         if _is_remote(path):
-            group = zarr.open_group(path, mode="w-")
-            _allocate(group, wanted, spec.image_ids)
+            with remote_errors(path):
+                group = zarr.open_group(store=open_zarr_store(path, "w"), mode="w-")
+                _allocate(group, wanted, spec.image_ids)
         else:
             target = Path(path)
             target.parent.mkdir(parents=True, exist_ok=True)
@@ -222,7 +228,11 @@ def create_or_open(path: str | os.PathLike, spec: StoreSpec, fix: str) -> zarr.G
                 if tmp.exists():
                     shutil.rmtree(tmp, ignore_errors=True)
     # a local store is written through the guard: a store deleted mid-run is never re-created
-    group = zarr.open_group(path if _is_remote(path) else GuardedLocalStore(path), mode="r+")
+    if _is_remote(path):
+        with remote_errors(path):
+            group = zarr.open_group(store=open_zarr_store(path, "w"), mode="r+")
+    else:
+        group = zarr.open_group(GuardedLocalStore(path), mode="r+")
     stored = dict(group.attrs).get(schema.ATTR_KEY)
     if not isinstance(stored, dict):
         raise UserError(f"{path} is not a dfmsd teacher store: choose another --cache folder")

@@ -28,6 +28,7 @@ backend (e.g. s3fs) is installed.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -41,13 +42,25 @@ from dfmsd_cli.data.geometry import Geometry
 from dfmsd_cli.errors import UserError, suggest
 from dfmsd_cli.store import schema
 from dfmsd_cli.store.batch import TeacherBatch, TeacherView, collate_teacher
-from dfmsd_cli.store.chunks import RowCodec, fetch_rows
+from dfmsd_cli.store.chunks import LocalChunkCache, RowCodec, fetch_rows
 from dfmsd_cli.store.integrity import ChunkGuard, corrupt, is_checksum_error
 from dfmsd_cli.store.quantize import dequantize_uint8, from_bfloat16
+from dfmsd_cli.store.remote import (
+    concurrency_default,
+    explain,
+    is_remote,
+    open_zarr_store,
+    remote_errors,
+)
 
 ENHANCE_KINDS = {0: "none", 1: "noise", 2: "crop"}
 _DET = ("boxes", "scores", "labels")
 _ENHANCE = ("params", "checksum")
+
+
+@contextlib.contextmanager
+def _nothing():
+    yield
 
 
 def _enhance(got: dict[str, np.ndarray]) -> dict:
@@ -82,16 +95,25 @@ class StoreMeta:
 
 
 def open_group(
-    path: str | os.PathLike, mode: str = "r", guard: ChunkGuard | None = None
+    path: str | os.PathLike,
+    mode: str = "r",
+    guard: ChunkGuard | None = None,
+    concurrency: int | None = None,
 ) -> zarr.Group:
     """Open a store group with a clear error when ``path`` holds none.
 
     With ``guard``, reads go through that :class:`ChunkGuard` (created around zarr's own store
-    for ``path``), which records the chunks a read did not find.
+    for ``path``), which records the chunks a read did not find. A URL is opened through
+    ``store/remote.py`` (one-line errors for a missing backend, bucket, credentials or endpoint;
+    ``concurrency`` bounds its requests in flight).
     """
     path = str(path)
     try:
-        group = zarr.open_group(path, mode=mode)
+        if is_remote(path):
+            with remote_errors(path):
+                group = zarr.open_group(store=open_zarr_store(path, mode, concurrency), mode=mode)
+        else:
+            group = zarr.open_group(path, mode=mode)
         if guard is not None:
             guard._store = group.store
             group = zarr.open_group(store=guard, mode=mode)
@@ -112,14 +134,26 @@ def open_group(
 class TeacherStore:
     """Read access to one teacher's store (one split). Pickles as its path (lazy reopen)."""
 
-    def __init__(self, path: str | os.PathLike, mode: str = "r"):
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        mode: str = "r",
+        concurrency: int | None = None,
+        cache_local: str | os.PathLike | None = None,
+    ):
         self.path = str(path)
         self.mode = mode
+        remote = is_remote(self.path)
+        # object storage: requests in flight bounded, final chunks copied to a local folder
+        self.concurrency = (concurrency or concurrency_default()) if remote else None
+        cache_local = cache_local or os.environ.get("DFMSD_CACHE_LOCAL") or None
+        self.cache_local = str(cache_local) if cache_local and remote else None
         self._group: zarr.Group | None = None
         self._arrays: dict[str, zarr.Array] = {}
         self._small: dict[str, np.ndarray] | None = None
         self._guard: ChunkGuard | None = None
         self._codecs: dict[str, RowCodec | None] = {}
+        self._local_cache: LocalChunkCache | None = None
         a = dict(self.group.attrs)[schema.ATTR_KEY]
         if a.get("schema_version") not in schema.READABLE_VERSIONS:
             raise UserError(
@@ -153,20 +187,31 @@ class TeacherStore:
         )
 
     @classmethod
-    def open(cls, path: str | os.PathLike, mode: str = "r") -> TeacherStore:
-        return cls(path, mode)
+    def open(
+        cls,
+        path: str | os.PathLike,
+        mode: str = "r",
+        concurrency: int | None = None,
+        cache_local: str | os.PathLike | None = None,
+    ) -> TeacherStore:
+        """Open the store at ``path``. On object storage ``concurrency`` bounds the requests in
+        flight (default ``DFMSD_STORE_CONCURRENCY`` or 64) and ``cache_local`` (default
+        ``DFMSD_CACHE_LOCAL``) is a folder keeping a read-through copy of the chunks read."""
+        return cls(path, mode, concurrency, cache_local)
 
     # -- lazy handles (re-created in each worker process after unpickling)
     @property
     def group(self) -> zarr.Group:
         if self._group is None:
             self._guard = ChunkGuard(None)
-            self._group = open_group(self.path, self.mode, guard=self._guard)
+            self._group = open_group(self.path, self.mode, self._guard, self.concurrency)
         return self._group
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
-        state.update(_group=None, _guard=None, _arrays={}, _codecs={}, _small=None)
+        state.update(
+            _group=None, _guard=None, _arrays={}, _codecs={}, _small=None, _local_cache=None
+        )
         return state
 
     def _read(self, name: str, sel: Any, where: str) -> np.ndarray:
@@ -280,18 +325,37 @@ class TeacherStore:
                 "the teacher for this dataset/geometry/weights, or point --cache at the right store"
             )
 
-    # -- one image
+    # -- one image, or many in one round trip
     def get(
         self, index: int, view: str = "orig", strides: tuple[int, ...] | None = None
     ) -> dict[str, Any]:
         """Everything the store holds for image ``index`` and ``view`` (see the module doc)."""
+        return self.get_many([(index, view)], strides)[0]
+
+    def get_many(
+        self, items: list[tuple[int, str]], strides: tuple[int, ...] | None = None
+    ) -> list[dict[str, Any]]:
+        """``[get(i, view) for i, view in items]`` with every chunk of every item requested
+        in ONE round trip (a batch on object storage costs one request latency, not B)."""
+        self._check_present()
+        plans = [self._plan(int(i), v, strides) for i, v in items]
+        flat = [(name, sel, where) for reads, _ in plans for name, (sel, where) in reads.items()]
+        got = self._gather_list(flat)
+        out, k = [], 0
+        for reads, ctx in plans:
+            out.append(self._assemble(dict(zip(reads, got[k : k + len(reads)], strict=True)), ctx))
+            k += len(reads)
+        self._check_present()  # deleted during this read: some chunks read as zeros
+        return out
+
+    def _plan(self, index: int, view: str, strides: tuple[int, ...] | None) -> tuple[dict, dict]:
+        """The reads of one (image, view): ``{name: (sel, where)}`` and what assembling needs."""
         m = self.meta
         if view not in m.views:
             raise UserError(
                 f"view '{view}' is not in store {self.path} (views: {', '.join(m.views)})"
                 f"{suggest(view, m.views)}: precompute it with --views"
             )
-        self._check_present()
         sm = self.small()
         if sm["done"][index] != schema.DONE_OK:
             self.refresh()
@@ -330,9 +394,15 @@ class TeacherStore:
             sh, sw = (w, h) if transposed else (h, w)
             reads["adv/delta"] = ((index, slice(None), slice(sh), slice(sw)), f"{image} (δ)")
             reads["adv/checksum"] = (index, f"{image} (δ)")
-        got = self._gather(reads)
+        ctx = {"index": index, "view": view, "transposed": transposed, "shapes": shapes}
+        return reads, ctx
+
+    def _assemble(self, got: dict[str, np.ndarray], ctx: dict) -> dict[str, Any]:
+        """The sample dict (module doc) from its gathered reads."""
+        m, sm = self.meta, self.small()
+        index, view, transposed = ctx["index"], ctx["view"], ctx["transposed"]
         feats, att_s, att_c, valid = {}, {}, {}, {}
-        for s, (h, w) in shapes.items():
+        for s, (h, w) in ctx["shapes"].items():
             raw = got[f"feat/{view}/{s}"]
             if m.dtype == "uint8":
                 f = dequantize_uint8(raw, got[f"qparams/{view}/{s}"])
@@ -370,7 +440,6 @@ class TeacherStore:
             "enhance": enhance,
             "adversarial": adversarial,
         }
-        self._check_present()  # deleted during this read: some chunks read as zeros
         return out
 
     def _row_codec(self, name: str) -> RowCodec | None:
@@ -379,27 +448,55 @@ class TeacherStore:
         return self._codecs[name]
 
     def _gather(self, reads: dict[str, tuple[Any, str]]) -> dict[str, np.ndarray]:
-        """``{name: array[sel]}`` for ``reads = {name: (sel, where)}``, ``sel`` = a row index or
+        """``{name: array[sel]}`` for ``reads = {name: (sel, where)}`` (see ``_gather_list``)."""
+        got = self._gather_list([(n, sel, where) for n, (sel, where) in reads.items()])
+        return dict(zip(reads, got, strict=True))
+
+    def _final(self, codec: RowCodec, row: int) -> bool:
+        """Whether every image of the chunk holding ``row`` is final (complete or unreadable):
+        only such chunks never change and may be kept in ``cache_local``."""
+        c0 = codec.chunk[0]
+        start = row - row % c0
+        return bool(np.all(self.small()["done"][start : start + c0] != schema.DONE_PENDING))
+
+    def _local(self) -> LocalChunkCache | None:
+        if self.cache_local is None:
+            return None
+        if self._local_cache is None:
+            self._local_cache = LocalChunkCache(self.cache_local, self.path)
+        return self._local_cache
+
+    def _gather_list(self, reads: list[tuple[str, Any, str]]) -> list[np.ndarray]:
+        """``[array[sel] for name, sel, where in reads]``, ``sel`` = a row index or
         ``(row, *slices)``, in one store round trip (``store/chunks.py``; arrays outside the fast
         path through zarr). A checksum mismatch or a missing chunk becomes a StoreCorrupt naming
-        its ``where``; any other error is re-raised as it is."""
+        its ``where``; any other error is re-raised as it is (a known object-storage failure
+        as its one-line error, ``store/remote.py``)."""
         fast, slow = [], []
-        for name in reads:
-            (fast if self._row_codec(name) is not None else slow).append(name)
-        out: dict[str, np.ndarray] = {}
+        for k, (name, _, _) in enumerate(reads):
+            (fast if self._row_codec(name) is not None else slow).append(k)
+        out: list[Any] = [None] * len(reads)
         if fast:
-            rows = [reads[n][0] if isinstance(reads[n][0], int) else reads[n][0][0] for n in fast]
-            got = fetch_rows(
-                self.group.store,
-                [(self._codecs[n], int(r)) for n, r in zip(fast, rows, strict=True)],
-            )
-            for name, row, res in zip(fast, rows, got, strict=True):
-                sel, where = reads[name]
+            rows = [reads[k][1] if isinstance(reads[k][1], int) else reads[k][1][0] for k in fast]
+            with remote_errors(self.path) if self.concurrency else _nothing():
+                got = fetch_rows(
+                    self.group.store,
+                    [(self._codecs[reads[k][0]], int(r)) for k, r in zip(fast, rows, strict=True)],
+                    limit=self.concurrency,
+                    local=self._local(),
+                    final=self._final,
+                )
+            for k, row, res in zip(fast, rows, got, strict=True):
+                name, sel, where = reads[k]
                 if isinstance(res, BaseException):
                     if is_checksum_error(res):
                         raise corrupt(
                             self.path, where, f"chunk of '{name}' fails its crc32c"
                         ) from res
+                    if self.concurrency:
+                        err = explain(self.path, res)
+                        if err is not None:
+                            raise err from res
                     raise res
                 if res is None:  # absent chunk: lost (v2) or all fill value (v1)
                     if self.checksummed:
@@ -407,35 +504,37 @@ class TeacherStore:
                         raise corrupt(self.path, where, f"chunk {key} is missing")
                     a = self._array(name)
                     res = np.zeros(a.shape[1:], dtype=a.dtype)
-                out[name] = res if isinstance(sel, int) else res[tuple(sel[1:])]
+                out[k] = res if isinstance(sel, int) else res[tuple(sel[1:])]
         if slow:
-            out.update(self._gather_zarr({n: reads[n] for n in slow}))
+            for k, res in zip(slow, self._gather_zarr([reads[k] for k in slow]), strict=True):
+                out[k] = res
         return out
 
-    def _gather_zarr(self, reads: dict[str, tuple[Any, str]]) -> dict[str, np.ndarray]:
-        """Like ``_gather`` through zarr's ``getitem`` (all reads in one event-loop call)."""
-        arrays = {name: self._array(name).async_array for name in reads}
+    def _gather_zarr(self, reads: list[tuple[str, Any, str]]) -> list[np.ndarray]:
+        """Like ``_gather_list`` through zarr's ``getitem`` (all reads in one event-loop call)."""
+        arrays = {name: self._array(name).async_array for name, _, _ in reads}
         if self._guard is not None:
             self._guard.take()
 
         async def _all() -> list:
             return await asyncio.gather(
-                *(arrays[n].getitem(sel) for n, (sel, _) in reads.items()),
-                return_exceptions=True,
+                *(arrays[n].getitem(sel) for n, sel, _ in reads), return_exceptions=True
             )
 
-        results = zarr_sync(_all())
-        out: dict[str, np.ndarray] = {}
-        for (name, (_, where)), res in zip(reads.items(), results, strict=True):
+        with remote_errors(self.path) if self.concurrency else _nothing():
+            results = zarr_sync(_all())
+        out: list[np.ndarray] = []
+        for (name, _, where), res in zip(reads, results, strict=True):
             if isinstance(res, BaseException):
                 if is_checksum_error(res):
                     raise corrupt(self.path, where, f"chunk of '{name}' fails its crc32c") from res
                 raise res
-            out[name] = np.asarray(res)
+            out.append(np.asarray(res))
         lost = self._guard.take() if self._guard is not None else []
         if self.checksummed:
+            wheres = {name: where for name, _, where in reads}
             for array, coords in lost:
-                where = reads[array][1] if array in reads else "a read of this sample"
+                where = wheres.get(array, "a read of this sample")
                 raise corrupt(self.path, where, f"chunk {coords} of '{array}' is missing")
         return out
 
@@ -466,6 +565,11 @@ class StoreDataset(torch.utils.data.Dataset):
     def __getitem__(self, k: int) -> dict:
         i = int(self.indices[k // len(self.views)])
         return self.store.get(i, self.views[k % len(self.views)])
+
+    def __getitems__(self, ks: list[int]) -> list[dict]:
+        """A DataLoader batch in one store round trip (``TeacherStore.get_many``)."""
+        n = len(self.views)
+        return self.store.get_many([(int(self.indices[k // n]), self.views[k % n]) for k in ks])
 
 
 __all__ = [
