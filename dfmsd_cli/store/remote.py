@@ -64,7 +64,13 @@ def storage_options(url: str, concurrency: int | None = None) -> dict[str, Any]:
     if protocol(url) not in ("s3", "s3a"):
         return {}
     n = concurrency or concurrency_default()
-    return {"config_kwargs": {**_S3_CONFIG, "max_pool_connections": n}, "asynchronous": True}
+    return {
+        "config_kwargs": {**_S3_CONFIG, "max_pool_connections": n},
+        # s3fs splits a large GET into parts only after a HEAD for its size: one more round
+        # trip per chunk (measured: every GET preceded by a HEAD); chunks are one image each
+        "max_concurrency": 1,
+        "asynchronous": True,
+    }
 
 
 def filesystem_class(url: str):
