@@ -50,6 +50,40 @@ def _epoch(store, items: list, batch: int, many: bool) -> tuple[float, float]:
     return time.perf_counter() - t0, sum(per) / len(per)
 
 
+class _Latency:
+    """A group whose store awaits ``delay`` s before every ``get`` (requests overlap)."""
+
+    def __init__(self, group, delay: float):
+        self._group, self.delay = group, delay
+        inner = group.store
+
+        class _Store:
+            async def get(self_, key, prototype, byte_range=None):
+                import asyncio
+
+                await asyncio.sleep(delay)
+                return await inner.get(key, prototype, byte_range)
+
+        self.store = _Store()
+
+    def __getattr__(self, name):
+        return getattr(self._group, name)
+
+
+def _server(s3server):
+    """moto in its own process (its request handling must not share this process's GIL):
+    (Popen, S3Server)."""
+    import subprocess
+
+    code = (
+        "import json, sys, time; sys.path.insert(0, sys.argv[1]); import s3server; "
+        "_, s3 = s3server.start(); print(json.dumps(s3.__dict__), flush=True); time.sleep(1e6)"
+    )
+    tests = str(Path(__file__).resolve().parents[1] / "tests")
+    proc = subprocess.Popen([sys.executable, "-c", code, tests], stdout=subprocess.PIPE, text=True)
+    return proc, s3server.S3Server(**json.loads(proc.stdout.readline()))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--latency", type=float, default=0.02, help="seconds added to each request")
@@ -65,7 +99,7 @@ def main() -> None:
     from dfmsd_cli.data.synthetic import make_synthetic
     from dfmsd_cli.store.reader import TeacherStore
 
-    server, s3 = s3server.start()
+    server, s3 = _server(s3server)
     proxy = s3server.DelayProxy(int(s3.endpoint.rsplit(":", 1)[1]), a.latency)
     tmp = Path(tempfile.mkdtemp(prefix="s3bench-"))
     try:
@@ -113,11 +147,35 @@ def main() -> None:
         for r in rows:
             print(f"| {r['read']} | {r['samples_per_s']:.1f} | {r['batch_s'] * 1000:.0f} | "
                   f"{r['batch_over_latency']:.2f} |")  # fmt: skip
+        # the same reads from a local copy whose every request awaits --latency in-process:
+        # the reader alone, without the server's CPU per request
+        _use(s3.env())
+        s3fs.S3FileSystem(skip_instance_cache=True).get(url[5:], str(tmp / "copy.zarr"),
+                                                        recursive=True)  # fmt: skip
+        mock = []
+        for name, conc, many in (("sequential requests (concurrency 1)", 1, False),
+                                 ("one round trip per sample (get)", None, False),
+                                 ("one round trip per batch (get_many)", None, True)):  # fmt: skip
+            store = TeacherStore.open(tmp / "copy.zarr")
+            store.get(*items[0])
+            store._group = _Latency(store.group, a.latency)
+            store.concurrency = conc
+            secs, per_batch = _epoch(store, items, a.batch, many)
+            mock.append({"read": name, "samples_per_s": len(items) / secs, "batch_s": per_batch,
+                         "batch_over_latency": per_batch / a.latency})  # fmt: skip
+        print(f"\nin-process store, every request awaits {a.latency * 1000:.0f} ms:")
+        print("| read | samples/s | batch read (ms) | batch ÷ latency |")
+        print("|---|---|---|---|")
+        for r in mock:
+            print(f"| {r['read']} | {r['samples_per_s']:.1f} | {r['batch_s'] * 1000:.0f} | "
+                  f"{r['batch_over_latency']:.2f} |")  # fmt: skip
         if a.json:
-            Path(a.json).write_text(json.dumps({"latency_s": one, "rows": rows}, indent=2))
+            out = {"latency_s": one, "rows": rows, "in_process": mock}
+            Path(a.json).write_text(json.dumps(out, indent=2))
     finally:
         proxy.close()
-        server.stop()
+        server.terminate()
+        server.wait()
 
 
 if __name__ == "__main__":

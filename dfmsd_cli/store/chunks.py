@@ -169,6 +169,8 @@ def fetch_rows(
     decoding exception (e.g. :class:`ChecksumMismatch`), in order. One store round trip: all
     chunk requests in flight together, at most ``limit`` at once (None: no bound). With
     ``local``, chunks for which ``final(codec, row)`` holds are read from / copied to it."""
+    if local is None and not limit:
+        return _fetch_plain(store, wanted)
     by_key = {codec.key(row): (codec, row) for codec, row in wanted}
     keys = list(by_key)
     cacheable = {k for k, cr in by_key.items() if final is None or final(*cr)} if local else set()
@@ -213,6 +215,30 @@ def fetch_rows(
         if k in cacheable and not from_local:
             local.put(k, data)
             got[k] = (data, True)  # once per key
+    return out
+
+
+def _fetch_plain(
+    store: Any, wanted: list[tuple[RowCodec, int]]
+) -> list[np.ndarray | BaseException | None]:
+    """``fetch_rows`` without a bound or a local copy (local stores): the leanest path."""
+    keys = list(dict.fromkeys(codec.key(row) for codec, row in wanted))
+    proto = default_buffer_prototype()
+
+    async def _get_all() -> list:
+        return await asyncio.gather(*(store.get(k, proto) for k in keys), return_exceptions=True)
+
+    got = dict(zip(keys, zarr_sync(_get_all()), strict=True))
+    out: list[np.ndarray | BaseException | None] = []
+    for codec, row in wanted:
+        buf = got[codec.key(row)]
+        if buf is None or isinstance(buf, BaseException):
+            out.append(buf)
+            continue
+        try:
+            out.append(codec.decode_row(buf.to_bytes(), row))
+        except Exception as exc:  # noqa: BLE001 - handed to the caller with its context
+            out.append(exc)
     return out
 
 

@@ -478,14 +478,18 @@ class TeacherStore:
         out: list[Any] = [None] * len(reads)
         if fast:
             rows = [reads[k][1] if isinstance(reads[k][1], int) else reads[k][1][0] for k in fast]
-            with remote_errors(self.path) if self.concurrency else _nothing():
-                got = fetch_rows(
-                    self.group.store,
-                    [(self._codecs[reads[k][0]], int(r)) for k, r in zip(fast, rows, strict=True)],
-                    limit=self.concurrency,
-                    local=self._local(),
-                    final=self._final,
-                )
+            wanted = [(self._codecs[reads[k][0]], int(r)) for k, r in zip(fast, rows, strict=True)]
+            if self.concurrency is None:  # a local store
+                got = fetch_rows(self.group.store, wanted)
+            else:
+                with remote_errors(self.path):
+                    got = fetch_rows(
+                        self.group.store,
+                        wanted,
+                        limit=self.concurrency,
+                        local=self._local(),
+                        final=self._final,
+                    )
             for k, row, res in zip(fast, rows, got, strict=True):
                 name, sel, where = reads[k]
                 if isinstance(res, BaseException):
