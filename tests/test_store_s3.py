@@ -178,10 +178,12 @@ def test_two_shard_processes_on_s3_equal_one(s3_server, synthetic_root, tiny_cac
 @needs_s3
 @pytest.mark.slow
 def test_distill_reads_the_s3_store(s3_server, remote_cache, synthetic_root, tmp_path):
+    """In forked DataLoader workers too (the parent's S3 client is bound to its event loop:
+    a worker must reopen the store, which failed with 'attached to a different loop')."""
     out = tmp_path / "run"
     r = _run(["distill", "--student", "retina_tiny", "--stages", "retina_tiny", "--data",
               str(synthetic_root), "--cache", remote_cache, "--img-scale", "128,96",
-              "--batch-size", "2", "--num-workers", "0", "--device", "cpu", "--max-steps", "2",
+              "--batch-size", "2", "--num-workers", "2", "--device", "cpu", "--max-steps", "2",
               "--out", str(out)], s3_server.env())  # fmt: skip
     assert r.returncode == 0, r.stderr
     assert (out / "student.pth").is_file()

@@ -141,6 +141,7 @@ class TeacherStore(GatherMixin):
         self._guard: ChunkGuard | None = None
         self._codecs: dict[str, RowCodec | None] = {}
         self._local_cache: LocalChunkCache | None = None
+        self._pid = os.getpid()
         a = dict(self.group.attrs)[schema.ATTR_KEY]
         if a.get("schema_version") not in schema.READABLE_VERSIONS:
             raise UserError(
@@ -189,10 +190,19 @@ class TeacherStore(GatherMixin):
     # -- lazy handles (re-created in each worker process after unpickling)
     @property
     def group(self) -> zarr.Group:
+        if self._group is not None and self._pid != os.getpid():
+            self._forked()
         if self._group is None:
             self._guard = ChunkGuard(None)
             self._group = open_group(self.path, self.mode, self._guard, self.concurrency)
+            self._pid = os.getpid()
         return self._group
+
+    def _forked(self) -> None:
+        """In a forked child (a DataLoader worker under fork) an object-storage client of the
+        parent is bound to the parent's event loop: drop the handles, reopen on next use."""
+        if self._pid != os.getpid():
+            self._group, self._guard, self._arrays, self._local_cache = None, None, {}, None
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
@@ -251,6 +261,7 @@ class TeacherStore(GatherMixin):
     # -- small per-image arrays, loaded once per process
     def small(self) -> dict[str, np.ndarray]:
         if self._small is None:
+            self._forked()
             names = ["done", "pad_size", "size", "transposed"] + [
                 f"valid/{s}" for s in self.meta.strides
             ]
@@ -324,6 +335,8 @@ class TeacherStore(GatherMixin):
     ) -> list[dict[str, Any]]:
         """``[get(i, view) for i, view in items]`` with every chunk of every item requested
         in ONE round trip (a batch on object storage costs one request latency, not B)."""
+        if self.concurrency is not None:  # object storage: a forked worker reopens
+            self._forked()
         self._check_present()
         plans = [self._plan(int(i), v, strides) for i, v in items]
         flat = [(name, sel, where) for reads, _ in plans for name, (sel, where) in reads.items()]
