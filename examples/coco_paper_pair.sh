@@ -32,7 +32,7 @@ set -euo pipefail
 COCO=${COCO:?set COCO=/path/to/coco}
 CKPT=${CKPT:?set CKPT=/path/to/mmdet/checkpoints}
 WORK=${WORK:-runs/coco-dfmsd}
-CACHE=${CACHE:-cache}          # an fsspec URL (s3://bucket/cache) works where s3fs is installed
+CACHE=${CACHE:-cache}          # or s3://bucket/cache: pip install ".[s3]", docs/object_storage.md
 NGPU=${NGPU:-1}
 DFMSD="dfmsd"
 if [ "$NGPU" -gt 1 ]; then DFMSD="torchrun --nproc_per_node=$NGPU $(which dfmsd)"; fi

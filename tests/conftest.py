@@ -44,3 +44,17 @@ def tiny_cache(synthetic_root, tmp_path_factory):
             "--device", "cpu", "--block", "4"]  # fmt: skip
     assert _cli(argv) == 0
     return cache
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """moto's S3 server on a free 127.0.0.1 port with bucket ``dfmsd``, a user's key and
+    authentication on (``tests/s3server.py``); skips when moto or s3fs is not installed."""
+    from s3server import available, start
+
+    reason = available()
+    if reason is not None:
+        pytest.skip(reason)
+    server, s3 = start()
+    yield s3
+    server.stop()

@@ -64,6 +64,8 @@ FOREIGN_FLAGS = {
     "--no-spread",
     "--size",
     "--softmax-std",
+    "--latency",  # examples/s3_read_bench.py
+    "--batch",  # examples/s3_read_bench.py
 }
 
 

@@ -17,7 +17,12 @@ this form (a future codec, a hand-made store) is read through zarr's own ``getit
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import os
+import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import google_crc32c
@@ -119,11 +124,104 @@ def put_chunks(store: Any, chunks: list[tuple[RowCodec, int, np.ndarray]]) -> No
     zarr_sync(_set_all())
 
 
+class LocalChunkCache:
+    """A read-through local copy of a remote store's FINAL chunks (``--cache-local DIR``).
+
+    Chunk ``key`` of store ``url`` lives at ``DIR/<sha256(url)[:16]>/<key>``, written to a
+    temporary file and renamed (a killed reader leaves no torn chunk). Only chunks whose every
+    image is final (complete or unreadable) are kept: a chunk of a block still being written may
+    change, a final one never does (``cache verify --repair`` rewrites damaged images: delete the
+    folder after a repair). A cached copy that fails its crc32c is dropped and fetched again.
+    """
+
+    def __init__(self, root: str | os.PathLike, url: str):
+        self.root = Path(root) / hashlib.sha256(str(url).encode()).hexdigest()[:16]
+
+    def _file(self, key: str) -> Path:
+        return self.root / key
+
+    def get(self, key: str) -> bytes | None:
+        try:
+            return self._file(key).read_bytes()
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+
+    def put(self, key: str, data: bytes) -> None:
+        f = self._file(key)
+        f.parent.mkdir(parents=True, exist_ok=True)
+        tmp = f.with_name(f".{f.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}")
+        tmp.write_bytes(data)
+        os.replace(tmp, f)
+
+    def drop(self, key: str) -> None:
+        self._file(key).unlink(missing_ok=True)
+
+
 def fetch_rows(
-    store: Any, wanted: list[tuple[RowCodec, int]]
+    store: Any,
+    wanted: list[tuple[RowCodec, int]],
+    *,
+    limit: int | None = None,
+    local: LocalChunkCache | None = None,
+    final: Callable[[RowCodec, int], bool] | None = None,
 ) -> list[np.ndarray | BaseException | None]:
     """Row ``row`` of each array in ``wanted``: ndarray, None for a missing chunk, or the
-    decoding exception (e.g. :class:`ChecksumMismatch`), in order. One store round trip."""
+    decoding exception (e.g. :class:`ChecksumMismatch`), in order. One store round trip: all
+    chunk requests in flight together, at most ``limit`` at once (None: no bound). With
+    ``local``, chunks for which ``final(codec, row)`` holds are read from / copied to it."""
+    if local is None and not limit:
+        return _fetch_plain(store, wanted)
+    by_key = {codec.key(row): (codec, row) for codec, row in wanted}
+    keys = list(by_key)
+    cacheable = {k for k, cr in by_key.items() if final is None or final(*cr)} if local else set()
+    proto = default_buffer_prototype()
+    sem = asyncio.Semaphore(limit) if limit else None
+
+    async def _get(k: str, use_local: bool = True):
+        if use_local and k in cacheable:
+            data = local.get(k)
+            if data is not None:
+                return data, True
+        if sem is None:
+            buf = await store.get(k, proto)
+        else:
+            async with sem:
+                buf = await store.get(k, proto)
+        return (None if buf is None else buf.to_bytes()), False
+
+    async def _get_all(ks: list[str], use_local: bool = True) -> list:
+        return await asyncio.gather(*(_get(k, use_local) for k in ks), return_exceptions=True)
+
+    got = dict(zip(keys, zarr_sync(_get_all(keys)), strict=True))
+    stale = [k for k, r in got.items() if not isinstance(r, BaseException) and r[1]
+             and not _decodes(by_key[k][0], r[0])]  # fmt: skip
+    if stale:  # a damaged local copy: drop it, read the store's own
+        for k in stale:
+            local.drop(k)
+        got.update(zip(stale, zarr_sync(_get_all(stale, use_local=False)), strict=True))
+    out: list[np.ndarray | BaseException | None] = []
+    for codec, row in wanted:
+        k = codec.key(row)
+        res = got[k]
+        if isinstance(res, BaseException) or res[0] is None:
+            out.append(res if isinstance(res, BaseException) else None)
+            continue
+        data, from_local = res
+        try:
+            out.append(codec.decode_row(data, row))
+        except Exception as exc:  # noqa: BLE001 - handed to the caller with its context
+            out.append(exc)
+            continue
+        if k in cacheable and not from_local:
+            local.put(k, data)
+            got[k] = (data, True)  # once per key
+    return out
+
+
+def _fetch_plain(
+    store: Any, wanted: list[tuple[RowCodec, int]]
+) -> list[np.ndarray | BaseException | None]:
+    """``fetch_rows`` without a bound or a local copy (local stores): the leanest path."""
     keys = list(dict.fromkeys(codec.key(row) for codec, row in wanted))
     proto = default_buffer_prototype()
 
@@ -142,3 +240,10 @@ def fetch_rows(
         except Exception as exc:  # noqa: BLE001 - handed to the caller with its context
             out.append(exc)
     return out
+
+
+def _decodes(codec: RowCodec, data: bytes) -> bool:
+    """Whether a cached chunk still passes its crc32c (no crc: it is trusted)."""
+    if not codec.crc:
+        return True
+    return google_crc32c.value(data[:-4]) == int.from_bytes(data[-4:], "little")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import datetime as _dt
 import os
 import shutil
+import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +26,7 @@ from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 from dfmsd_cli.errors import UserError
 from dfmsd_cli.store import schema
 from dfmsd_cli.store.guard import GuardedLocalStore, incomplete_store_error
+from dfmsd_cli.store.remote import is_remote, open_zarr_store, remote_errors
 
 ZSTD_LEVEL = 3
 CODECS = ("zstd", "blosc")
@@ -129,16 +131,20 @@ class StoreSpec:
 
 
 def _is_remote(path: str) -> bool:
-    return "://" in str(path)
+    return is_remote(path)
 
 
 def store_exists(path: str | os.PathLike) -> bool:
+    """Whether a store is at ``path``. On object storage a missing bucket, refused credentials
+    or an unreachable endpoint are one-line errors (``store/remote.py``), not "no store"."""
     if _is_remote(str(path)):
-        try:
-            zarr.open_group(str(path), mode="r")
-            return True
-        except Exception:  # noqa: BLE001 - any backend error means "not there"
-            return False
+        store = open_zarr_store(str(path), "r")
+        with remote_errors(str(path)):
+            try:
+                zarr.open_group(store=store, mode="r")
+                return True
+            except (FileNotFoundError, zarr.errors.GroupNotFoundError):
+                return False
     return (Path(path) / "zarr.json").is_file()
 
 
@@ -206,8 +212,7 @@ def create_or_open(path: str | os.PathLike, spec: StoreSpec, fix: str) -> zarr.G
         raise incomplete
     if not store_exists(path):
         if _is_remote(path):
-            group = zarr.open_group(path, mode="w-")
-            _allocate(group, wanted, spec.image_ids)
+            _create_remote(path, wanted, spec.image_ids)
         else:
             target = Path(path)
             target.parent.mkdir(parents=True, exist_ok=True)
@@ -222,9 +227,48 @@ def create_or_open(path: str | os.PathLike, spec: StoreSpec, fix: str) -> zarr.G
                 if tmp.exists():
                     shutil.rmtree(tmp, ignore_errors=True)
     # a local store is written through the guard: a store deleted mid-run is never re-created
-    group = zarr.open_group(path if _is_remote(path) else GuardedLocalStore(path), mode="r+")
-    stored = dict(group.attrs).get(schema.ATTR_KEY)
+    if _is_remote(path):
+        group, stored = _open_remote(path)
+    else:
+        group = zarr.open_group(GuardedLocalStore(path), mode="r+")
+        stored = dict(group.attrs).get(schema.ATTR_KEY)
     if not isinstance(stored, dict):
         raise UserError(f"{path} is not a dfmsd teacher store: choose another --cache folder")
     schema.check_attrs(path, stored, wanted, fix)
     return group
+
+
+_EXISTS = (
+    FileExistsError,
+    zarr.errors.ContainsGroupError,
+    zarr.errors.ContainsArrayError,
+    zarr.errors.ContainsArrayAndGroupError,
+)
+REMOTE_CREATE_WAIT = 120.0  # seconds a shard waits for another one's allocation to finish
+
+
+def _create_remote(path: str, wanted: dict, image_ids: list[int]) -> None:
+    """Allocate a store on object storage. There is no atomic rename there: shards starting
+    together may both allocate; every allocation writes the same metadata (the attributes,
+    written last, differ only in ``created``), and one that finds an array already there
+    leaves the rest to the process that made it (:func:`_open_remote` waits for it)."""
+    with remote_errors(path):
+        try:
+            group = zarr.open_group(store=open_zarr_store(path, "w"), mode="w-")
+            _allocate(group, wanted, image_ids)
+        except _EXISTS:
+            pass  # another shard is creating it
+
+
+def _open_remote(path: str) -> tuple[zarr.Group, dict | None]:
+    """Open an object-storage store for writing, waiting up to ``REMOTE_CREATE_WAIT`` s for
+    its attributes while another process may still be allocating it."""
+    deadline = time.monotonic() + REMOTE_CREATE_WAIT
+    while True:
+        with remote_errors(path):
+            group = zarr.open_group(store=open_zarr_store(path, "w"), mode="r+")
+        attrs = dict(group.attrs)
+        stored = attrs.get(schema.ATTR_KEY)
+        if attrs or time.monotonic() > deadline:  # no attributes at all: being allocated
+            return group, stored
+        time.sleep(0.5)

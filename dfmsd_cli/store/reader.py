@@ -27,7 +27,6 @@ backend (e.g. s3fs) is installed.
 
 from __future__ import annotations
 
-import asyncio
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -35,15 +34,16 @@ from typing import Any
 import numpy as np
 import torch
 import zarr
-from zarr.core.sync import sync as zarr_sync
 
 from dfmsd_cli.data.geometry import Geometry
 from dfmsd_cli.errors import UserError, suggest
 from dfmsd_cli.store import schema
 from dfmsd_cli.store.batch import TeacherBatch, TeacherView, collate_teacher
-from dfmsd_cli.store.chunks import RowCodec, fetch_rows
+from dfmsd_cli.store.chunks import LocalChunkCache, RowCodec
+from dfmsd_cli.store.gather import GatherMixin
 from dfmsd_cli.store.integrity import ChunkGuard, corrupt, is_checksum_error
 from dfmsd_cli.store.quantize import dequantize_uint8, from_bfloat16
+from dfmsd_cli.store.remote import concurrency_default, is_remote, open_zarr_store, remote_errors
 
 ENHANCE_KINDS = {0: "none", 1: "noise", 2: "crop"}
 _DET = ("boxes", "scores", "labels")
@@ -82,16 +82,25 @@ class StoreMeta:
 
 
 def open_group(
-    path: str | os.PathLike, mode: str = "r", guard: ChunkGuard | None = None
+    path: str | os.PathLike,
+    mode: str = "r",
+    guard: ChunkGuard | None = None,
+    concurrency: int | None = None,
 ) -> zarr.Group:
     """Open a store group with a clear error when ``path`` holds none.
 
     With ``guard``, reads go through that :class:`ChunkGuard` (created around zarr's own store
-    for ``path``), which records the chunks a read did not find.
+    for ``path``), which records the chunks a read did not find. A URL is opened through
+    ``store/remote.py`` (one-line errors for a missing backend, bucket, credentials or endpoint;
+    ``concurrency`` bounds its requests in flight).
     """
     path = str(path)
     try:
-        group = zarr.open_group(path, mode=mode)
+        if is_remote(path):
+            with remote_errors(path):
+                group = zarr.open_group(store=open_zarr_store(path, mode, concurrency), mode=mode)
+        else:
+            group = zarr.open_group(path, mode=mode)
         if guard is not None:
             guard._store = group.store
             group = zarr.open_group(store=guard, mode=mode)
@@ -109,17 +118,30 @@ def open_group(
     return group
 
 
-class TeacherStore:
+class TeacherStore(GatherMixin):
     """Read access to one teacher's store (one split). Pickles as its path (lazy reopen)."""
 
-    def __init__(self, path: str | os.PathLike, mode: str = "r"):
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        mode: str = "r",
+        concurrency: int | None = None,
+        cache_local: str | os.PathLike | None = None,
+    ):
         self.path = str(path)
         self.mode = mode
+        remote = is_remote(self.path)
+        # object storage: requests in flight bounded, final chunks copied to a local folder
+        self.concurrency = (concurrency or concurrency_default()) if remote else None
+        cache_local = cache_local or os.environ.get("DFMSD_CACHE_LOCAL") or None
+        self.cache_local = str(cache_local) if cache_local and remote else None
         self._group: zarr.Group | None = None
         self._arrays: dict[str, zarr.Array] = {}
         self._small: dict[str, np.ndarray] | None = None
         self._guard: ChunkGuard | None = None
         self._codecs: dict[str, RowCodec | None] = {}
+        self._local_cache: LocalChunkCache | None = None
+        self._pid = os.getpid()
         a = dict(self.group.attrs)[schema.ATTR_KEY]
         if a.get("schema_version") not in schema.READABLE_VERSIONS:
             raise UserError(
@@ -153,20 +175,40 @@ class TeacherStore:
         )
 
     @classmethod
-    def open(cls, path: str | os.PathLike, mode: str = "r") -> TeacherStore:
-        return cls(path, mode)
+    def open(
+        cls,
+        path: str | os.PathLike,
+        mode: str = "r",
+        concurrency: int | None = None,
+        cache_local: str | os.PathLike | None = None,
+    ) -> TeacherStore:
+        """Open the store at ``path``. On object storage ``concurrency`` bounds the requests in
+        flight (default ``DFMSD_STORE_CONCURRENCY`` or 64) and ``cache_local`` (default
+        ``DFMSD_CACHE_LOCAL``) is a folder keeping a read-through copy of the chunks read."""
+        return cls(path, mode, concurrency, cache_local)
 
     # -- lazy handles (re-created in each worker process after unpickling)
     @property
     def group(self) -> zarr.Group:
+        if self._group is not None and self._pid != os.getpid():
+            self._forked()
         if self._group is None:
             self._guard = ChunkGuard(None)
-            self._group = open_group(self.path, self.mode, guard=self._guard)
+            self._group = open_group(self.path, self.mode, self._guard, self.concurrency)
+            self._pid = os.getpid()
         return self._group
+
+    def _forked(self) -> None:
+        """In a forked child (a DataLoader worker under fork) an object-storage client of the
+        parent is bound to the parent's event loop: drop the handles, reopen on next use."""
+        if self._pid != os.getpid():
+            self._group, self._guard, self._arrays, self._local_cache = None, None, {}, None
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
-        state.update(_group=None, _guard=None, _arrays={}, _codecs={}, _small=None)
+        state.update(
+            _group=None, _guard=None, _arrays={}, _codecs={}, _small=None, _local_cache=None
+        )
         return state
 
     def _read(self, name: str, sel: Any, where: str) -> np.ndarray:
@@ -219,6 +261,7 @@ class TeacherStore:
     # -- small per-image arrays, loaded once per process
     def small(self) -> dict[str, np.ndarray]:
         if self._small is None:
+            self._forked()
             names = ["done", "pad_size", "size", "transposed"] + [
                 f"valid/{s}" for s in self.meta.strides
             ]
@@ -280,18 +323,39 @@ class TeacherStore:
                 "the teacher for this dataset/geometry/weights, or point --cache at the right store"
             )
 
-    # -- one image
+    # -- one image, or many in one round trip
     def get(
         self, index: int, view: str = "orig", strides: tuple[int, ...] | None = None
     ) -> dict[str, Any]:
         """Everything the store holds for image ``index`` and ``view`` (see the module doc)."""
+        return self.get_many([(index, view)], strides)[0]
+
+    def get_many(
+        self, items: list[tuple[int, str]], strides: tuple[int, ...] | None = None
+    ) -> list[dict[str, Any]]:
+        """``[get(i, view) for i, view in items]`` with every chunk of every item requested
+        in ONE round trip (a batch on object storage costs one request latency, not B)."""
+        if self.concurrency is not None:  # object storage: a forked worker reopens
+            self._forked()
+        self._check_present()
+        plans = [self._plan(int(i), v, strides) for i, v in items]
+        flat = [(name, sel, where) for reads, _ in plans for name, (sel, where) in reads.items()]
+        got = self._gather_list(flat)
+        out, k = [], 0
+        for reads, ctx in plans:
+            out.append(self._assemble(dict(zip(reads, got[k : k + len(reads)], strict=True)), ctx))
+            k += len(reads)
+        self._check_present()  # deleted during this read: some chunks read as zeros
+        return out
+
+    def _plan(self, index: int, view: str, strides: tuple[int, ...] | None) -> tuple[dict, dict]:
+        """The reads of one (image, view): ``{name: (sel, where)}`` and what assembling needs."""
         m = self.meta
         if view not in m.views:
             raise UserError(
                 f"view '{view}' is not in store {self.path} (views: {', '.join(m.views)})"
                 f"{suggest(view, m.views)}: precompute it with --views"
             )
-        self._check_present()
         sm = self.small()
         if sm["done"][index] != schema.DONE_OK:
             self.refresh()
@@ -330,9 +394,15 @@ class TeacherStore:
             sh, sw = (w, h) if transposed else (h, w)
             reads["adv/delta"] = ((index, slice(None), slice(sh), slice(sw)), f"{image} (δ)")
             reads["adv/checksum"] = (index, f"{image} (δ)")
-        got = self._gather(reads)
+        ctx = {"index": index, "view": view, "transposed": transposed, "shapes": shapes}
+        return reads, ctx
+
+    def _assemble(self, got: dict[str, np.ndarray], ctx: dict) -> dict[str, Any]:
+        """The sample dict (module doc) from its gathered reads."""
+        m, sm = self.meta, self.small()
+        index, view, transposed = ctx["index"], ctx["view"], ctx["transposed"]
         feats, att_s, att_c, valid = {}, {}, {}, {}
-        for s, (h, w) in shapes.items():
+        for s, (h, w) in ctx["shapes"].items():
             raw = got[f"feat/{view}/{s}"]
             if m.dtype == "uint8":
                 f = dequantize_uint8(raw, got[f"qparams/{view}/{s}"])
@@ -370,73 +440,6 @@ class TeacherStore:
             "enhance": enhance,
             "adversarial": adversarial,
         }
-        self._check_present()  # deleted during this read: some chunks read as zeros
-        return out
-
-    def _row_codec(self, name: str) -> RowCodec | None:
-        if name not in self._codecs:
-            self._codecs[name] = RowCodec.of(self._array(name))
-        return self._codecs[name]
-
-    def _gather(self, reads: dict[str, tuple[Any, str]]) -> dict[str, np.ndarray]:
-        """``{name: array[sel]}`` for ``reads = {name: (sel, where)}``, ``sel`` = a row index or
-        ``(row, *slices)``, in one store round trip (``store/chunks.py``; arrays outside the fast
-        path through zarr). A checksum mismatch or a missing chunk becomes a StoreCorrupt naming
-        its ``where``; any other error is re-raised as it is."""
-        fast, slow = [], []
-        for name in reads:
-            (fast if self._row_codec(name) is not None else slow).append(name)
-        out: dict[str, np.ndarray] = {}
-        if fast:
-            rows = [reads[n][0] if isinstance(reads[n][0], int) else reads[n][0][0] for n in fast]
-            got = fetch_rows(
-                self.group.store,
-                [(self._codecs[n], int(r)) for n, r in zip(fast, rows, strict=True)],
-            )
-            for name, row, res in zip(fast, rows, got, strict=True):
-                sel, where = reads[name]
-                if isinstance(res, BaseException):
-                    if is_checksum_error(res):
-                        raise corrupt(
-                            self.path, where, f"chunk of '{name}' fails its crc32c"
-                        ) from res
-                    raise res
-                if res is None:  # absent chunk: lost (v2) or all fill value (v1)
-                    if self.checksummed:
-                        key = self._codecs[name].key(int(row))
-                        raise corrupt(self.path, where, f"chunk {key} is missing")
-                    a = self._array(name)
-                    res = np.zeros(a.shape[1:], dtype=a.dtype)
-                out[name] = res if isinstance(sel, int) else res[tuple(sel[1:])]
-        if slow:
-            out.update(self._gather_zarr({n: reads[n] for n in slow}))
-        return out
-
-    def _gather_zarr(self, reads: dict[str, tuple[Any, str]]) -> dict[str, np.ndarray]:
-        """Like ``_gather`` through zarr's ``getitem`` (all reads in one event-loop call)."""
-        arrays = {name: self._array(name).async_array for name in reads}
-        if self._guard is not None:
-            self._guard.take()
-
-        async def _all() -> list:
-            return await asyncio.gather(
-                *(arrays[n].getitem(sel) for n, (sel, _) in reads.items()),
-                return_exceptions=True,
-            )
-
-        results = zarr_sync(_all())
-        out: dict[str, np.ndarray] = {}
-        for (name, (_, where)), res in zip(reads.items(), results, strict=True):
-            if isinstance(res, BaseException):
-                if is_checksum_error(res):
-                    raise corrupt(self.path, where, f"chunk of '{name}' fails its crc32c") from res
-                raise res
-            out[name] = np.asarray(res)
-        lost = self._guard.take() if self._guard is not None else []
-        if self.checksummed:
-            for array, coords in lost:
-                where = reads[array][1] if array in reads else "a read of this sample"
-                raise corrupt(self.path, where, f"chunk {coords} of '{array}' is missing")
         return out
 
     def enhance_params(self, index: int) -> dict:
@@ -466,6 +469,11 @@ class StoreDataset(torch.utils.data.Dataset):
     def __getitem__(self, k: int) -> dict:
         i = int(self.indices[k // len(self.views)])
         return self.store.get(i, self.views[k % len(self.views)])
+
+    def __getitems__(self, ks: list[int]) -> list[dict]:
+        """A DataLoader batch in one store round trip (``TeacherStore.get_many``)."""
+        n = len(self.views)
+        return self.store.get_many([(int(self.indices[k // n]), self.views[k % n]) for k in ks])
 
 
 __all__ = [
