@@ -2,19 +2,50 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import typer
 
 from dfmsd_cli.cli.app import ConfigOption, app, parse_int_list
 from dfmsd_cli.data.geometry import parse_img_scale
-from dfmsd_cli.distill.methods.registry import method_help, option_help
+from dfmsd_cli.distill.methods.registry import all_options, method_help, option_help
 from dfmsd_cli.utils.console import console
 
 
+def with_method_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    """Add a flag for every registered method option ``func`` does not declare by hand (its
+    parameter ``name`` or ``no_name``): ``--name-with-dashes`` (a switch ``--x/--no-x``), default
+    None (the method's resolved default), help from the method modules. Their values reach
+    ``func`` as keyword arguments; ``method_config`` checks them (another method's option is
+    refused with a one-line error)."""
+    sig = inspect.signature(func)
+    hand = set(sig.parameters) | {n[3:] for n in sig.parameters if n.startswith("no_")}
+    extra = []
+    for name, opt in all_options().items():
+        if name in hand:
+            continue
+        flag = f"{opt.flag}/--no-{opt.flag[2:]}" if opt.type is bool else opt.flag
+        extra.append(
+            inspect.Parameter(
+                name,
+                inspect.Parameter.KEYWORD_ONLY,
+                default=typer.Option(None, flag, help=option_help(name)),
+                annotation=opt.type | None,
+            )
+        )
+    plain = [p for p in sig.parameters.values() if p.kind is not p.VAR_KEYWORD]
+    func.__signature__ = sig.replace(parameters=[*plain, *extra])  # type: ignore[attr-defined]
+    func.method_options = tuple(p.name for p in extra)  # type: ignore[attr-defined]
+    return func
+
+
 @app.command("distill")
+@with_method_options
 def distill_cmd(
     student: str = typer.Option(..., "--student", "-s", help="Student zoo name, e.g. retina_r50."),
     stages: str = typer.Option(
@@ -97,6 +128,7 @@ def distill_cmd(
         help="--online: teacher checkpoints, one per --stages entry (empty: seeded random init).",
     ),
     config: str | None = ConfigOption,
+    **method_options: Any,
 ) -> None:
     """Distill a student stage by stage from teacher stores (never loads a teacher)."""
     from dfmsd_cli.distill.engine import DistillOptions, distill
@@ -148,13 +180,27 @@ def distill_cmd(
         if teacher_weights
         else (),
     )
-    summary = distill(opts)
+    summary = distill(_set_method_options(opts, method_options))
     if int(os.environ.get("RANK", "0")) == 0:
         _print_summary(summary)
         from dfmsd_cli.utils.io import atomic_write_text
 
         if out.is_dir():
             atomic_write_text(out / "summary.json", json.dumps(summary, indent=2, default=str))
+
+
+def _set_method_options(opts, values: dict[str, Any]):
+    """Hand the generated flags' values (those given) to the run's options: its
+    ``method_options`` dict (read by ``registry.given_options``)."""
+    from dataclasses import fields, replace
+
+    given = {k: v for k, v in values.items() if v is not None}
+    if any(f.name == "method_options" for f in fields(opts)):
+        return replace(opts, method_options=given)
+    # until DistillOptions has that field, today's resolve_method reads each option by name
+    for name, value in given.items():
+        setattr(opts, name, value)
+    return opts
 
 
 def _print_summary(summary: dict) -> None:

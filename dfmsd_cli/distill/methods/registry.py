@@ -60,6 +60,8 @@ class MethodConfig:
     adv_required: bool = False  # --adv: a last-stage store without the 'adv' view is an error
     adv_weight: float = 0.0
     loss_kwargs: dict[str, Any] = field(default_factory=dict)
+    notes: tuple[str, ...] = ()  # printed at start, kept in the resolved config (e.g. a part
+    # of the method this version cannot run)
 
     @property
     def spec(self) -> MethodSpec:
@@ -90,7 +92,7 @@ class MethodConfig:
         parts.append("SAL" if self.sal else "single stage")
         if self.loss_kwargs:
             parts.append(" ".join(f"{k}={v}" for k, v in self.loss_kwargs.items()))
-        return ", ".join(parts)
+        return "\n".join([", ".join(parts), *(f"note: {n}" for n in self.notes)])
 
 
 # -- how a term's module is called: (module, student FPN maps, TeacherView, targets) -> loss
@@ -285,8 +287,40 @@ def all_options() -> dict[str, MethodOption]:
 
 
 def option_help(name: str) -> str:
-    """The help text of option ``name`` as its method module declares it (for the CLI)."""
-    return all_options()[name].help
+    """The help text of option ``name`` as the method modules declare it (for the CLI): every
+    distinct text, when several methods declare the option with their own."""
+    helps = [all_options()[name].help]
+    for method in list_methods():
+        for o in get_method(method).options:
+            if o.name == name and o.help not in helps:
+                helps.append(o.help)
+    return " ".join(helps)
+
+
+def declared_options(method: str) -> dict[str, MethodOption]:
+    """The options ``method`` accepts: the common ones and its own."""
+    return {o.name: o for o in (*COMMON_OPTIONS, *get_method(method).options)}
+
+
+def given_options(opts: Any) -> dict[str, Any]:
+    """The method options a run's options object sets, for :func:`method_config`.
+
+    ``opts`` has ``method`` and, per option, either a field of the option's name (the flags
+    declared by hand) or an entry of its ``method_options`` dict (every other registered
+    option, generated as a flag by the CLI). An option the method does not declare counts only
+    when it differs from its CLI default (``--no-sal`` etc. default to on); ``method_config``
+    then refuses it.
+    """
+    declared = declared_options(opts.method)
+    extra = dict(getattr(opts, "method_options", None) or {})
+    given = {}
+    for name, opt in all_options().items():
+        value = extra.pop(name) if name in extra else getattr(opts, name, None)
+        if name in declared or value != opt.default:
+            given[name] = value
+    if extra:
+        raise TypeError(f"unknown method option(s) {sorted(extra)}")
+    return given
 
 
 def owners(option: str) -> list[str]:
@@ -321,7 +355,7 @@ def method_config(method: str, student: str, **overrides: Any) -> MethodConfig:
     head = get_spec(student).head
     values = {"sal": spec.sal, **spec.resolve_defaults(family, head)}
     cfg = MethodConfig(method, family, spec.stage_loss, **values)
-    declared = {o.name: o for o in (*COMMON_OPTIONS, *spec.options)}
+    declared = declared_options(method)
     known = all_options()
     given = {k: v for k, v in overrides.items() if v is not None}
     for name, value in given.items():
