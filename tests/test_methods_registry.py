@@ -94,7 +94,7 @@ def test_toy_method_trains_without_any_other_edit(toy, tiny_cache, synthetic_roo
 
 
 def test_toy_method_options_are_checked(toy):
-    with pytest.raises(UserError, match="--lambda-s sets the dual masking of dfmsd/dmkd, not of"):
+    with pytest.raises(UserError, match="--lambda-s sets the dual masking of dfmsd/dmkd/.*not of"):
         method_config("l2toy", "retina_tiny", lambda_s=0.5)
     with pytest.raises(UserError, match="--sfa is part of --method dfmsd only"):
         method_config("l2toy", "retina_tiny", sfa=True)
@@ -112,7 +112,7 @@ def test_register_by_name_and_fields():
 
 
 def test_unknown_method_lists_the_registry(toy, tmp_path):
-    with pytest.raises(UserError, match="use one of dfmsd, dmkd, mgd, pkd, fgd, none, l2toy"):
+    with pytest.raises(UserError, match="use one of dfmsd, dmkd, mgd, pkd, fgd, none, .*l2toy"):
         method_config("l2tyo", "retina_tiny")
     argv = ["distill", "--student", "retina_tiny", "--out", str(tmp_path / "x"), "--method", "x"]
     assert _cli(argv) == 2
