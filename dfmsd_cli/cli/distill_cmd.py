@@ -23,7 +23,7 @@ def with_method_options(func: Callable[..., Any]) -> Callable[..., Any]:
     None (the method's resolved default), help from the method modules. Their values reach
     ``func`` as keyword arguments; ``method_config`` checks them (another method's option is
     refused with a one-line error)."""
-    sig = inspect.signature(func)
+    sig = inspect.signature(func, eval_str=True)  # real types: the checks read __signature__
     hand = set(sig.parameters) | {n[3:] for n in sig.parameters if n.startswith("no_")}
     extra = []
     for name, opt in all_options().items():
