@@ -141,3 +141,36 @@ def test_two_stage_student_records_its_family_defaults(
     resolved = _run(tiny_cache, synthetic_root, tmp_path / method, method, "frcnn_tiny")
     assert resolved["family"] == "two_stage"
     assert resolved == method_config(method, "frcnn_tiny").to_dict() | {"notes": []}
+
+
+def test_a_new_method_option_becomes_a_flag_exempt_from_the_count_classification():
+    """A method's int/float option is generated as a flag of its own type; its registry check
+    validates it, so the parse-time classification (tests/test_cli_checks.py) exempts it."""
+    import inspect
+
+    import typer
+
+    from dfmsd_cli.cli import checks
+    from dfmsd_cli.cli.distill_cmd import with_method_options
+    from dfmsd_cli.distill.methods import (
+        MethodOption,
+        MethodSpec,
+        register_method,
+        unregister_method,
+    )
+
+    register_method(MethodSpec("toyopt", "toy", options=(
+        MethodOption("toy_count", int, None, "toy: a count."),)))  # fmt: skip
+    try:
+
+        def cmd(alpha: float | None = typer.Option(None, "--alpha"), **kw):
+            return kw
+
+        with_method_options(cmd)
+        params = inspect.signature(cmd).parameters
+        assert "toy_count" in cmd.method_options and "alpha" not in cmd.method_options
+        assert params["toy_count"].annotation == int | None
+        assert params["toy_count"].default.param_decls == ("--toy-count",)
+        assert "toy_count" in checks.REGISTRY_CHECKED
+    finally:
+        unregister_method("toyopt")

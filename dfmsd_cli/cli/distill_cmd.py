@@ -12,6 +12,7 @@ from typing import Any
 import typer
 
 from dfmsd_cli.cli.app import ConfigOption, app, parse_int_list
+from dfmsd_cli.cli.checks import declare_registry_checked
 from dfmsd_cli.data.geometry import parse_img_scale
 from dfmsd_cli.distill.methods.registry import all_options, method_help, option_help
 from dfmsd_cli.utils.console import console
@@ -29,6 +30,7 @@ def with_method_options(func: Callable[..., Any]) -> Callable[..., Any]:
     for name, opt in all_options().items():
         if name in hand:
             continue
+        declare_registry_checked(name)  # method_config runs its check before any work
         flag = f"{opt.flag}/--no-{opt.flag[2:]}" if opt.type is bool else opt.flag
         extra.append(
             inspect.Parameter(
