@@ -16,7 +16,9 @@
 # the same total epochs (10): SAL runs 5+5 over both teachers, single-stage methods run 10
 # epochs with the stronger teacher (gfl_tiny), `none` is the student alone.
 # Rows `fgd-warmup` (FGD with --kd-warmup 100) and `dfmsd-adv` (DFMSD + L_adv) are issue 12's.
-# Cost: 33 runs of 480 optimizer steps (0.45-0.85 CPU-s each on this 2-core CPU): ~90 min.
+# Cost: one run per registered method (9 with amd, fkd, samkd) + 5 ablation rows, x 3 seeds
+# = 42 runs of 480 optimizer steps (0.45-0.85 CPU-s each on this 2-core CPU); the 33 runs
+# before amd/fkd/samkd took ~90 min.
 # Rerunning resumes: finished runs are kept. Multi-GPU form of every run:
 #   torchrun --nproc_per_node=N $(which dfmsd) distill ...
 set -euo pipefail

@@ -70,6 +70,14 @@ FLOATS_CHECKED_ELSEWHERE = frozenset(
      "lambda_c", "tau"}
 )  # fmt: skip
 PAIRS = {"img_scale": "the keep-ratio resize bound LONG,SHORT"}
+# Options generated from a registry whose own check validates them before any work (the
+# distillation methods' MethodOption.check, run by method_config): declared by the generator.
+REGISTRY_CHECKED: set[str] = set()
+
+
+def declare_registry_checked(name: str) -> None:
+    """Exempt option ``name`` from the classification here: its registry checks its value."""
+    REGISTRY_CHECKED.add(name)
 
 
 def declare_count(name: str, minimum: int, meaning: str) -> None:

@@ -61,6 +61,8 @@ class MethodConfig:
     adv_required: bool = False  # --adv: a last-stage store without the 'adv' view is an error
     adv_weight: float = 0.0
     loss_kwargs: dict[str, Any] = field(default_factory=dict)
+    notes: tuple[str, ...] = ()  # printed at start, kept in the resolved config (e.g. a part
+    # of the method this version cannot run)
 
     @property
     def spec(self) -> MethodSpec:
@@ -91,7 +93,7 @@ class MethodConfig:
         parts.append("SAL" if self.sal else "single stage")
         if self.loss_kwargs:
             parts.append(" ".join(f"{k}={v}" for k, v in self.loss_kwargs.items()))
-        return ", ".join(parts)
+        return "\n".join([", ".join(parts), *(f"note: {n}" for n in self.notes)])
 
 
 # -- how a term's module is called: (module, student FPN maps, TeacherView, targets) -> loss
@@ -310,8 +312,19 @@ def options_class() -> type:
 
 
 def option_help(name: str) -> str:
-    """The help text of option ``name`` as its method module declares it (for the CLI)."""
-    return all_options()[name].help
+    """The help text of option ``name`` as the method modules declare it (for the CLI): every
+    distinct text, when several methods declare the option with their own."""
+    helps = [all_options()[name].help]
+    for method in list_methods():
+        for o in get_method(method).options:
+            if o.name == name and o.help not in helps:
+                helps.append(o.help)
+    return " ".join(helps)
+
+
+def declared_options(method: str) -> dict[str, MethodOption]:
+    """The options ``method`` accepts: the common ones and its own."""
+    return {o.name: o for o in (*COMMON_OPTIONS, *get_method(method).options)}
 
 
 def owners(option: str) -> list[str]:
@@ -346,7 +359,7 @@ def method_config(method: str, student: str, **overrides: Any) -> MethodConfig:
     head = get_spec(student).head
     values = {"sal": spec.sal, **spec.resolve_defaults(family, head)}
     cfg = MethodConfig(method, family, spec.stage_loss, **values)
-    declared = {o.name: o for o in (*COMMON_OPTIONS, *spec.options)}
+    declared = declared_options(method)
     known = all_options()
     given = {k: v for k, v in overrides.items() if v is not None}
     for name, value in given.items():
