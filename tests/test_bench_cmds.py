@@ -57,7 +57,7 @@ def test_bench_distill_keys(data, tmp_path):
         "store_peak_rss_over_student",
     }
     assert all(v is not None and v > 0 for v in r["ratios"].values())
-    with pytest.raises(UserError, match="--steps"):
+    with pytest.raises(UserError, match="--num-steps"):
         bench_distill(data, steps=1, log=lambda *a: None)
     with pytest.raises(UserError, match="--clock"):
         bench_distill(data, clock="gpu", log=lambda *a: None)

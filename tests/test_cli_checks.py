@@ -33,7 +33,7 @@ def _main(argv: list[str]) -> int:
         ("eval --model T --batch-size 0", "--batch-size"),
         ("make-data synthetic --out {tmp}/d --num-images 0", "--num-images"),
         ("demo --out {tmp}/demo --num-images 0", "--num-images"),
-        ("bench distill --data {tmp} --steps 0", "--steps"),
+        ("bench distill --data {tmp} --num-steps 0", "--num-steps"),
         ("train -m T --out {out} --lr -1", "--lr"),
         ("distill -s T --out {out} --alpha -2", "--alpha"),
         ("precompute -t T --cache {tmp} --score-thr 1.5", "--score-thr"),

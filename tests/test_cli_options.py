@@ -118,8 +118,8 @@ def _flags(app_: typer.Typer):
 CONVERTED = ("precompute", "eval", "bench", "demo", "cache", "viz", "make-data", "check-data",
              "models", "convert", "train", "distill")  # fmt: skip
 # Kept as they were (docs/options.md): --epochs is one int for train and a per-stage comma
-# list for distill/demo; train's --steps lists LR-decay epochs, bench distill's counts steps.
-TWO_TYPES = {"--epochs": {int, str}, "--steps": {int, str}}
+# list for distill/demo (one value per stage; train has one stage).
+TWO_TYPES = {"--epochs": {int, str}}
 
 
 def test_one_meaning_per_flag_name():

@@ -118,7 +118,9 @@ def bench_distill(
     if clock not in ("wall", "cpu"):
         raise UserError(f"--clock must be wall or cpu, got '{clock}'")
     if steps < 2 or images < 1:
-        raise UserError("--steps must be >= 2 (the first step is not timed) and --images >= 1")
+        raise UserError(
+            "--num-steps must be >= 2 (the first step is not timed) and --num-images >= 1"
+        )
     weights = list(teacher_weights) + [None] * (len(teachers) - len(teacher_weights))
     full_ann, image_dir = resolve_data(Path(data), split, None, None)
     work = Path(work_dir or tempfile.mkdtemp(prefix="dfmsd-bench-distill-"))

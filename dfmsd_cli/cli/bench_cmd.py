@@ -110,7 +110,11 @@ class BenchDistillOptions(BenchOptions, DeviceOptions):
         "retina_r101", "One teacher, or WEAKER,STRONGER (the stronger stage with ME is measured)."
     )
     teacher_weights: str = opt("", "Comma-separated weights per teacher (default: random init).")
-    steps: int = opt(10, "Timed optimizer steps per run (the first is excluded).")
+    num_steps: int = opt(
+        10,
+        "Timed optimizer steps per run (the first is excluded).",
+        count=(2, "the number of timed optimizer steps (the first is not timed)"),
+    )
     num_workers: int = reuse(
         DeviceOptions,
         "num_workers",
@@ -141,7 +145,7 @@ def bench_distill_cmd(o: BenchDistillOptions) -> None:
         teachers=names,
         teacher_weights=weights,
         images=o.num_images,
-        steps=o.steps,
+        steps=o.num_steps,
         img_scale=parse_img_scale(o.img_scale),
         batch_size=o.batch_size,
         num_workers=o.num_workers,
