@@ -114,3 +114,46 @@ def test_dataloader_reads_one_batch_in_one_round_trip(synthetic_root, tiny_cache
     batches = list(loader)
     assert len(batches) == 2 and counting.calls == 2  # not 8: one get_many per batch
     assert batches[0]["teacher"].views["main"].features
+
+
+def test_store_flags_reach_the_store(synthetic_root, tiny_cache, tmp_path, monkeypatch):
+    """``--store-concurrency`` and ``--cache-local`` of ``dfmsd distill`` are passed to
+    ``TeacherStore.open`` (they act on object storage only; tests/test_store_s3.py reads S3)."""
+    from conftest import _cli
+
+    from dfmsd_cli.store.reader import TeacherStore
+
+    opened, real = [], TeacherStore.open.__func__
+
+    def spy(cls, path, mode="r", concurrency=None, cache_local=None):
+        opened.append((str(path), concurrency, cache_local))
+        return real(cls, path, mode, concurrency, cache_local)
+
+    monkeypatch.setattr(TeacherStore, "open", classmethod(spy))
+    local = tmp_path / "local"
+    argv = ["distill", "--student", "retina_tiny", "--stages", "retina_tiny", "--data",
+            str(synthetic_root), "--cache", str(tiny_cache), "--img-scale", "128,96",
+            "--batch-size", "2", "--num-workers", "0", "--device", "cpu", "--max-steps", "1",
+            "--no-eval", "--out", str(tmp_path / "run"), "--store-concurrency", "3",
+            "--cache-local", str(local)]  # fmt: skip
+    assert _cli(argv) == 0
+    store = str(tiny_cache / "retina_tiny" / "train2017.zarr")
+    assert (store, 3, str(local)) in opened
+    assert _cli([*argv[:-4], "--store-concurrency", "0"]) == 2  # a count: at least 1
+
+
+def test_cache_verify_passes_store_concurrency(tiny_cache, monkeypatch):
+    from conftest import _cli
+
+    from dfmsd_cli.store.reader import TeacherStore
+
+    opened, real = [], TeacherStore.open.__func__
+
+    def spy(cls, path, mode="r", concurrency=None, cache_local=None):
+        opened.append(concurrency)
+        return real(cls, path, mode, concurrency, cache_local)
+
+    monkeypatch.setattr(TeacherStore, "open", classmethod(spy))
+    store = str(tiny_cache / "retina_tiny" / "train2017.zarr")
+    assert _cli(["cache", "verify", store, "--quick", "--store-concurrency", "5"]) == 0
+    assert 5 in opened
