@@ -5,7 +5,8 @@ precomputes a synthetic store into it, then reads every image through a proxy th
 request ``--latency`` seconds, in four ways: one request at a time (concurrency 1), all chunks
 of a sample together (``TeacherStore.get``), all chunks of a batch together
 (``TeacherStore.get_many``), and the batch read again from a ``cache_local`` folder (the second
-epoch). Prints samples/s and a batch's read time ÷ the latency of one request.
+epoch); then distill's ``DistillDataset`` (images decoded too) item by item and per batch
+(``__getitems__``). Prints samples/s and a batch's read time ÷ the latency of one request.
 
     python examples/s3_read_bench.py --latency 0.02 --batch 8 --images 32
 """
@@ -68,6 +69,22 @@ class _Latency:
 
     def __getattr__(self, name):
         return getattr(self._group, name)
+
+
+def _dataset_epoch(ds, batch: int, many: bool) -> tuple[float, float]:
+    """``_epoch`` through ``DistillDataset``: items one by one (``ds[k]``) or per batch
+    (``ds.__getitems__``, what the DataLoader calls); includes decoding the images."""
+    t0, per = time.perf_counter(), []
+    for k in range(0, len(ds), batch):
+        tb = time.perf_counter()
+        ks = list(range(k, min(k + batch, len(ds))))
+        if many:
+            ds.__getitems__(ks)
+        else:
+            for i in ks:
+                ds[i]
+        per.append(time.perf_counter() - tb)
+    return time.perf_counter() - t0, sum(per) / len(per)
 
 
 def _server(s3server):
@@ -138,6 +155,28 @@ def main() -> None:
             secs, per_batch = _epoch(store, items, a.batch, many)
             rows.append({"read": name, "samples_per_s": len(items) / secs,
                          "batch_s": per_batch, "batch_over_latency": per_batch / one})  # fmt: skip
+        # distill's dataset (store + COCO images + replay): per sample vs one get_many per batch
+        from dfmsd_cli.data.coco import CocoDetection
+        from dfmsd_cli.data.geometry import Geometry
+        from dfmsd_cli.distill.dataset import DistillDataset
+
+        coco = CocoDetection(root / "annotations" / "instances_train2017.json",
+                             root / "train2017", geometry=Geometry(img_scale=(160, 128)),
+                             views=("orig",))  # fmt: skip
+
+        def distill_dataset(store):
+            rows_of = {i: r for r, i in enumerate(store.meta.image_ids)}
+            ds = DistillDataset(coco, store, [rows_of[i] for i in coco.image_ids])
+            ds[0]  # open arrays and codecs once per process
+            return ds
+
+        ds_runs = (("DistillDataset, item by item (before)", False),
+                   ("DistillDataset.__getitems__ (one get_many per batch)", True))  # fmt: skip
+        for name, many in ds_runs:
+            ds = distill_dataset(TeacherStore.open(url))
+            secs, per_batch = _dataset_epoch(ds, a.batch, many)
+            rows.append({"read": name, "samples_per_s": len(ds) / secs,
+                         "batch_s": per_batch, "batch_over_latency": per_batch / one})  # fmt: skip
         sample = TeacherStore.open(url)
         n_chunks = len(sample._plan(0, "orig", None)[0])
         print(f"request latency (median GET through the proxy): {one * 1000:.1f} ms; "
@@ -162,6 +201,13 @@ def main() -> None:
             store.concurrency = conc
             secs, per_batch = _epoch(store, items, a.batch, many)
             mock.append({"read": name, "samples_per_s": len(items) / secs, "batch_s": per_batch,
+                         "batch_over_latency": per_batch / a.latency})  # fmt: skip
+        for name, many in ds_runs:
+            store = TeacherStore.open(tmp / "copy.zarr")
+            ds = distill_dataset(store)
+            store._group = _Latency(store.group, a.latency)
+            secs, per_batch = _dataset_epoch(ds, a.batch, many)
+            mock.append({"read": name, "samples_per_s": len(ds) / secs, "batch_s": per_batch,
                          "batch_over_latency": per_batch / a.latency})  # fmt: skip
         print(f"\nin-process store, every request awaits {a.latency * 1000:.0f} ms:")
         print("| read | samples/s | batch read (ms) | batch ÷ latency |")

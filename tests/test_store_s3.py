@@ -189,6 +189,23 @@ def test_distill_reads_the_s3_store(s3_server, remote_cache, synthetic_root, tmp
     assert (out / "student.pth").is_file()
 
 
+@needs_s3
+@pytest.mark.slow
+def test_distill_flags_bound_requests_and_keep_chunks_locally(
+    s3_server, remote_cache, synthetic_root, tmp_path
+):
+    """--store-concurrency and --cache-local (not only the environment variables): the chunks
+    distill read are kept under the local folder."""
+    local = tmp_path / "local"
+    r = _run(["distill", "--student", "retina_tiny", "--stages", "retina_tiny", "--data",
+              str(synthetic_root), "--cache", remote_cache, "--img-scale", "128,96",
+              "--batch-size", "2", "--num-workers", "0", "--device", "cpu", "--max-steps", "1",
+              "--no-eval", "--out", str(tmp_path / "run"), "--store-concurrency", "2",
+              "--cache-local", str(local)], s3_server.env())  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert any(p.is_file() for p in local.rglob("*"))
+
+
 # ------------------------------------------------------------------ one-line errors, in process
 
 

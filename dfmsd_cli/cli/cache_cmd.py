@@ -80,6 +80,11 @@ class VerifyOptions(DataOptions, DeviceOptions):
     )
     device: str = reuse(DeviceOptions, "device", help="Device for --repair: auto, cpu, cuda.")
     num_workers: int = reuse(DeviceOptions, "num_workers", help="DataLoader workers for --repair.")
+    store_concurrency: int | None = opt(
+        None,
+        "A store on object storage: most chunk requests in flight "
+        "(default: DFMSD_STORE_CONCURRENCY, else 64).",
+    )
 
 
 @command(cache_app, "verify", VerifyOptions)
@@ -103,7 +108,10 @@ def verify_cmd(o: VerifyOptions) -> None:
             "--repair recomputes damaged images with the teacher: pass --data ROOT (the dataset "
             "the store was made from) and drop --quick"
         )
-    report = verify_store(path, ann_file, image_dir, weights=weights, scan=not quick, progress=True)
+    conc = o.store_concurrency
+    report = verify_store(
+        path, ann_file, image_dir, weights=weights, scan=not quick, progress=True, concurrency=conc
+    )
     if repair and report.damaged:
         from dfmsd_cli.store.repair import repair_store
 
@@ -117,7 +125,9 @@ def verify_cmd(o: VerifyOptions) -> None:
             device=o.device,
             num_workers=o.num_workers,
         )
-        report = verify_store(path, ann_file, image_dir, weights=weights, progress=True)
+        report = verify_store(
+            path, ann_file, image_dir, weights=weights, progress=True, concurrency=conc
+        )
     problems, notes = report.problems, report.notes
     for n in notes:
         console.print(f"note: {n}")

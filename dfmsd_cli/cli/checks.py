@@ -51,6 +51,7 @@ COUNTS: dict[str, tuple[int, str]] = {
     "adv_steps": (1, "the number of attack steps (1 = FGSM)"),
     "dpi": (10, "a figure resolution in dots per inch"),
     "index": (0, "an image index in the store"),
+    "store_concurrency": (1, "the most store requests in flight per process"),
 }
 # Integer options that are not counts (any value is meaningful).
 NOT_COUNTS = frozenset({"seed", "image"})  # image: a COCO image id

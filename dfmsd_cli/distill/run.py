@@ -146,6 +146,16 @@ class DistillOptions(
     max_steps: int | None = reuse(
         OptimOptions, "max_steps", help="Stop after N steps in all (quick runs, benchmarks)."
     )
+    store_concurrency: int | None = opt(
+        None,
+        "Stores on object storage: most chunk requests in flight per process "
+        "(default: DFMSD_STORE_CONCURRENCY, else 64).",
+    )
+    cache_local: str | None = opt(
+        None,
+        "Stores on object storage: a local folder keeping a read-through copy of the chunks "
+        "read, so later epochs read local disk (default: DFMSD_CACHE_LOCAL).",
+    )
     online: bool = opt(
         False,
         "Teachers in the loop instead of the stores (no disk needed; slower, more memory).",
@@ -255,6 +265,8 @@ def distill(opts: DistillOptions, *, clock: Callable[[], float] = time.perf_coun
                 want_views=("orig", "hflip") if opts.flip else ("orig",),
                 warn=console.print if dist_info.is_main else (lambda *_: None),
                 adv_required=cfg.adv_required,
+                concurrency=opts.store_concurrency,
+                cache_local=opts.cache_local,
             )
 
     resuming = False

@@ -87,6 +87,8 @@ def open_stage_store(
     want_views: tuple[str, ...] = TRAIN_VIEWS,
     warn=print,
     adv_required: bool = False,
+    concurrency: int | None = None,
+    cache_local: str | Path | None = None,
 ) -> StageStore:
     """Open the stage's store and check it against the run; every mismatch is a UserError.
 
@@ -94,11 +96,13 @@ def open_stage_store(
     training images (``train_images``, dataset indices) the store holds are complete (a store
     precomputed with ``--max-images`` covers fewer: the stage trains on those, with a note),
     at least one FPN level shared with the student, the ``orig`` view present.
+    ``concurrency`` and ``cache_local`` go to :meth:`~dfmsd_cli.store.reader.TeacherStore.open`
+    (object storage only; ``None``: ``DFMSD_STORE_CONCURRENCY`` / ``DFMSD_CACHE_LOCAL``).
     """
     from dfmsd_cli.store.reader import TeacherStore
 
     path = store_path(cache, plan.teacher, split)
-    store = TeacherStore.open(path)
+    store = TeacherStore.open(path, concurrency=concurrency, cache_local=cache_local)
     store.check(geometry=geometry, ann_sha256=ann_sha256)
     levels = match_levels(student_strides, store.meta.strides)
     if not levels:

@@ -140,13 +140,15 @@ def verify_store(
     weights: str | None = None,
     scan: bool = True,
     progress: bool = False,
+    concurrency: int | None = None,
 ) -> VerifyReport:
-    """Check a store (see the module docstring)."""
+    """Check a store (see the module docstring); ``concurrency`` bounds the requests in flight
+    on object storage (``TeacherStore.open``)."""
     from dfmsd_cli.errors import UserError
 
     report = VerifyReport()
     problems, notes = report.problems, report.notes
-    store = TeacherStore.open(path)
+    store = TeacherStore.open(path, concurrency=concurrency)
     m = store.meta
     if not store.checksummed:
         notes.append(
