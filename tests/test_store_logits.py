@@ -174,8 +174,9 @@ def test_store_logits_resumes(data, with_logits, tmp_path):
     g["logits/orig/16"][1] = 0
     summary = precompute(*_files(data), _opts(tmp_path, store_logits=True))
     assert summary["written"] == 1 and summary["done"] == N_IMAGES
-    a = np.asarray(zarr.open_group(str(with_logits), mode="r")["logits/orig/16"][:])
-    np.testing.assert_array_equal(np.asarray(zarr.open_group(path, mode="r")["logits/orig/16"][:]), a)
+    want = np.asarray(zarr.open_group(str(with_logits), mode="r")["logits/orig/16"][:])
+    got = np.asarray(zarr.open_group(path, mode="r")["logits/orig/16"][:])
+    np.testing.assert_array_equal(got, want)
 
 
 def test_two_stage_teacher_with_store_logits_is_a_user_error(data, tmp_path, capsys):

@@ -130,6 +130,4 @@ def collate_teacher(samples: list[dict], batch_hw: tuple[int, int]) -> TeacherVi
         if f.name in ("boxes", "scores", "labels", "enhance", "index", "image_id", "view")
     }
     area = torch.tensor([t["area_ratio"] for t in samples], dtype=torch.float32)
-    return TeacherView(
-        **maps, att_channel=att_channel, **per_image, area_ratio=area, logits=logits
-    )
+    return TeacherView(**maps, att_channel=att_channel, **per_image, area_ratio=area, logits=logits)
