@@ -192,3 +192,25 @@ def test_two_stage_teacher_with_store_logits_is_a_user_error(data, tmp_path, cap
     assert rc == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "two-stage" in err[0] and "Traceback" not in err[0]
+
+
+def test_cache_info_and_verify_cover_the_logits(with_logits, tmp_path):
+    import shutil
+
+    from dfmsd_cli.store.inspect import store_info, verify_store
+
+    path = tmp_path / "s.zarr"
+    shutil.copytree(with_logits, path)
+    g = zarr.open_group(str(path), mode="r+")
+
+    def stored(name: str) -> int:
+        return sum(a.nbytes_stored() for _, v in g[name].groups() for _, a in v.arrays())
+
+    lg, feat = stored("logits"), stored("feat")
+    assert lg > 0
+    assert store_info(path)["bytes_on_disk"] > lg + feat
+    z = np.asarray(g["logits/orig/8"][0])
+    z[0, 0, 0] = np.inf
+    g["logits/orig/8"][0] = z
+    report = verify_store(path)
+    assert any("NaN/inf in the teacher logits" in p for p in report.problems)
