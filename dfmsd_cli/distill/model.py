@@ -57,7 +57,9 @@ class DistillModel(nn.Module):
         losses = dict(out.losses)
         if teacher is None:
             return losses
-        losses.update(self._terms(MAIN, out.features, teacher, targets, out.logits))
+        losses.update(
+            self._terms(MAIN, out.features, teacher, targets, out.logits if logits else None)
+        )
         if part == "all":
             for view in self.extra_views:
                 losses.update(self.view_losses(view, teacher, targets))
