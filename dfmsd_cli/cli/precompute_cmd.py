@@ -40,6 +40,9 @@ class PrecomputeCLI(DataOptions, GeometryOptions, BatchOptions, DeviceOptions, J
     for_student: str | None = opt(
         None, "Store only the levels this student has (e.g. retina_r50 skips a P2 map)."
     )
+    store_logits: bool = opt(
+        False, "Also store the dense head's class logits per level and view (float16; for SLD)."
+    )
     views: str = opt("orig", "Views: orig[,hflip].")
     enhance_from: str | None = opt(
         None, "Weaker teacher whose stored area ratios drive the masking-enhancement view 'me'."
@@ -94,6 +97,7 @@ def precompute_cmd(o: PrecomputeCLI) -> None:
         dtype=o.dtype,
         keepbits=o.keepbits,
         for_student=o.for_student,
+        store_logits=o.store_logits,
         views=[v.strip() for v in o.views.split(",") if v.strip()],
         enhance_from=o.enhance_from,
         enhance=EnhanceConfig(

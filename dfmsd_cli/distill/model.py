@@ -49,11 +49,17 @@ class DistillModel(nn.Module):
         (the engine does, so the passes' activations are never held together)."""
         if part not in ("all", MAIN):
             return self.view_losses(part, teacher, targets)
-        out = self.student(images, image_sizes, targets)
+        logits = teacher is not None and any(t.logits for t in self.terms.get(MAIN, []))
+        if logits:
+            out = self.student(images, image_sizes, targets, return_logits=True)
+        else:
+            out = self.student(images, image_sizes, targets)
         losses = dict(out.losses)
         if teacher is None:
             return losses
-        losses.update(self._terms(MAIN, out.features, teacher, targets))
+        losses.update(
+            self._terms(MAIN, out.features, teacher, targets, out.logits if logits else None)
+        )
         if part == "all":
             for view in self.extra_views:
                 losses.update(self.view_losses(view, teacher, targets))
@@ -69,11 +75,13 @@ class DistillModel(nn.Module):
         feats = self.student.extract_features(teacher.inputs[view])
         return self._terms(view, feats, teacher, targets)
 
-    def _terms(self, view: str, feats, teacher: TeacherBatch, targets) -> dict[str, Tensor]:
+    def _terms(
+        self, view: str, feats, teacher: TeacherBatch, targets, logits: dict | None = None
+    ) -> dict[str, Tensor]:
         t = teacher.views[view]
-        return {
-            term.metric: self.kd_scale
-            * term.weight_of(self.cfg)
-            * term.call(self.losses[term.key], feats, t, targets)
-            for term in self.terms.get(view, [])
-        }
+        out = {}
+        for term in self.terms.get(view, []):
+            extra = {"logits": logits, "peers": self.losses} if term.logits else {}
+            loss = term.call(self.losses[term.key], feats, t, targets, **extra)
+            out[term.metric] = self.kd_scale * term.weight_of(self.cfg) * loss
+        return out

@@ -269,6 +269,9 @@ def distill(opts: DistillOptions, *, clock: Callable[[], float] = time.perf_coun
                 cache_local=opts.cache_local,
             )
 
+    if cfg.spec.with_stores is not None:  # e.g. samkd's SLD: only with stored teacher logits
+        cfg = cfg.spec.with_stores(cfg, student, stores, bool(opts.online))
+
     resuming = False
     if dist_info.is_main:
         resuming = prepare_run_dir(out, "distill", identity_of(opts), opts.resume, opts.overwrite)

@@ -41,6 +41,23 @@ def _head_norm(head_norm: str | None):
     raise UserError(f"unknown head_norm '{head_norm}': use 'gn' or 'none'")
 
 
+def tv_level_logits(cls_logits: Tensor, feats: list[Tensor], anchors: int) -> list[Tensor]:
+    """torchvision's flattened (B, Σ H_l W_l A, K+1) class logits -> per level (B, A·K, H, W).
+
+    torchvision orders a level's rows (h, w, a) and keeps a background column 0 (never a
+    positive target); the per-level maps drop it and are anchor-major (a outer, k inner), the
+    MMDetection layout the SLD loss expects.
+    """
+    b, _, k1 = cls_logits.shape
+    out = []
+    for x, f in zip(cls_logits.split([f.shape[2] * f.shape[3] * anchors for f in feats], 1),
+                    feats, strict=True):  # fmt: skip
+        h, w = f.shape[2:]
+        x = x.reshape(b, h, w, anchors, k1)[..., 1:]
+        out.append(x.permute(0, 3, 4, 1, 2).reshape(b, anchors * (k1 - 1), h, w))
+    return out
+
+
 def _split_levels(
     head_outputs: dict[str, Tensor], anchors: list[Tensor], feats: list[Tensor]
 ) -> tuple[dict[str, list[Tensor]], list[list[Tensor]]]:
@@ -87,11 +104,14 @@ class RetinaDetector(DetectorMixin, RetinaNet):
             topk_candidates=topk_candidates,
         )
         self.init_contract(num_classes, strides)
+        self.logit_anchors = anchors.num_anchors_per_location()[0]
 
     def forward_head(self, image_list: ImageList, features, targets):
         feats = list(features.values())
         head_outputs = self.head(feats)
         anchors = self.anchor_generator(image_list, feats)
+        if self._kept_logits is not None:
+            self.keep_logits(tv_level_logits(head_outputs["cls_logits"], feats, self.logit_anchors))
         if self.training:
             outs = {k: v.float() for k, v in head_outputs.items()}  # losses in fp32 under AMP
             return self.compute_loss(targets, outs, anchors), []
@@ -129,11 +149,14 @@ class FCOSDetector(DetectorMixin, FCOS):
             center_sampling_radius=center_sampling_radius,
         )
         self.init_contract(num_classes, strides)
+        self.logit_anchors = 1
 
     def forward_head(self, image_list: ImageList, features, targets):
         feats = list(features.values())
         head_outputs = self.head(feats)
         anchors = self.anchor_generator(image_list, feats)
+        if self._kept_logits is not None:
+            self.keep_logits(tv_level_logits(head_outputs["cls_logits"], feats, 1))
         n_per_level = [f.shape[2] * f.shape[3] for f in feats]
         if self.training:
             outs = {k: v.float() for k, v in head_outputs.items()}

@@ -35,6 +35,8 @@ class DetectorOutput:
     losses: dict[str, Tensor] = field(default_factory=dict)
     detections: list[dict[str, Tensor]] = field(default_factory=list)
     features: dict[int, Tensor] = field(default_factory=dict)
+    # ``return_logits=True`` on a dense detector: {stride: (B, A·K, h_s, w_s)} class logits
+    logits: dict[int, Tensor] = field(default_factory=dict)
 
 
 class StrideAnchorGenerator(AnchorGenerator):
@@ -76,6 +78,10 @@ class DetectorMixin:
     out_channels: int
     has_masks: bool
     options: dict[str, Any]
+    # dense heads set this to A (anchors per position): their class logits can be returned
+    logit_anchors: int | None = None
+    logit_kind: str = "sigmoid"
+    _kept_logits: dict[int, Tensor] | None = None
 
     def init_contract(
         self, num_classes: int, strides: tuple[int, ...], has_masks: bool = False
@@ -101,11 +107,17 @@ class DetectorMixin:
         images: Tensor,
         image_sizes: list[tuple[int, int]] | None = None,
         targets: list[dict[str, Tensor]] | None = None,
+        return_logits: bool = False,
     ) -> DetectorOutput:
         """One backbone pass. ``images``: (B, 3, H, W) padded batch; ``image_sizes``: each
         image's (h, w) before padding (default: the full padded size); ``targets``: boxes
         (xyxy, input coordinates), labels (1..K)[, masks (n, h, w)] -- required in train mode.
+        ``return_logits`` (dense detectors only, ``logit_anchors`` set): also return the head's
+        classification logits per level, ``{stride: (B, A·K, h_s, w_s)}`` anchor-major, the
+        very tensors the losses/detections of this pass use (with their graph in train mode).
         """
+        if return_logits and self.logit_anchors is None:
+            raise ValueError(f"{self.name} has no dense classification head: no per-level logits")
         if image_sizes is None:
             image_sizes = [tuple(images.shape[-2:])] * images.shape[0]
         sizes = [(int(h), int(w)) for h, w in image_sizes]
@@ -115,10 +127,22 @@ class DetectorMixin:
             raise ValueError(f"{self.name}: targets are required in train mode")
         image_list = ImageList(images, sizes)
         features = self.extract_features(images)
-        losses, detections = self.forward_head(
-            image_list, features, targets if self.training else None
-        )
-        return DetectorOutput(losses=losses, detections=detections, features=features)
+        self._kept_logits = {} if return_logits else None
+        try:
+            losses, detections = self.forward_head(
+                image_list, features, targets if self.training else None
+            )
+            logits = self._kept_logits or {}
+        finally:
+            self._kept_logits = None
+        return DetectorOutput(losses=losses, detections=detections, features=features,
+                              logits=logits)  # fmt: skip
+
+    def keep_logits(self, per_level: list[Tensor]) -> None:
+        """Called by a dense ``forward_head`` with its (B, A·K, h_s, w_s) class logits per
+        level (in ``strides`` order); kept only when the forward asked for them."""
+        if self._kept_logits is not None:
+            self._kept_logits.update(zip(self.strides, per_level, strict=True))
 
     def forward_head(
         self,

@@ -127,6 +127,7 @@ class GFLDetector(DetectorMixin, nn.Module):
         self.atss_topk = atss_topk
         self.octave_base_scale = octave_base_scale
         self.init_contract(num_classes, strides)
+        self.logit_anchors = 1
 
     def points(self, feats: list[Tensor]) -> list[Tensor]:
         """Anchor centres ``(j s, i s)`` per level, row-major (MMDetection ``center_offset=0``)."""
@@ -150,6 +151,7 @@ class GFLDetector(DetectorMixin, nn.Module):
         feats = list(features.values())
         cls_out, reg_out = self.head(feats)
         points = self.points(feats)
+        self.keep_logits(cls_out)
         if self.training:
             assert targets is not None
             return self.loss(cls_out, reg_out, points, targets), []

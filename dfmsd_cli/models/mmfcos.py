@@ -159,6 +159,7 @@ class MMFCOSDetector(DetectorMixin, nn.Module):
         self.detections_per_img = detections_per_img
         self.topk_candidates = topk_candidates
         self.init_contract(num_classes, strides)
+        self.logit_anchors = 1
 
     def points(self, feats: list[Tensor]) -> list[Tensor]:
         out = []
@@ -174,6 +175,7 @@ class MMFCOSDetector(DetectorMixin, nn.Module):
         feats = list(features.values())
         cls_out, reg_out, ctr_out = self.head(feats)
         points = self.points(feats)
+        self.keep_logits(cls_out)
         if self.training:
             return self.loss(cls_out, reg_out, ctr_out, points, targets), []
         return {}, self.predict(cls_out, reg_out, ctr_out, points, image_list.image_sizes)

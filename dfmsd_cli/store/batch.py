@@ -38,6 +38,8 @@ class TeacherView:
     image_id: list[int] = field(default_factory=list)
     view: list[str] = field(default_factory=list)  # the stored view of each image
     area_ratio: Tensor | None = None  # (B,) candidate-box area ratios
+    # (B, A·K, h_s, w_s) class logits, zero-padded like features; {} if the store has none
+    logits: dict[int, Tensor] = field(default_factory=dict)
 
     @property
     def stats(self) -> dict[str, dict[int, Tensor]]:
@@ -60,6 +62,7 @@ class TeacherView:
             valid=move(self.valid),
             att_spatial=move(self.att_spatial),
             att_channel=move(self.att_channel),
+            logits=move(self.logits),
         )
 
 
@@ -95,7 +98,7 @@ def collate_teacher(samples: list[dict], batch_hw: tuple[int, int]) -> TeacherVi
     H, W = batch_hw
     B = len(samples)
     maps: dict[str, dict[int, Tensor]] = {k: {} for k in ("features", "valid", "att_spatial")}
-    att_channel = {}
+    att_channel, logits = {}, {}
     for s in samples[0]["features"]:
         hs, ws = math.ceil(H / s), math.ceil(W / s)
         c = samples[0]["features"][s].shape[0]
@@ -114,10 +117,17 @@ def collate_teacher(samples: list[dict], batch_hw: tuple[int, int]) -> TeacherVi
             valid[b, :h, :w] = True
         maps["features"][s], maps["att_spatial"][s], maps["valid"][s] = feat, att, valid
         att_channel[s] = torch.stack([t["att_channel"][s] for t in samples])
+        if samples[0].get("logits"):
+            ak = samples[0]["logits"][s].shape[0]
+            lg = torch.zeros(B, ak, hs, ws)
+            for b, t in enumerate(samples):
+                h, w = t["valid"][s]
+                lg[b, :, :h, :w] = t["logits"][s]
+            logits[s] = lg
     per_image: dict[str, Any] = {
         f.name: [t[f.name] for t in samples]
         for f in fields(TeacherView)
         if f.name in ("boxes", "scores", "labels", "enhance", "index", "image_id", "view")
     }
     area = torch.tensor([t["area_ratio"] for t in samples], dtype=torch.float32)
-    return TeacherView(**maps, att_channel=att_channel, **per_image, area_ratio=area)
+    return TeacherView(**maps, att_channel=att_channel, **per_image, area_ratio=area, logits=logits)

@@ -79,6 +79,7 @@ class StoreSpec:
     weights_path: str | None = None
     categories: list[dict] | None = None
     keepbits: int | None = None
+    logits: dict | None = None  # {dtype, anchors, classes, kind} with --store-logits
 
     def attrs(self) -> dict:
         from dfmsd_cli import __version__
@@ -123,6 +124,7 @@ class StoreSpec:
             "score_thr": float(self.score_thr),
             "enhance": self.enhance,
             "adv": self.adv,
+            "logits": self.logits,
             "dfmsd_version": __version__,
             "torch": torch.__version__,
             "zarr": zarr.__version__,
@@ -183,6 +185,10 @@ def _allocate(group: zarr.Group, a: dict, image_ids: list[int]) -> None:
                 arr(f"qparams/{v}/{s}", (n, c, 2), (b, c, 2), "float32")
             arr(f"att_s/{v}/{s}", (n, hc, wc), (1, hc, wc), "float32", big32)
             arr(f"att_c/{v}/{s}", (n, c), (b, c), "float32")
+            if a.get("logits"):  # one image per chunk, like feat; float16 (docs/store.md)
+                ak = int(a["logits"]["anchors"]) * int(a["logits"]["classes"])
+                lg = feature_codec(a["codec"]["name"], "float16")
+                arr(f"logits/{v}/{s}", (n, ak, hc, wc), (1, ak, hc, wc), "float16", lg)
     for v in a["views"]:
         arr(f"det/{v}/boxes", (n, k, 4), (b, k, 4), "float32")
         arr(f"det/{v}/scores", (n, k), (b, k), "float32")

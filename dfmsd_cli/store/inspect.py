@@ -36,6 +36,8 @@ def _array_names(meta) -> list[str]:
             names += [f"feat/{v}/{s}", f"att_s/{v}/{s}", f"att_c/{v}/{s}"]
             if meta.dtype == "uint8":
                 names.append(f"qparams/{v}/{s}")
+            if getattr(meta, "logits", None):
+                names.append(f"logits/{v}/{s}")
     for v in meta.views:
         names += [f"det/{v}/{k}" for k in ("boxes", "scores", "labels", "count")]
         names.append(f"area_ratio/{v}")
@@ -103,6 +105,9 @@ def _check_image(store: TeacherStore, i: int) -> list[str]:
                 and torch.isfinite(t["att_channel"][s]).all()
             ):
                 out.append(f"NaN/inf in the attention statistics at {where}")
+                continue
+            if s in t["logits"] and not torch.isfinite(t["logits"][s]).all():
+                out.append(f"NaN/inf in the teacher logits at {where}")
                 continue
             got = f.abs().mean(dim=(1, 2)).double()
             want = t["att_channel"][s].double()

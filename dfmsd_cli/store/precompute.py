@@ -72,6 +72,7 @@ class PrecomputeOptions:
     dtype: str = "float16"
     keepbits: int | None = None  # mantissa bits kept (float16 / bfloat16), numcodecs BitRound
     for_student: str | None = None  # store only the levels this student can use
+    store_logits: bool = False  # dense teachers: class logits per level and view (float16)
     views: list[str] = field(default_factory=lambda: ["orig"])
     enhance_from: str | None = None
     enhance: EnhanceConfig = field(default_factory=EnhanceConfig)
@@ -271,6 +272,11 @@ def precompute(
             f"--levels {bad} are not levels of {o.teacher} (its strides: "
             f"{','.join(map(str, model.strides))}): pick from those"
         )
+    if o.store_logits and getattr(model, "logit_anchors", None) is None:
+        raise UserError(
+            f"--store-logits: {o.teacher} is a two-stage detector, whose class scores are per "
+            "proposal, not per FPN position: drop --store-logits (SAMKD then runs SFD alone)"
+        )
     if hasattr(model, "predict_masks"):  # the store keeps boxes and features, never masks
         model.predict_masks = False
     device = _device(o.device)
@@ -340,6 +346,7 @@ def _write_store(
         codec=o.codec,
         keepbits=o.keepbits,
         categories=ds.categories,
+        logits=_logit_attrs(model) if o.store_logits else None,
     )
     group = create_or_open(
         path, spec, fix=f"delete {path} or pass another --cache to precompute with these settings"
@@ -431,6 +438,16 @@ def _write_store(
     }
 
 
+def _logit_attrs(model: torch.nn.Module) -> dict:
+    """The store's ``logits`` attribute: encoding and head layout (what SLD matches)."""
+    return {
+        "dtype": "float16",
+        "anchors": int(model.logit_anchors),
+        "classes": int(model.num_classes),
+        "kind": model.logit_kind,
+    }
+
+
 @torch.inference_mode()
 def _run_batch(
     model: torch.nn.Module,
@@ -452,7 +469,7 @@ def _run_batch(
         inputs += _view_inputs(s, views, o.geometry, params, advs[k] if advs else None)
         sizes += [tuple(s["size"])] * len(views)
     x = pad_batch(inputs, o.geometry.pad_divisor).to(device)
-    out = model(x, sizes)
+    out = model(x, sizes, return_logits=o.store_logits)
     H, W = x.shape[-2:]
     feats = {s: out.features[s].float().cpu() for s in strides}
     results = []
@@ -466,6 +483,9 @@ def _run_batch(
                 boxes=det["boxes"].float().cpu(),
                 scores=det["scores"].float().cpu(),
                 labels=det["labels"].cpu(),
+                logits={st: out.logits[st][b].float().cpu() for st in strides}
+                if o.store_logits
+                else None,
             )
         enh = None
         if me[k] is not None:

@@ -10,6 +10,7 @@
     t["att_spatial"][8]  -> float32 (h_8, w_8)  mean_c |F|       (raw, no softmax/temperature)
     t["att_channel"][8]  -> float32 (C,)        mean_{h,w} |F|   over the valid positions
     t["boxes"] (k,4) xyxy, t["scores"] (k,), t["labels"] (k,) 1..K: top-K teacher detections
+    t["logits"][8]       -> float32 (A·K, h_8, w_8) class logits ({} unless --store-logits)
     t["area_ratio"]      -> float, t["enhance"] -> dict for the "me" view, else None
     view = collate_teacher([t0, t1, ...], batch_hw=(H, W))    # the student's padded batch size
     view.features[8] -> (B, C, ceil(H/8), ceil(W/8)) zero-padded; view.valid[8] -> bool
@@ -77,6 +78,7 @@ class StoreMeta:
     enhance: dict | None
     num_classes: int
     fingerprints: dict[str, str]
+    logits: dict | None  # {dtype, anchors, classes, kind}: stored class logits, else None
     image_ids: list[int] = field(repr=False)
     attrs: dict = field(repr=False)
 
@@ -165,6 +167,7 @@ class TeacherStore(GatherMixin):
             block=int(a["block"]),
             enhance=a.get("enhance"),
             num_classes=int(a.get("num_classes", 0)),
+            logits=a.get("logits"),  # stores before --store-logits have no such attribute
             fingerprints={
                 "weights_sha256": a["weights"]["sha256"],
                 "ann_sha256": a["dataset"]["ann_sha256"],
@@ -381,6 +384,8 @@ class TeacherStore(GatherMixin):
             reads[f"att_c/{view}/{s}"] = (index, where)
             if m.dtype == "uint8":
                 reads[f"qparams/{view}/{s}"] = (index, where)
+            if m.logits:
+                reads[f"logits/{view}/{s}"] = ((index, slice(None), slice(sh), slice(sw)), where)
         where = f"{image} (detections)"
         # whole rows (K entries): an empty slice would not even fetch a lost chunk
         for k in ("count", *_DET):
@@ -401,7 +406,7 @@ class TeacherStore(GatherMixin):
         """The sample dict (module doc) from its gathered reads."""
         m, sm = self.meta, self.small()
         index, view, transposed = ctx["index"], ctx["view"], ctx["transposed"]
-        feats, att_s, att_c, valid = {}, {}, {}, {}
+        feats, att_s, att_c, valid, logits = {}, {}, {}, {}, {}
         for s, (h, w) in ctx["shapes"].items():
             raw = got[f"feat/{view}/{s}"]
             if m.dtype == "uint8":
@@ -415,6 +420,9 @@ class TeacherStore(GatherMixin):
                 f, sp = f.transpose(-1, -2), sp.transpose(-1, -2)
             feats[s], att_s[s], valid[s] = f.contiguous(), sp.contiguous(), (h, w)
             att_c[s] = torch.from_numpy(got[f"att_c/{view}/{s}"])
+            if m.logits:
+                z = torch.from_numpy(got[f"logits/{view}/{s}"].astype(np.float32))
+                logits[s] = (z.transpose(-1, -2) if transposed else z).contiguous()
         n = int(got[f"det/{view}/count"])
         det = {k: got[f"det/{view}/{k}"][:n] for k in _DET}
         enhance = _enhance(got) if view == "me" else None
@@ -439,6 +447,7 @@ class TeacherStore(GatherMixin):
             "area_ratio": float(got[f"area_ratio/{view}"]),
             "enhance": enhance,
             "adversarial": adversarial,
+            "logits": logits,  # {} when the store has none
         }
         return out
 

@@ -6,7 +6,8 @@ One zarr v3 group per teacher and split, ``<cache>/<teacher>/<split>.zarr``. Its
     schema_version, teacher, num_classes, weights {path, sha256}, dataset {split, ann_sha256,
     image_ids_sha256, num_images}, geometry (Geometry.to_dict), canvas [long, short],
     strides, channels, level_shapes {stride: [Hc, Wc]}, dtype, quantization, codec, views,
-    block, topk, score_thr, enhance (or null), dfmsd_version, torch, zarr, created
+    block, topk, score_thr, enhance (or null), logits (or null; absent in older stores),
+    dfmsd_version, torch, zarr, created
 
 Arrays (N images, ``i`` = index into the ordered COCO image ids; per view ``v`` and stride ``s``):
 
@@ -27,6 +28,10 @@ Arrays (N images, ``i`` = index into the ordered COCO image ids; per view ``v`` 
 ``area_ratio/{v}``             (N,) float32        sum of box areas (score >= thr) / (h*w)
 ``enhance/params``             (N, 7) float64      ME view: kind, seed, sigma, x1, y1, x2, y2
 ``enhance/checksum``           (N,) uint64         ME view: checksum of the augmented input
+``logits/{v}/{s}``             (N, A·K, Hc, Wc)    float16, ``--store-logits`` (dense teachers):
+                                                   class logits, anchor-major, stored like
+                                                   ``feat``; attribute ``logits`` {dtype,
+                                                   anchors, classes, kind}
 ``adv/delta``                  (N, 3, Hi, Wi) int8 adv view: the integer perturbation δ
                                                    (image canvas, transposed like ``feat``)
 ``adv/checksum``               (N,) uint64         adv view: checksum of the adversarial input
@@ -85,6 +90,7 @@ FINGERPRINT_FIELDS: dict[str, str] = {
     "score_thr": "area-ratio score threshold",
     "enhance": "enhancement settings",
     "adv": "adversarial-view settings",
+    "logits": "stored teacher logits (--store-logits)",
     "codec.name": "codec",
 }
 
@@ -183,7 +189,8 @@ def _short(v: Any) -> str:
     return s if len(s) <= 80 else s[:77] + "..."
 
 
-_NULLABLE = ("enhance", "adv")  # None is a real value (the view is absent), not "don't care"
+# None is a real value (the view / the logits are absent), not "don't care"
+_NULLABLE = ("enhance", "adv", "logits")
 
 
 def diff_attrs(stored: dict, wanted: dict, fields: Sequence[str] | None = None) -> list[str]:

@@ -51,6 +51,7 @@ class ViewResult:
     boxes: torch.Tensor  # (n, 4) xyxy in resized + view coordinates
     scores: torch.Tensor  # (n,)
     labels: torch.Tensor  # (n,) 1..K
+    logits: dict[int, torch.Tensor] | None = None  # {stride: (A·K, h_s, w_s)} --store-logits
 
 
 @dataclass
@@ -151,6 +152,12 @@ class StoreWriter:
                 sp, ch = (x[0] for x in raw_statistics(f[None]))
                 chunks.append((f"att_s/{v}/{s}", _place(sp.numpy(), hc, wc, transposed)))
                 rows[f"att_c/{v}/{s}"] = ch.numpy()
+                if a.get("logits"):
+                    lg = r.views[v].logits
+                    if lg is None:
+                        raise ValueError(f"{what}: the store keeps logits but none were given")
+                    z = to_float16(lg[s].float(), f"{what} (logits)")
+                    chunks.append((f"logits/{v}/{s}", _place(z, hc, wc, transposed)))
         if "adv" in a["views"]:
             if r.adv is None:
                 raise ValueError(f"image {i}: the store has an 'adv' view but no perturbation")

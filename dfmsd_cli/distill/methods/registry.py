@@ -129,6 +129,10 @@ class LossTerm:
     view: str = "main"
     call: Callable[..., Tensor] = call_full
     enabled: Callable[[MethodConfig], bool] = _always
+    # the term reads the student's class logits (main view): the training forward then runs
+    # with ``return_logits=True`` and ``call`` gets ``logits=`` ({stride: (B, A·K, h, w)}) and
+    # ``peers=`` (the stage's loss modules, e.g. SLD reads SFD's aligned features)
+    logits: bool = False
 
     def weight_of(self, cfg: MethodConfig) -> float:
         return self.weight(cfg) if callable(self.weight) else getattr(cfg, self.weight)
@@ -193,6 +197,9 @@ class MethodSpec:
     stage_loss: str | None = None  # the label of its main feature loss (summary, viz masks)
     options: tuple[MethodOption, ...] = ()
     check: Callable[[MethodConfig, dict[str, Any]], MethodConfig] | None = None  # cross-option
+    # after the stages' stores are opened: (cfg, student, stores, online) -> cfg, e.g. a term
+    # that needs what only some stores hold (samkd's SLD: stored teacher logits)
+    with_stores: Callable[..., MethodConfig] | None = None
 
     def resolve_defaults(self, family: str, head: str) -> dict[str, Any]:
         values = dict(self.defaults.get(family, {}))

@@ -8,13 +8,16 @@ blocks, the per-scale losses averaged (``scale_weights="uniform"``). Defaults (o
 * α = 5e-5 (DFM's weight, the loss has DFM's scale), both student families;
 * λ_s = 0.65, λ_c = 0.5, τ = 0.5, rule ``sample`` (DFM's), grids 1,2,4, no pooling.
 
-SLD (the masking logit distillation, ``distill/losses/sld.py``) needs the teacher's per-level
-classification logits in the store, which this version does not store (issue 14 item 3): the
-method runs SFD alone, says so at start and records it in the resolved config (``notes``).
+SLD (the masking logit distillation, ``distill/losses/sld.py``): ``+ w·L_SLD`` (w = 1, τ = 1,
+the weight map on SFD's finest grid: our choices) when the last stage's store holds the
+teacher's class logits (``precompute --store-logits``) and the heads match (same K classes, A
+anchors per position, sigmoid/softmax kind); otherwise — an older store, a two-stage teacher,
+another head, ``--online`` — SFD runs alone, the run says why at start and records it in the
+resolved config (``notes``). ``--no-sld`` is the ablation.
 
-Options: ``--samkd-grids`` (e.g. ``1,2,4``), ``--samkd-pool`` (v1's multi-scale max-pooling of
-both maps before reconstruction; every grid must divide the largest), and DFM's ``--lambda-s``,
-``--lambda-c``, ``--tau``, ``--mask-rule``.
+Options: ``--no-sld``, ``--samkd-grids`` (e.g. ``1,2,4``), ``--samkd-pool`` (v1's multi-scale
+max-pooling of both maps before reconstruction; every grid must divide the largest), and DFM's
+``--lambda-s``, ``--lambda-c``, ``--tau``, ``--mask-rule``.
 """
 
 from __future__ import annotations
@@ -33,9 +36,11 @@ from dfmsd_cli.distill.methods.registry import (
 from dfmsd_cli.errors import UserError
 
 SLD_NOTE = (
-    "SAMKD runs SFD alone: SLD (masking logit distillation) needs the teachers' classification "
-    "logits in the store, which this version of precompute does not store"
+    "SAMKD runs SFD alone: SLD (masking logit distillation) needs the teacher's classification "
+    "logits in the last stage's store (dfmsd precompute --store-logits) and matching heads"
 )
+SLD_WEIGHT, SLD_TAU = 1.0, 1.0  # our choices (docs/method.md, SAMKD)
+_SFD_ONLY = ("sld", "sld_active", "sld_weight", "sld_anchors", "sld_kind")  # not SFDLoss kwargs
 
 
 def parse_grids(value: Any) -> list[int]:
@@ -56,9 +61,62 @@ def parse_grids(value: Any) -> list[int]:
 def build_sfd(cfg, levels, student_channels, teacher_channels):
     from dfmsd_cli.distill.losses import SFDLoss
 
-    kw = dict(cfg.loss_kwargs)
+    kw = {k: v for k, v in cfg.loss_kwargs.items() if k not in _SFD_ONLY}
     kw["grids"] = tuple(kw["grids"])
     return SFDLoss(levels, student_channels, teacher_channels, **kw)
+
+
+def build_sld(cfg, levels, student_channels, teacher_channels):
+    from dfmsd_cli.distill.losses.sld import SLDLoss
+
+    kw = cfg.loss_kwargs
+    return SLDLoss(levels, kw["sld_anchors"], kw["sld_kind"], SLD_TAU, grid=max(kw["grids"]))
+
+
+def call_sld(mod, feats, teacher, targets, logits=None, peers=None):
+    """``L_SLD(z_S, z_T, S', T, valid)``: the student's logits of this forward, the stored
+    teacher logits, and S' = SFD's aligned student features (``SFDLoss.aligned``)."""
+    aligned = peers["stage"].aligned(feats, teacher.features)
+    return mod(logits, teacher.logits, aligned, teacher.features, teacher.valid)
+
+
+def sld_problem(student, store) -> str | None:
+    """Why SLD cannot run with ``student`` against the store's teacher (None: it can)."""
+    have = store.meta.logits
+    if not have:
+        return (
+            f"store {store.path} holds no teacher logits: precompute it with --store-logits "
+            "(dense teachers only)"
+        )
+    a, k = getattr(student, "logit_anchors", None), student.num_classes
+    kind = getattr(student, "logit_kind", None)
+    want = (a, k, kind)
+    stored = (int(have["anchors"]), int(have["classes"]), have["kind"])
+    if want != stored:
+        return (
+            f"the heads differ (student: {a} anchors × {k} classes, {kind}; teacher: "
+            f"{stored[0]} anchors × {stored[1]} classes, {stored[2]})"
+        )
+    return None
+
+
+def with_stores(cfg: MethodConfig, student, stores, online: bool) -> MethodConfig:
+    """Turn SLD on when the last stage's store has logits of a matching head, else say why."""
+    from dataclasses import replace
+
+    if not cfg.loss_kwargs.get("sld", True):
+        return replace(cfg, notes=("SAMKD runs SFD alone: SLD is off (--no-sld)",))
+    last = stores[-1] if stores else None
+    if online or last is None:
+        why = "--online computes no teacher logits in this version" if online else "no store"
+        return replace(cfg, notes=(f"{SLD_NOTE} ({why})",))
+    problem = sld_problem(student, last.store)
+    if problem is not None:
+        return replace(cfg, notes=(f"{SLD_NOTE}: {problem}",))
+    have = last.store.meta.logits
+    kw = {**cfg.loss_kwargs, "sld_active": True, "sld_weight": SLD_WEIGHT,
+          "sld_anchors": int(have["anchors"]), "sld_kind": have["kind"]}  # fmt: skip
+    return replace(cfg, loss_kwargs=kw, notes=())
 
 
 def _set_grids(cfg: MethodConfig, value: Any) -> MethodConfig:
@@ -78,6 +136,9 @@ def _check(cfg: MethodConfig, given: dict[str, Any]) -> MethodConfig:
 
 
 OPTIONS = (
+    MethodOption("sld", bool, True, "samkd: add L_SLD when the last store has the teacher's "
+                 "logits of a matching head (--no-sld: SFD alone, the ablation).",
+                 "SLD", target="sld", kwarg=True),
     MethodOption("samkd_grids", str, None, "samkd: SFD's window grids per FPN level, coarse to "
                  "fine (1,2,4: 1×1, 2×2 and 4×4 windows).", "the SFD window grids",
                  apply=_set_grids),
@@ -89,20 +150,38 @@ OPTIONS = (
 
 _DEFAULTS = {
     "alpha": 5e-5,
-    "loss_kwargs": {**DFM_DEFAULTS, "grids": [1, 2, 4], "pool": False, "scale_weights": "uniform"},
+    "loss_kwargs": {
+        **DFM_DEFAULTS,
+        "grids": [1, 2, 4],
+        "pool": False,
+        "scale_weights": "uniform",
+        "sld": True,
+    },
     "notes": (SLD_NOTE,),
 }
 
 register_method(
     MethodSpec(
         "samkd",
-        "L_det + α·L_SFD (windowed dual masking; SLD needs stored logits), one stage "
-        "(SAMKD, arXiv 2501.07101)",
-        terms=(LossTerm("loss_kd", "stage", build_sfd, "alpha"),),
+        "L_det + α·L_SFD (windowed dual masking) + L_SLD (with stored teacher logits), one "
+        "stage (SAMKD, arXiv 2501.07101)",
+        terms=(
+            LossTerm("loss_kd", "stage", build_sfd, "alpha"),
+            LossTerm(
+                "loss_sld",
+                "sld",
+                build_sld,
+                lambda c: c.loss_kwargs.get("sld_weight", 0.0),
+                call=call_sld,
+                logits=True,
+                enabled=lambda c: bool(c.loss_kwargs.get("sld_active")),
+            ),
+        ),  # fmt: skip
         defaults={"one_stage": _DEFAULTS, "two_stage": _DEFAULTS},
         store=StoreNeeds(attention=True),
         stage_loss="sfd",
         options=OPTIONS,
         check=_check,
+        with_stores=with_stores,
     )
 )
