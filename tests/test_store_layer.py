@@ -263,3 +263,16 @@ def test_area_ratio_by_hand():
     # box 1: 5*4 = 20; box 2 clipped to the 10x8 image: 2*2 = 4; box 3 below the threshold
     assert area_ratio(boxes, scores, (8, 10), 0.3) == pytest.approx(24 / 80)
     assert area_ratio(boxes, scores, (8, 10), 0.95) == 0.0
+
+
+def test_cache_local_false_never_reads_through_a_local_copy(monkeypatch, tmp_path):
+    """``cache verify``/``--repair`` open with ``cache_local=False``: DFMSD_CACHE_LOCAL must not
+    give them a local copy (a chunk damaged on the server but cached intact would pass)."""
+    from dfmsd_cli.store.reader import local_copy_dir
+
+    local = str(tmp_path / "local")
+    monkeypatch.setenv("DFMSD_CACHE_LOCAL", local)
+    assert local_copy_dir(None, remote=True) == local
+    assert local_copy_dir("/x", remote=True) == "/x"
+    assert local_copy_dir(False, remote=True) is None
+    assert local_copy_dir("/x", remote=False) is None  # a local store never gets a copy

@@ -153,7 +153,8 @@ def verify_store(
 
     report = VerifyReport()
     problems, notes = report.problems, report.notes
-    store = TeacherStore.open(path, concurrency=concurrency)
+    # cache_local=False: check what the server holds, never a local copy of it
+    store = TeacherStore.open(path, concurrency=concurrency, cache_local=False)
     m = store.meta
     if not store.checksummed:
         notes.append(

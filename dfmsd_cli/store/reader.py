@@ -120,6 +120,16 @@ def open_group(
     return group
 
 
+def local_copy_dir(cache_local: str | os.PathLike | bool | None, remote: bool) -> str | None:
+    """The read-through copy folder of a store: ``cache_local``, else ``DFMSD_CACHE_LOCAL``;
+    none for a local store, and none for ``False`` (``cache verify``/``--repair`` must read
+    what the server holds, never a copy of it)."""
+    if cache_local is False or not remote:
+        return None
+    chosen = cache_local or os.environ.get("DFMSD_CACHE_LOCAL")
+    return str(chosen) if chosen else None
+
+
 class TeacherStore(GatherMixin):
     """Read access to one teacher's store (one split). Pickles as its path (lazy reopen)."""
 
@@ -128,15 +138,14 @@ class TeacherStore(GatherMixin):
         path: str | os.PathLike,
         mode: str = "r",
         concurrency: int | None = None,
-        cache_local: str | os.PathLike | None = None,
+        cache_local: str | os.PathLike | bool | None = None,
     ):
         self.path = str(path)
         self.mode = mode
         remote = is_remote(self.path)
         # object storage: requests in flight bounded, final chunks copied to a local folder
         self.concurrency = (concurrency or concurrency_default()) if remote else None
-        cache_local = cache_local or os.environ.get("DFMSD_CACHE_LOCAL") or None
-        self.cache_local = str(cache_local) if cache_local and remote else None
+        self.cache_local = local_copy_dir(cache_local, remote)
         self._group: zarr.Group | None = None
         self._arrays: dict[str, zarr.Array] = {}
         self._small: dict[str, np.ndarray] | None = None
@@ -183,11 +192,12 @@ class TeacherStore(GatherMixin):
         path: str | os.PathLike,
         mode: str = "r",
         concurrency: int | None = None,
-        cache_local: str | os.PathLike | None = None,
+        cache_local: str | os.PathLike | bool | None = None,
     ) -> TeacherStore:
         """Open the store at ``path``. On object storage ``concurrency`` bounds the requests in
         flight (default ``DFMSD_STORE_CONCURRENCY`` or 64) and ``cache_local`` (default
-        ``DFMSD_CACHE_LOCAL``) is a folder keeping a read-through copy of the chunks read."""
+        ``DFMSD_CACHE_LOCAL``) is a folder keeping a read-through copy of the chunks read;
+        ``False`` never keeps one (what ``cache verify`` and ``--repair`` use)."""
         return cls(path, mode, concurrency, cache_local)
 
     # -- lazy handles (re-created in each worker process after unpickling)

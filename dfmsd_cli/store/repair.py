@@ -86,7 +86,7 @@ def repair_store(
     from dfmsd_cli.models.checkpoint import load_teacher
     from dfmsd_cli.store.precompute import precompute
 
-    store = TeacherStore.open(path)
+    store = TeacherStore.open(path, cache_local=False)
     options = options_of_store(store, weights, **kw)
     teacher = load_teacher(options.teacher, store.meta.num_classes, options.weights, options.seed)
     sha = schema.state_dict_sha256(teacher.state_dict())
