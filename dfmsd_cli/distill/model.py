@@ -30,6 +30,8 @@ class DistillModel(nn.Module):
         for term in cfg.spec.terms:
             if term.key in losses:
                 self.terms.setdefault(term.view, []).append(term)
+        # whether a main-view term reads the student's class logits (fixed for the stage)
+        self.main_logits = any(t.logits for t in self.terms.get(MAIN, []))
 
     @property
     def extra_views(self) -> list[str]:
@@ -49,7 +51,7 @@ class DistillModel(nn.Module):
         (the engine does, so the passes' activations are never held together)."""
         if part not in ("all", MAIN):
             return self.view_losses(part, teacher, targets)
-        logits = teacher is not None and any(t.logits for t in self.terms.get(MAIN, []))
+        logits = teacher is not None and self.main_logits
         if logits:
             out = self.student(images, image_sizes, targets, return_logits=True)
         else:

@@ -127,14 +127,20 @@ class DualMaskingLevel(nn.Module):
 
 
 class DualMaskingLoss(LevelwiseLoss):
-    """Σ over matched levels of :class:`DualMaskingLevel` (DFMSD's L_stage and L_ME)."""
+    """Σ over matched levels of :class:`DualMaskingLevel` (DFMSD's L_stage and L_ME).
+
+    ``level_cls`` is the per-level module; a loss with the same call and statistics (SAMKD's
+    SFD) subclasses this with its own level."""
+
+    level_cls: type[nn.Module] = DualMaskingLevel
 
     def __init__(self, levels, student_channels, teacher_channels, **level_kwargs) -> None:
+        level_cls = self.level_cls
         super().__init__(
             levels,
             student_channels,
             teacher_channels,
-            lambda cs, ct: DualMaskingLevel(cs, ct, **level_kwargs),
+            lambda cs, ct: level_cls(cs, ct, **level_kwargs),
         )
 
     def forward(

@@ -38,13 +38,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dfmsd_cli.distill.losses.common import (
-    LevelwiseLoss,
     generation_loss,
     raw_statistics,
     resize_to,
-    zero_loss,
 )
-from dfmsd_cli.distill.losses.dual_masking import DualMaskingLevel
+from dfmsd_cli.distill.losses.dual_masking import DualMaskingLevel, DualMaskingLoss
 from dfmsd_cli.distill.losses.windows import (
     windowed_channel_mask,
     windowed_channel_stat,
@@ -183,31 +181,10 @@ class SFDLevel(nn.Module):
         return (self.scale_weights().to(losses.dtype) * losses).sum()
 
 
-class SFDLoss(LevelwiseLoss):
+class SFDLoss(DualMaskingLoss):
     """Σ over matched levels of :class:`SFDLevel` (SAMKD's L_SFD); same call as DFM's loss."""
 
-    def __init__(self, levels, student_channels, teacher_channels, **level_kwargs) -> None:
-        super().__init__(
-            levels,
-            student_channels,
-            teacher_channels,
-            lambda cs, ct: SFDLevel(cs, ct, **level_kwargs),
-        )
-
-    def forward(
-        self,
-        student: dict[int, Tensor],
-        teacher: dict[int, Tensor],
-        valid: dict[int, Tensor],
-        stats: dict | None = None,
-        targets: list | None = None,
-    ) -> Tensor:
-        total = zero_loss(student)
-        for s, mod, fs, ft, v in self._levels(student, teacher, valid):
-            sp = stats["spatial"].get(s) if stats else None
-            ch = stats["channel"].get(s) if stats else None
-            total = total + mod(fs, ft, v, sp, ch)
-        return total
+    level_cls = SFDLevel
 
     @torch.no_grad()
     def aligned(self, student: dict[int, Tensor], teacher: dict[int, Tensor]) -> dict[int, Tensor]:
