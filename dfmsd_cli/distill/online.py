@@ -64,9 +64,13 @@ class OnlineTeacher:
         weaker: torch.nn.Module | None = None,
         enhance: Any = None,  # EnhanceConfig when ME runs
         score_thr: float = 0.3,
+        topk: int = 0,
+        logits: bool = False,
     ) -> None:
         self.teacher, self.levels, self.geometry = teacher, list(levels), geometry
         self.weaker, self.enhance, self.score_thr = weaker, enhance, score_thr
+        # the main view's detections (top-K; 0: none) and class logits (G-DetKD, online_needs)
+        self.topk, self.logits = int(topk), bool(logits)
 
     @property
     def me(self) -> bool:
@@ -88,10 +92,28 @@ class OnlineTeacher:
         sizes = [tuple(hw) for hw in batch["image_sizes"]]
         hw = tuple(images.shape[-2:])
         valid = valid_masks(sizes, hw, self.levels, self.geometry.pad_divisor)
-        result = TeacherBatch({MAIN: self._outputs(self.teacher.extract_features(images), valid)})
+        if self.topk or self.logits:
+            main = self._full_pass(images, sizes, valid)
+        else:
+            main = self._outputs(self.teacher.extract_features(images), valid)
+        result = TeacherBatch({MAIN: main})
         if self.me:
             result.views["me"], result.inputs["me"] = self._me(batch, images, sizes, valid)
         return result
+
+    def _full_pass(self, images: Tensor, sizes, valid: dict[int, Tensor]) -> TeacherView:
+        """The teacher's inference forward: features, the top-K detections of each image and,
+        with ``logits``, its class logits (zero outside each image's extent, as collated)."""
+        out = self.teacher(images, sizes, return_logits=self.logits)
+        view = self._outputs(out.features, valid)
+        for det in out.detections:
+            det = top_detections(det, self.topk)
+            view.boxes.append(det["boxes"])
+            view.scores.append(det["scores"])
+            view.labels.append(det["labels"])
+        if self.logits:
+            view.logits = {s: out.logits[s].float() * valid[s][:, None] for s in self.levels}
+        return view
 
     def _me(self, batch: dict, images: Tensor, sizes, valid) -> tuple[TeacherView, Tensor]:
         from dfmsd_cli.data.enhance import apply_enhance, area_ratio, choose
@@ -113,18 +135,54 @@ class OnlineTeacher:
         return self._outputs(feats, valid), me_images
 
 
+def top_detections(det: dict[str, Tensor], k: int) -> dict[str, Tensor]:
+    """An image's ``k`` highest-scoring detections (boxes, scores, labels), in the order and
+    dtypes precompute's writer stores them (stable descending sort by score)."""
+    order = torch.argsort(det["scores"].float(), descending=True, stable=True)[:k]
+    return {
+        "boxes": det["boxes"][order].float(),
+        "scores": det["scores"][order].float(),
+        "labels": det["labels"][order].long(),
+    }
+
+
+ONLINE_TOPK = 100  # precompute's --topk default: the same regions as a default store
+
+
+def online_needs(cfg) -> dict[str, Any]:
+    """What ``cfg``'s enabled terms read of an online teacher besides features: ``topk``
+    detections (the method's store needs boxes) and ``logits`` (a term reads class logits)."""
+    from dfmsd_cli.distill.methods import stage_terms
+
+    store = cfg.spec.store
+    return {
+        "topk": ONLINE_TOPK if store is not None and store.boxes else 0,
+        "logits": any(t.logits for t in stage_terms(cfg)),
+    }
+
+
 def _unpad_raw(raw: Tensor, sizes) -> list[Tensor]:
     """The padded raw batch back to per-image maps, undoing the view later if needed."""
     return [raw[b, :, : sizes[b][0], : sizes[b][1]] for b in range(raw.shape[0])]
 
 
 def stage_online_teacher(
-    opts, sal: bool, plan, student, num_classes: int, geometry: Geometry, device, warn=print
+    opts,
+    sal: bool,
+    plan,
+    student,
+    num_classes: int,
+    geometry: Geometry,
+    device,
+    warn=print,
+    topk: int = 0,
+    logits: bool = False,
 ) -> OnlineTeacher:
     """``--online``: build stage ``plan``'s teacher (and, for ME, the teacher listed before it).
 
     ``opts.stages`` / ``opts.teacher_weights`` list the teachers; without SAL the single stage
     uses the last one. Teachers are seeded with ``opts.seed`` like ``dfmsd precompute``.
+    ``topk``/``logits``: what the method reads besides features (:func:`online_needs`).
     """
     from dfmsd_cli.data.enhance import EnhanceConfig
     from dfmsd_cli.distill.losses.common import match_levels
@@ -146,4 +204,4 @@ def stage_online_teacher(
     elif plan.me:
         warn(f"note: --online ME needs a weaker teacher listed before {plan.teacher}: no L_ME")
     enhance = EnhanceConfig() if weaker is not None else None
-    return OnlineTeacher(teacher, levels, geometry, weaker, enhance)
+    return OnlineTeacher(teacher, levels, geometry, weaker, enhance, topk=topk, logits=logits)

@@ -19,7 +19,7 @@ from dfmsd_cli.data.geometry import Geometry
 from dfmsd_cli.distill.dataset import DistillDataset, collate_distill
 from dfmsd_cli.distill.methods import MethodConfig, build_stage_losses
 from dfmsd_cli.distill.model import DistillModel
-from dfmsd_cli.distill.online import stage_online_teacher
+from dfmsd_cli.distill.online import online_needs, stage_online_teacher
 from dfmsd_cli.distill.stages import StagePlan, StageStore
 from dfmsd_cli.distill.step import train_step
 from dfmsd_cli.engine.distributed import DistInfo
@@ -78,6 +78,7 @@ class StageTask(Task):
                 ctx.geometry,
                 device,
                 console.print,
+                **online_needs(cfg),
             )  # fmt: skip
             if opts.online and cfg.needs_store
             else None

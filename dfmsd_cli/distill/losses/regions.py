@@ -87,8 +87,8 @@ def batch_regions(
 ) -> tuple[Tensor, Tensor]:
     """Regions of a batch: ``rois`` (N, 5) = (image index, x1, y1, x2, y2) and ``positive`` (N,).
 
-    ``det_boxes`` may be empty (a teacher view without stored detections, e.g. ``--online``):
-    then the regions are the GT boxes alone.
+    ``det_boxes`` may be empty (a teacher view without detections): then the regions are the
+    GT boxes alone. (``--online`` gives the live teacher's top-K, ``distill/online.py``.)
     """
     rois, flags = [], []
     for b, gt in enumerate(gt_boxes):
