@@ -1,5 +1,6 @@
 """G-DetKD ``--online``: the live teacher gives the store's regions and RoI features (one image,
-within float16 rounding), its detections are the writer's top-K, and a run from the CLI."""
+within float16 rounding), its detections are the writer's top-K, and a run from the CLI; the
+homogeneous pair (gfl_tiny <- gfl_tiny, store with logits) runs L_cls from the CLI."""
 
 from __future__ import annotations
 
@@ -124,3 +125,24 @@ def test_gdetkd_online_from_the_cli(synthetic_root, tmp_path):
     rows = (tmp_path / "on" / "metrics.jsonl").read_text().splitlines()
     train = [r for r in map(json.loads, rows) if r.get("phase") == "train"]
     assert train and all(r["loss_kd"] > 0 and r["loss_ckd"] > 0 for r in train)
+
+
+@pytest.mark.slow
+def test_gdetkd_homogeneous_pair_runs_class_kd_from_the_cli(synthetic_root, gfl_cache, tmp_path):
+    def run(out, *extra):
+        argv = ["distill", "--student", TEACHER, "--stages", TEACHER, "--method", "gdetkd",
+                "--data", str(synthetic_root), "--cache", str(gfl_cache), "--out", str(out),
+                "--epochs", "1", "--batch-size", "2", "--warmup-iters", "2", "--num-workers",
+                "0", "--device", "cpu", "--no-eval", "--img-scale", "320,256", "--ckd-queue",
+                "16", *extra]  # fmt: skip
+        assert _cli(argv) == 0
+        rows = (out / "metrics.jsonl").read_text().splitlines()
+        resolved = json.loads((out / "config.json").read_text())["options"]["resolved"]
+        return [r for r in map(json.loads, rows) if r.get("phase") == "train"], resolved
+
+    train, resolved = run(tmp_path / "homo")
+    assert train and all(r["loss_cls_kd"] > 0 and r["loss_cls"] > 0 for r in train)
+    assert resolved["loss_kwargs"]["parts"].startswith("L_feat+L_ckd+L_cls (class-aware KD")
+    train, resolved = run(tmp_path / "ablation", "--no-class-kd")
+    assert train and all("loss_cls_kd" not in r and r["loss_cls"] > 0 for r in train)
+    assert resolved["notes"] == ["G-DetKD runs without class-aware KD (L_cls): --no-class-kd"]
