@@ -14,7 +14,7 @@ import torch
 from conftest import _cli
 
 from dfmsd_cli.distill.losses.crosskd import (
-    CrossKDGFLLoss,
+    CrossKDLoss,
     align_scale,
     kd_kl_div,
     kd_quality_focal_loss,
@@ -88,7 +88,7 @@ def test_cross_head_equals_the_teacher_head_when_the_student_is_the_teacher():
     teacher_head.load_state_dict(student.head.state_dict())
     levels = list(student.strides)
     feats = {s: torch.randn(2, 64, max(1, 32 // s), max(1, 40 // s)) for s in levels}
-    loss = CrossKDGFLLoss(teacher_head, levels, {s: i for i, s in enumerate(levels)}, index=3)
+    loss = CrossKDLoss(teacher_head, levels, {s: i for i, s in enumerate(levels)}, index=3)
     ref_cls, ref_reg = teacher_head([feats[s] for s in levels])
     tout = loss.teacher_outputs(feats)
     for i, s in enumerate(levels):
@@ -96,7 +96,7 @@ def test_cross_head_equals_the_teacher_head_when_the_student_is_the_teacher():
     valid = {s: torch.ones(2, *f.shape[-2:], dtype=torch.bool) for s, f in feats.items()}
     for index in (0, 2, 3, 4):
         loss.index = index
-        cls, reg = loss(student.head, feats, feats, valid, num_pos=5)
+        cls, reg = loss(student.head, feats, feats, valid, norm=5)
         # KD-QFL at p = q is BCE·0 = 0 exactly; the KL is 0 up to rounding
         assert cls.item() == pytest.approx(0.0, abs=1e-6)
         assert reg.item() == pytest.approx(0.0, abs=1e-5)
@@ -105,7 +105,7 @@ def test_cross_head_equals_the_teacher_head_when_the_student_is_the_teacher():
     torch.nn.init.normal_(other.head.cls_convs[0].conv.weight, std=0.1)
     s_feats = {s: f.clone().requires_grad_(True) for s, f in feats.items()}
     loss.index = 3
-    cls, reg = loss(other.head, s_feats, feats, valid, num_pos=5)
+    cls, reg = loss(other.head, s_feats, feats, valid, norm=5)
     assert cls.item() > 0 and reg.item() > 0
     (cls + reg).backward()
     assert other.head.cls_convs[2].conv.weight.grad.abs().sum() > 0
@@ -115,9 +115,48 @@ def test_cross_head_equals_the_teacher_head_when_the_student_is_the_teacher():
     assert s_feats[8].grad.abs().sum() > 0
 
 
+def test_iou_term_by_hand_and_mmfcos_cross_head_equals_its_teacher_head():
+    """FCOS regression KD: distances (1,1,1,1) vs (2,2,2,2) are boxes of area 4 and 16 around
+    one point, IoU 1/4, loss −log(1/4) = ln 4; and the mmfcos hooks reproduce its head."""
+    from dfmsd_cli.distill.losses.crosskd import _ltrb_box
+    from dfmsd_cli.models.gfl_losses import aligned_iou
+
+    iou = aligned_iou(_ltrb_box(torch.ones(1, 4)), _ltrb_box(torch.full((1, 4), 2.0)))
+    assert (-iou.log()).item() == pytest.approx(math.log(4.0), rel=1e-5)
+    torch.manual_seed(4)
+    student = build_model("mmfcos_tiny", num_classes=3).eval()
+    head = student.head
+    levels = list(student.strides)
+    feats = {s: torch.randn(2, 64, max(1, 32 // s), max(1, 40 // s)) for s in levels}
+    ref = head([feats[s] for s in levels])
+    for i in range(5):
+        for lv, s in enumerate(levels):
+            out = head.forward_from(*head.towers_until(feats[s], i), lv, i)
+            assert all(torch.allclose(a, b[lv]) for a, b in zip(out, ref, strict=True))
+    teacher_head = build_model("mmfcos_tiny", num_classes=3).head
+    teacher_head.load_state_dict(head.state_dict())
+    loss = CrossKDLoss(teacher_head, levels, {s: i for i, s in enumerate(levels)}, 2,
+                       kind="mmfcos")  # fmt: skip
+    valid = {s: torch.ones(2, *f.shape[-2:], dtype=torch.bool) for s, f in feats.items()}
+    cls, reg = loss(head, feats, feats, valid, norm=3.0)
+    assert cls.item() == pytest.approx(0.0, abs=1e-6) and reg.item() == pytest.approx(0, abs=1e-5)
+    other = build_model("mmfcos_tiny", num_classes=3)
+    cls, reg = loss(other.head, feats, feats, valid, norm=3.0)
+    assert cls.item() > 0 and reg.item() > 0
+    # the normaliser: the positives' centerness targets; none without boxes
+    maps = [feats[s][:1] for s in levels]
+    empty = [{"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.long)}]
+    assert student.centerness_norm(maps, empty) == 0.0
+    one = [{"boxes": torch.tensor([[0.0, 0.0, 24.0, 24.0]]), "labels": torch.tensor([1])}]
+    # stride-8 points at 4, 12, 20 inside the box: l/r = 4/20, 12/12, 20/4 per axis
+    by_hand = sum(math.sqrt(min(a, 24 - a) / max(a, 24 - a) * min(b, 24 - b) / max(b, 24 - b))
+                  for a in (4, 12, 20) for b in (4, 12, 20))  # fmt: skip
+    assert student.centerness_norm(maps, one) == pytest.approx(by_hand, rel=1e-5)
+
+
 def test_teacher_head_is_kept_out_of_the_loss_state_and_parameters():
     head = build_model("gfl_tiny", num_classes=3).head
-    loss = CrossKDGFLLoss(head, [8], {8: 0})
+    loss = CrossKDLoss(head, [8], {8: 0})
     assert list(loss.parameters()) == [] and loss.state_dict() == {}
     loss.to(torch.float64)
     assert head.gfl_cls.weight.dtype == torch.float64  # .to() moves the teacher head
@@ -167,6 +206,8 @@ def test_teacher_head_alone_is_loaded_from_the_stores_weights_and_checked(tmp_pa
         ("gfl_tiny", {"teacher": "fcos_tiny"}, "same head family"),
         ("gfl_tiny", {"classes": 80}, "80 classes"),
         ("gfl_tiny", {"channels": 256}, "channels wide"),
+        ("mmfcos_tiny", {}, "same head family"),
+        ("fcos_tiny", {"teacher": "fcos_tiny"}, "same head family"),
     ],
 )
 def test_incompatible_pairs_are_one_line_errors(student, store, match):
@@ -188,13 +229,17 @@ def test_online_and_a_crossing_point_past_the_towers_are_refused():
         method_config("crosskd", "gfl_tiny", crosskd_index=-1)
 
 
-def test_distill_model_runs_both_terms_from_one_cross_head_pass(tmp_path):
+@pytest.mark.parametrize(("name", "defaults"), [("gfl_tiny", (1.0, 1.0, 3)),
+                                               ("mmfcos_tiny", (0.4, 0.75, 2))])  # fmt: skip
+def test_distill_model_runs_both_terms_from_one_cross_head_pass(tmp_path, name, defaults):
     torch.manual_seed(2)
-    teacher = build_model("gfl_tiny", num_classes=3)
+    teacher = build_model(name, num_classes=3)
     path = save_checkpoint(tmp_path / "t.pth", teacher)
-    student = build_model("gfl_tiny", num_classes=3).train()
-    cfg = with_stores(method_config("crosskd", "gfl_tiny"), student,
-                      _store(path=str(path)), online=False)  # fmt: skip
+    student = build_model(name, num_classes=3).train()
+    cfg = with_stores(method_config("crosskd", name), student,
+                      _store(teacher=name, path=str(path)), online=False)  # fmt: skip
+    assert (cfg.alpha, cfg.beta, cfg.loss_kwargs["index"]) == defaults  # the official configs'
+    assert cfg.loss_kwargs["kind"] == name.split("_")[0]
     levels = list(student.strides)
     model = DistillModel(student, build_stage_losses(cfg, levels, 64, 64), cfg)
     x = torch.randn(2, 3, 64, 64)

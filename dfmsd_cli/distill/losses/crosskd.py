@@ -7,13 +7,19 @@ that ReLU) are given the teacher's per-channel statistics (``align_scale``) and 
 **teacher's** remaining head layers (frozen): the cross-head predictions ``ẑ`` are distilled
 toward the teacher's own predictions ``z^T`` (its head on the stored FPN features). Gradients
 reach the student through its first ``i`` tower convs, its FPN and backbone; the teacher head
-stays frozen. GFL pair (``crosskd_r50_gflv1_r101-2x-ms_fpn_1x_coco.py``): ``i = 3``,
+stays frozen. Per head family (the official configs; ``w_p = σ(max_k z^T_pk)``, the teacher's
+top score; ``KD-QFL(ẑ, z) = BCE(σ(ẑ), σ(z)) · |σ(ẑ) − σ(z)|^β``, β = 1):
 
-* ``L_cls = Σ_{p,k} BCE(σ(ẑ_pk), σ(z^T_pk)) · |σ(ẑ_pk) − σ(z^T_pk)|^β / N_pos`` (KD-QFL,
-  β = 1, weight 1; ``N_pos`` = the ATSS positives, the detection QFL's normaliser);
-* ``L_reg = Σ_p w_p Σ_{side} KL(softmax(d^T_p/T) ‖ softmax(d̂_p/T)) T² / Σ_p w_p`` on the
-  DFL bin distributions (T = 1; the official weight 4 with ``avg_factor`` 4 cancels), weighted
-  by the teacher's top score ``w_p = σ(max_k z^T_pk)``.
+* GFL (``crosskd_r50_gflv1_r101-2x-ms_fpn_1x_coco.py``), i = 3:
+  ``L_cls = Σ_{p,k} KD-QFL(ẑ_pk, z^T_pk) / N_pos`` (``N_pos``: the ATSS positives, the
+  detection QFL's normaliser), weight 1;
+  ``L_reg = Σ_p w_p Σ_{side} KL(softmax(d^T_p/T) ‖ softmax(d̂_p/T)) T² / Σ_p w_p`` on the DFL
+  bin distributions, T = 1 (the official weight 4 with ``avg_factor`` 4 cancels), weight 1;
+* FCOS, MMDetection layout (``crosskd_r50_fcos_r101-2x-ms_caffe_fpn_gn-head_2x_ms_coco.py``),
+  i = 2: ``L_cls = Σ_{p,k} KD-QFL / N_ctr``, weight 0.4;
+  ``L_reg = Σ_p w_p · (−log IoU(b̂_p, b^T_p)) / N_ctr``, weight 0.75, with the boxes of the
+  predicted distances at one point (``N_ctr``: the sum of the positives' centerness targets,
+  the detection IoU loss's normaliser). Centerness is not distilled (as the official code).
 
 Our choices (docs/method.md, CrossKD): every sum runs over the positions where the stored
 teacher map exists (``valid``; the store holds zeros elsewhere), and ``align_scale``'s
@@ -25,6 +31,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from dfmsd_cli.models.gfl_losses import aligned_iou
 
 
 def align_scale(student: Tensor, teacher: Tensor, valid: Tensor, eps: float = 1e-6) -> Tensor:
@@ -60,14 +68,16 @@ def kd_kl_div(pred: Tensor, target: Tensor, temperature: float = 1.0) -> Tensor:
     return kl.sum(1) * temperature**2
 
 
-class CrossKDGFLLoss(nn.Module):
-    """CrossKD for a GFL student and a GFL teacher head (see the module docstring).
+class CrossKDLoss(nn.Module):
+    """CrossKD for a student and a teacher head of family ``kind`` (``gfl`` or ``mmfcos``;
+    see the module docstring).
 
-    ``teacher_head``: a :class:`dfmsd_cli.models.gfl.GFLHead` with the teacher's weights,
+    ``teacher_head``: a ``GFLHead`` / ``MMFCOSHead`` with the teacher's weights,
     frozen and kept out of this module's parameters and state dict (it is the teacher's, not
     trained, not checkpointed; ``.to()`` moves it). ``levels``: the strides distilled;
     ``level_index[s]``: the position of stride ``s`` in the teacher head (its ``Scale``).
-    ``forward`` returns ``(L_cls, L_reg)``, unweighted.
+    ``forward(student_head, S, T, valid, norm)`` returns ``(L_cls, L_reg)``, unweighted;
+    ``norm``: ``N_pos`` (gfl) or ``N_ctr`` (mmfcos).
     """
 
     def __init__(
@@ -78,8 +88,12 @@ class CrossKDGFLLoss(nn.Module):
         index: int = 3,
         beta: float = 1.0,
         temperature: float = 1.0,
+        kind: str = "gfl",
     ) -> None:
         super().__init__()
+        if kind not in ("gfl", "mmfcos"):
+            raise ValueError(f"CrossKD has no {kind!r} head family (gfl, mmfcos)")
+        self.kind = kind
         teacher_head.eval().requires_grad_(False)
         self._teacher = [teacher_head]  # a list: not a registered submodule
         self.levels = list(levels)
@@ -102,8 +116,8 @@ class CrossKDGFLLoss(nn.Module):
 
     @torch.no_grad()
     def teacher_outputs(self, feats: dict[int, Tensor]) -> dict[int, tuple[Tensor, ...]]:
-        """Per stride (cls hold, reg hold, cls logits, bin logits) of the teacher head run on
-        the stored FPN maps, split at the crossing point."""
+        """Per stride (cls hold, reg hold, cls logits, box regression, ...) of the teacher head
+        run on the stored FPN maps, split at the crossing point."""
         head, out = self.teacher_head, {}
         for s in self.levels:
             x = feats[s].float()
@@ -117,7 +131,7 @@ class CrossKDGFLLoss(nn.Module):
         student: dict[int, Tensor],
         teacher: dict[int, Tensor],
         valid: dict[int, Tensor],
-        num_pos: int,
+        norm: float,
     ) -> tuple[Tensor, Tensor]:
         head = self.teacher_head
         tout = self.teacher_outputs(teacher)
@@ -125,23 +139,31 @@ class CrossKDGFLLoss(nn.Module):
         reg_sum, w_sum = cls_sum.clone(), cls_sum.clone()
         for s in self.levels:
             m = valid[s]
-            tc_hold, tr_hold, t_cls, t_reg = tout[s]
+            tc_hold, tr_hold, t_cls, t_reg = tout[s][:4]
             sc_hold, sr_hold = student_head.towers_until(student[s].float(), self.index)
             xc = align_scale(sc_hold, tc_hold, m)
             xr = align_scale(sr_hold, tr_hold, m)
-            x_cls, x_reg = head.forward_from(xc, xr, self.level_index[s], self.index)
-            # (n_valid, K) and (n_valid · 4, reg_max + 1) at the valid positions
-            k = t_cls.shape[1]
-            pc = x_cls.float().permute(0, 2, 3, 1)[m]
+            x_cls, x_reg = head.forward_from(xc, xr, self.level_index[s], self.index)[:2]
+            pc = x_cls.float().permute(0, 2, 3, 1)[m]  # (n_valid, K) at the valid positions
             tc = t_cls.permute(0, 2, 3, 1)[m]
             cls_sum = cls_sum + kd_quality_focal_loss(pc, tc, self.beta).sum()
-            bins = x_reg.shape[1] // 4
-            pr = x_reg.permute(0, 2, 3, 1)[m].reshape(-1, bins)
-            tr = t_reg.permute(0, 2, 3, 1)[m].reshape(-1, bins)
-            w = tc.max(dim=1).values.sigmoid() if k else tc.new_zeros(tc.shape[0])
-            kl = kd_kl_div(pr, tr, self.temperature).reshape(-1, 4).sum(1)
-            reg_sum = reg_sum + (w * kl).sum()
+            w = tc.max(dim=1).values.sigmoid()
+            pr = x_reg.permute(0, 2, 3, 1)[m]
+            tr = t_reg.permute(0, 2, 3, 1)[m]
+            if self.kind == "gfl":  # (n_valid · 4, reg_max + 1) bin logits
+                bins = pr.shape[1] // 4
+                kl = kd_kl_div(pr.reshape(-1, bins), tr.reshape(-1, bins), self.temperature)
+                reg_sum = reg_sum + (w * kl.reshape(-1, 4).sum(1)).sum()
+            else:  # (n_valid, 4) distances l, t, r, b: boxes around one common point
+                iou = aligned_iou(_ltrb_box(pr), _ltrb_box(tr))
+                reg_sum = reg_sum + (w * -iou.clamp(min=1e-6).log()).sum()
             w_sum = w_sum + w.sum()
-        loss_cls = cls_sum / max(float(num_pos), 1.0)
-        loss_reg = reg_sum / w_sum.clamp(min=1e-6)
-        return loss_cls, loss_reg
+        loss_cls = cls_sum / max(float(norm), 1.0 if self.kind == "gfl" else 1e-6)
+        if self.kind == "gfl":
+            return loss_cls, reg_sum / w_sum.clamp(min=1e-6)
+        return loss_cls, reg_sum / max(float(norm), 1e-6)
+
+
+def _ltrb_box(d: Tensor) -> Tensor:
+    """(n, 4) distances (l, t, r, b) from a point at the origin -> xyxy boxes."""
+    return torch.cat([-d[:, :2], d[:, 2:]], dim=1)

@@ -7,11 +7,12 @@ come from the checkpoint the store records (attribute ``weights.path``, or
 head's tensors are paged in; the file is checked against the store's weight fingerprint. The
 teacher's own predictions are its head run on the stored FPN maps.
 
-Pairs: a GFL student and a GFL teacher store (the official ``crosskd_*_gflv1_*`` recipe), same
-classes, same FPN/tower width, same strides; any other pair is a one-line error. Defaults (the
-official GFL config): crossing point i = 3 (``--crosskd-index``), α = 1 (KD-QFL, β_QFL = 1),
-β = 1 (the KL on the DFL distributions, T = 1; its official weight 4 and ``avg_factor`` 4
-cancel).
+Pairs: student and teacher of one head family with CrossKD hooks — ``gfl`` (the official
+``crosskd_*_gflv1_*`` recipe) or ``mmfcos`` (``crosskd_*_fcos_*``) — same classes, same
+FPN/tower width, same strides; any other pair is a one-line error. Defaults (the official
+configs): GFL crossing point i = 3 (``--crosskd-index``), α = 1 (KD-QFL, β_QFL = 1), β = 1 (the
+KL on the DFL distributions, T = 1; its official weight 4 and ``avg_factor`` 4 cancel); FCOS
+i = 2, α = 0.4, β = 0.75 (the IoU loss).
 """
 
 from __future__ import annotations
@@ -31,8 +32,8 @@ from dfmsd_cli.distill.methods.registry import (
 )
 from dfmsd_cli.errors import UserError
 
-FAMILIES = ("gfl",)  # head families with CrossKD hooks (models/gfl.py)
-DEFAULT_INDEX = {"gfl": 3}  # official reused_teacher_head_idx per head
+FAMILIES = ("gfl", "mmfcos")  # head families with CrossKD hooks (models/gfl.py, mmfcos.py)
+DEFAULT_INDEX = {"gfl": 3, "mmfcos": 2}  # official reused_teacher_head_idx per head
 
 
 def _check_index(v: Any) -> str | None:
@@ -74,11 +75,13 @@ def load_teacher_head(
     path: str, teacher: str, channels: int, num_classes: int, num_levels: int,
     fingerprint: str | None = None,
 ):  # fmt: skip
-    """The teacher's GFL head with its weights from ``path`` (memory-mapped, ``weights_only``),
+    """The teacher's head (GFL or MMDetection FCOS, by ``teacher``'s registered head) with its
+    weights from ``path`` (memory-mapped, ``weights_only``),
     frozen; ``fingerprint`` (the store's ``weights.sha256``) is checked on the whole file's
     state dict, streamed tensor by tensor."""
     from dfmsd_cli.models.checkpoint import _state_dict_of, is_dfmsd_checkpoint
     from dfmsd_cli.models.gfl import GFLHead
+    from dfmsd_cli.models.mmfcos import MMFCOSHead
     from dfmsd_cli.models.state_dict import load_state_strict
     from dfmsd_cli.utils.safe_load import load_pth
 
@@ -90,7 +93,10 @@ def load_teacher_head(
             "fingerprint differs): pass --crosskd-teacher-weights with the file precompute used"
         )
     options = obj.get("model_options", {}) if is_dfmsd_checkpoint(obj) else {}
-    head = GFLHead(channels, num_classes, num_levels, int(options.get("reg_max", 16)))
+    if _head_of(teacher) == "mmfcos":
+        head = MMFCOSHead(channels, num_classes, num_levels)
+    else:
+        head = GFLHead(channels, num_classes, num_levels, int(options.get("reg_max", 16)))
     own = {k[len("head.") :]: v for k, v in state.items() if k.startswith("head.")}
     load_state_strict(head, own, path, target=f"the {teacher} head")
     del obj, state, own
@@ -171,6 +177,7 @@ def with_stores(cfg: MethodConfig, student, stores, online: bool) -> MethodConfi
             "--crosskd-teacher-weights PATH to the file precompute used"
         )
     kw = {**cfg.loss_kwargs, "index": index, "teacher": meta.teacher,
+          "kind": _head_of(meta.teacher),
           "teacher_weights": str(path), "teacher_channels": int(meta.channels),
           "teacher_strides": [int(s) for s in meta.strides],
           "num_classes": int(student.num_classes),
@@ -179,7 +186,7 @@ def with_stores(cfg: MethodConfig, student, stores, online: bool) -> MethodConfi
 
 
 def build_crosskd(cfg, levels, student_channels, teacher_channels):
-    from dfmsd_cli.distill.losses.crosskd import CrossKDGFLLoss
+    from dfmsd_cli.distill.losses.crosskd import CrossKDLoss
 
     kw = cfg.loss_kwargs
     strides = list(kw["teacher_strides"])
@@ -187,9 +194,9 @@ def build_crosskd(cfg, levels, student_channels, teacher_channels):
         kw["teacher_weights"], kw["teacher"], int(kw["teacher_channels"]),
         int(kw["num_classes"]), len(strides), kw.get("fingerprint"),
     )  # fmt: skip
-    return CrossKDGFLLoss(
+    return CrossKDLoss(
         head, levels, {s: strides.index(s) for s in levels}, kw["index"], kw["qfl_beta"],
-        kw["temperature"],
+        kw["temperature"], kw["kind"],
     )  # fmt: skip
 
 
@@ -202,8 +209,12 @@ def build_reg(cfg, levels, student_channels, teacher_channels):
 
 def call_cls(mod, feats, teacher, targets, student=None, peers=None):
     """``L_cls`` of the cross-head pass; keeps ``L_reg`` for :func:`call_reg`."""
-    num_pos = student.num_positives([feats[s] for s in student.strides], targets)
-    cls, reg = mod(student.head, feats, teacher.features, teacher.valid, num_pos)
+    maps = [feats[s] for s in student.strides]
+    if mod.kind == "gfl":  # the ATSS positives; FCOS: the positives' centerness-target sum
+        norm = student.num_positives(maps, targets)
+    else:
+        norm = student.centerness_norm(maps, targets)
+    cls, reg = mod(student.head, feats, teacher.features, teacher.valid, norm)
     mod.pending_reg = reg
     return cls
 
@@ -235,13 +246,14 @@ _DEFAULTS = {
 register_method(
     MethodSpec(
         "crosskd",
-        "L_det + α·KD-QFL + β·KL(DFL) of the student's towers run through the teacher's head, "
-        "one stage (CrossKD, CVPR 2024); GFL pairs",
+        "L_det + α·KD-QFL + β·(KL on DFL bins | IoU) of the student's towers run through the "
+        "teacher's head, one stage (CrossKD, CVPR 2024); gfl and mmfcos pairs",
         terms=(
             LossTerm("loss_cls_kd", "crosskd", build_crosskd, "alpha", call=call_cls, student=True),
             LossTerm("loss_reg_kd", "crosskd_reg", build_reg, "beta", call=call_reg, student=True),
         ),  # fmt: skip
         defaults={"one_stage": _DEFAULTS},
+        head_defaults={"mmfcos": {"alpha": 0.4, "beta": 0.75}},  # the official FCOS config
         store=StoreNeeds(),
         stage_loss="crosskd",
         options=OPTIONS,
