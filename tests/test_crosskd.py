@@ -154,6 +154,38 @@ def test_iou_term_by_hand_and_mmfcos_cross_head_equals_its_teacher_head():
     assert student.centerness_norm(maps, one) == pytest.approx(by_hand, rel=1e-5)
 
 
+def test_retina_split_reproduces_the_torchvision_head_and_vanishes_at_student_equals_teacher():
+    from dfmsd_cli.models.dense import RetinaHeadSplit, tv_level_logits
+
+    torch.manual_seed(5)
+    student = build_model("retina_tiny", num_classes=3).eval()
+    levels = list(student.strides)
+    feats = {s: torch.randn(2, 64, max(1, 32 // s), max(1, 40 // s)) for s in levels}
+    maps = [feats[s] for s in levels]
+    ref = student.head(maps)
+    ref_cls = tv_level_logits(ref["cls_logits"], maps, 9)
+    split = RetinaHeadSplit(student.head)
+    for i in range(5):
+        for lv, s in enumerate(levels):
+            c, r = split.forward_from(*split.towers_until(feats[s], i), lv, i)
+            assert torch.allclose(c, ref_cls[lv], atol=1e-6)
+    # deltas: (B, A·4, h, w) anchor-major = torchvision's flattened (B, h·w·A, 4) rows
+    b, _, h, w = r.shape
+    flat = r.reshape(b, 9, 4, h, w).permute(0, 3, 4, 1, 2).reshape(b, -1, 4)
+    assert torch.allclose(flat, ref["bbox_regression"][:, -h * w * 9 :], atol=1e-6)
+    teacher = build_model("retina_tiny", num_classes=3).head
+    teacher.load_state_dict(student.head.state_dict())
+    loss = CrossKDLoss(RetinaHeadSplit(teacher), levels, {s: i for i, s in enumerate(levels)},
+                       3, kind="retina")  # fmt: skip
+    valid = {s: torch.ones(2, *f.shape[-2:], dtype=torch.bool) for s, f in feats.items()}
+    anchors = dict(zip(levels, student.level_anchors(maps), strict=True))
+    cls, reg = loss(split, feats, feats, valid, 4, anchors)
+    assert cls.item() == pytest.approx(0.0, abs=1e-6) and reg.item() == pytest.approx(0, abs=1e-5)
+    other = build_model("retina_tiny", num_classes=3)
+    cls, reg = loss(RetinaHeadSplit(other.head), feats, feats, valid, 4, anchors)
+    assert cls.item() > 0 and reg.item() > 0
+
+
 def test_teacher_head_is_kept_out_of_the_loss_state_and_parameters():
     head = build_model("gfl_tiny", num_classes=3).head
     loss = CrossKDLoss(head, [8], {8: 0})
@@ -230,7 +262,8 @@ def test_online_and_a_crossing_point_past_the_towers_are_refused():
 
 
 @pytest.mark.parametrize(("name", "defaults"), [("gfl_tiny", (1.0, 1.0, 3)),
-                                               ("mmfcos_tiny", (0.4, 0.75, 2))])  # fmt: skip
+                                               ("mmfcos_tiny", (0.4, 0.75, 2)),
+                                               ("retina_tiny", (1.0, 1.0, 3))])  # fmt: skip
 def test_distill_model_runs_both_terms_from_one_cross_head_pass(tmp_path, name, defaults):
     torch.manual_seed(2)
     teacher = build_model(name, num_classes=3)
@@ -250,7 +283,9 @@ def test_distill_model_runs_both_terms_from_one_cross_head_pass(tmp_path, name, 
     out = model(x, sizes, targets, TeacherBatch({"main": _views(feats)}))
     assert out["loss_cls_kd"].item() > 0 and out["loss_reg_kd"].item() > 0
     sum(out.values()).backward()
-    assert student.head.cls_convs[0].conv.weight.grad.abs().sum() > 0
+    first = getattr(student.head, "cls_convs", None)
+    conv = first[0].conv if first else student.head.classification_head.conv[0][0]
+    assert conv.weight.grad.abs().sum() > 0
     assert model.losses["crosskd"].pending_reg is None
 
 

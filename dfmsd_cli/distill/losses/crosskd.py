@@ -20,6 +20,9 @@ top score; ``KD-QFL(ẑ, z) = BCE(σ(ẑ), σ(z)) · |σ(ẑ) − σ(z)|^β``, �
   ``L_reg = Σ_p w_p · (−log IoU(b̂_p, b^T_p)) / N_ctr``, weight 0.75, with the boxes of the
   predicted distances at one point (``N_ctr``: the sum of the positives' centerness targets,
   the detection IoU loss's normaliser). Centerness is not distilled (as the official code).
+* RetinaNet (``crosskd_r50_retinanet_r101_fpn_2x_coco.py``), i = 3, per anchor:
+  ``L_cls = Σ_{a,k} KD-QFL / N_pos``, weight 1; ``L_reg = Σ_a w_a (1 − GIoU(b̂_a, b^T_a)) /
+  N_pos``, weight 1, both boxes decoded from the anchor (``N_pos``: the matcher's positives).
 
 Our choices (docs/method.md, CrossKD): every sum runs over the positions where the stored
 teacher map exists (``valid``; the store holds zeros elsewhere), and ``align_scale``'s
@@ -31,8 +34,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torchvision.models.detection._utils import BoxCoder
 
-from dfmsd_cli.models.gfl_losses import aligned_iou
+from dfmsd_cli.models.gfl_losses import aligned_iou, giou_loss
+
+_BOX_CODER = BoxCoder((1.0, 1.0, 1.0, 1.0))  # RetinaNet's (MMDetection: means 0, stds 1)
 
 
 def align_scale(student: Tensor, teacher: Tensor, valid: Tensor, eps: float = 1e-6) -> Tensor:
@@ -91,8 +97,8 @@ class CrossKDLoss(nn.Module):
         kind: str = "gfl",
     ) -> None:
         super().__init__()
-        if kind not in ("gfl", "mmfcos"):
-            raise ValueError(f"CrossKD has no {kind!r} head family (gfl, mmfcos)")
+        if kind not in ("gfl", "mmfcos", "retina"):
+            raise ValueError(f"CrossKD has no {kind!r} head family (gfl, mmfcos, retina)")
         self.kind = kind
         teacher_head.eval().requires_grad_(False)
         self._teacher = [teacher_head]  # a list: not a registered submodule
@@ -132,6 +138,7 @@ class CrossKDLoss(nn.Module):
         teacher: dict[int, Tensor],
         valid: dict[int, Tensor],
         norm: float,
+        anchors: dict[int, Tensor] | None = None,
     ) -> tuple[Tensor, Tensor]:
         head = self.teacher_head
         tout = self.teacher_outputs(teacher)
@@ -147,9 +154,16 @@ class CrossKDLoss(nn.Module):
             pc = x_cls.float().permute(0, 2, 3, 1)[m]  # (n_valid, K) at the valid positions
             tc = t_cls.permute(0, 2, 3, 1)[m]
             cls_sum = cls_sum + kd_quality_focal_loss(pc, tc, self.beta).sum()
-            w = tc.max(dim=1).values.sigmoid()
             pr = x_reg.permute(0, 2, 3, 1)[m]
             tr = t_reg.permute(0, 2, 3, 1)[m]
+            if self.kind == "retina":  # per anchor: (n_valid · A, K) scores, (· , 4) deltas
+                anc = anchors[s][None].expand(m.shape[0], -1, -1, -1, -1)[m].reshape(-1, 4)
+                w = tc.reshape(anc.shape[0], -1).max(dim=1).values.sigmoid()
+                boxes = _BOX_CODER.decode_single(pr.reshape(-1, 4).float(), anc)
+                t_boxes = _BOX_CODER.decode_single(tr.reshape(-1, 4).float(), anc)
+                reg_sum = reg_sum + (w * giou_loss(boxes, t_boxes)).sum()
+                continue
+            w = tc.max(dim=1).values.sigmoid()
             if self.kind == "gfl":  # (n_valid · 4, reg_max + 1) bin logits
                 bins = pr.shape[1] // 4
                 kl = kd_kl_div(pr.reshape(-1, bins), tr.reshape(-1, bins), self.temperature)
@@ -158,10 +172,10 @@ class CrossKDLoss(nn.Module):
                 iou = aligned_iou(_ltrb_box(pr), _ltrb_box(tr))
                 reg_sum = reg_sum + (w * -iou.clamp(min=1e-6).log()).sum()
             w_sum = w_sum + w.sum()
-        loss_cls = cls_sum / max(float(norm), 1.0 if self.kind == "gfl" else 1e-6)
+        loss_cls = cls_sum / max(float(norm), 1e-6 if self.kind == "mmfcos" else 1.0)
         if self.kind == "gfl":
             return loss_cls, reg_sum / w_sum.clamp(min=1e-6)
-        return loss_cls, reg_sum / max(float(norm), 1e-6)
+        return loss_cls, reg_sum / max(float(norm), 1e-6 if self.kind == "mmfcos" else 1.0)
 
 
 def _ltrb_box(d: Tensor) -> Tensor:

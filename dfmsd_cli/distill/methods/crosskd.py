@@ -8,11 +8,12 @@ head's tensors are paged in; the file is checked against the store's weight fing
 teacher's own predictions are its head run on the stored FPN maps.
 
 Pairs: student and teacher of one head family with CrossKD hooks — ``gfl`` (the official
-``crosskd_*_gflv1_*`` recipe) or ``mmfcos`` (``crosskd_*_fcos_*``) — same classes, same
-FPN/tower width, same strides; any other pair is a one-line error. Defaults (the official
-configs): GFL crossing point i = 3 (``--crosskd-index``), α = 1 (KD-QFL, β_QFL = 1), β = 1 (the
-KL on the DFL distributions, T = 1; its official weight 4 and ``avg_factor`` 4 cancel); FCOS
-i = 2, α = 0.4, β = 0.75 (the IoU loss).
+``crosskd_*_gflv1_*`` recipe), ``mmfcos`` (``crosskd_*_fcos_*``) or ``retina``
+(``crosskd_*_retinanet_*``) — same classes, same FPN/tower width, same strides; any other pair
+is a one-line error. Defaults (the official configs): GFL crossing point i = 3
+(``--crosskd-index``), α = 1 (KD-QFL, β_QFL = 1), β = 1 (the KL on the DFL distributions,
+T = 1; its official weight 4 and ``avg_factor`` 4 cancel); FCOS i = 2, α = 0.4, β = 0.75 (the
+IoU loss); RetinaNet i = 3, α = 1, β = 1 (GIoU on the decoded boxes).
 """
 
 from __future__ import annotations
@@ -32,8 +33,8 @@ from dfmsd_cli.distill.methods.registry import (
 )
 from dfmsd_cli.errors import UserError
 
-FAMILIES = ("gfl", "mmfcos")  # head families with CrossKD hooks (models/gfl.py, mmfcos.py)
-DEFAULT_INDEX = {"gfl": 3, "mmfcos": 2}  # official reused_teacher_head_idx per head
+FAMILIES = ("gfl", "mmfcos", "retina")  # heads with CrossKD hooks (gfl.py, mmfcos.py, dense.py)
+DEFAULT_INDEX = {"gfl": 3, "mmfcos": 2, "retina": 3}  # official reused_teacher_head_idx
 
 
 def _check_index(v: Any) -> str | None:
@@ -95,6 +96,21 @@ def load_teacher_head(
     options = obj.get("model_options", {}) if is_dfmsd_checkpoint(obj) else {}
     if _head_of(teacher) == "mmfcos":
         head = MMFCOSHead(channels, num_classes, num_levels)
+    elif _head_of(teacher) == "retina":
+        from torchvision.models.detection.retinanet import RetinaNetHead
+
+        from dfmsd_cli.models.dense import RetinaHeadSplit, _group_norm
+
+        gn = "head.classification_head.conv.0.1.weight" in state  # a GN head (head_norm=gn)
+        anchors = state["head.classification_head.cls_logits.bias"].numel() // (num_classes + 1)
+        tv = RetinaNetHead(
+            channels, anchors, num_classes + 1, norm_layer=_group_norm if gn else None
+        )
+        split = RetinaHeadSplit(tv)  # its keys are the detector's: head.*
+        own = {k: v for k, v in state.items() if k.startswith("head.")}
+        load_state_strict(split, own, path, target=f"the {teacher} head")
+        del obj, state, own
+        return split.eval().requires_grad_(False)
     else:
         head = GFLHead(channels, num_classes, num_levels, int(options.get("reg_max", 16)))
     own = {k[len("head.") :]: v for k, v in state.items() if k.startswith("head.")}
@@ -145,7 +161,7 @@ def pair_problem(student, meta, channels: int, index: int) -> str | None:
             f"the teacher store has strides {list(meta.strides)} and the student "
             f"{list(student.strides)}: use a student with the teacher's FPN levels"
         )
-    convs = len(student.head.cls_convs)
+    convs = len(getattr(student.head, "cls_convs", None) or student.head.classification_head.conv)
     if index > convs:
         return f"--crosskd-index {index} is past the {convs} tower convs: use 0..{convs}"
     return None
@@ -210,11 +226,17 @@ def build_reg(cfg, levels, student_channels, teacher_channels):
 def call_cls(mod, feats, teacher, targets, student=None, peers=None):
     """``L_cls`` of the cross-head pass; keeps ``L_reg`` for :func:`call_reg`."""
     maps = [feats[s] for s in student.strides]
-    if mod.kind == "gfl":  # the ATSS positives; FCOS: the positives' centerness-target sum
-        norm = student.num_positives(maps, targets)
-    else:
+    head, anchors = student.head, None
+    if mod.kind == "mmfcos":  # the positives' centerness-target sum; else the positives
         norm = student.centerness_norm(maps, targets)
-    cls, reg = mod(student.head, feats, teacher.features, teacher.valid, norm)
+    else:
+        norm = student.num_positives(maps, targets)
+    if mod.kind == "retina":
+        from dfmsd_cli.models.dense import RetinaHeadSplit
+
+        head = RetinaHeadSplit(student.head)
+        anchors = dict(zip(student.strides, student.level_anchors(maps), strict=True))
+    cls, reg = mod(head, feats, teacher.features, teacher.valid, norm, anchors)
     mod.pending_reg = reg
     return cls
 
@@ -246,14 +268,15 @@ _DEFAULTS = {
 register_method(
     MethodSpec(
         "crosskd",
-        "L_det + α·KD-QFL + β·(KL on DFL bins | IoU) of the student's towers run through the "
-        "teacher's head, one stage (CrossKD, CVPR 2024); gfl and mmfcos pairs",
+        "L_det + α·KD-QFL + β·(KL on DFL bins | IoU | GIoU) of the student's towers run through "
+        "the teacher's head, one stage (CrossKD, CVPR 2024); gfl, mmfcos and retina pairs",
         terms=(
             LossTerm("loss_cls_kd", "crosskd", build_crosskd, "alpha", call=call_cls, student=True),
             LossTerm("loss_reg_kd", "crosskd_reg", build_reg, "beta", call=call_reg, student=True),
         ),  # fmt: skip
         defaults={"one_stage": _DEFAULTS},
         head_defaults={"mmfcos": {"alpha": 0.4, "beta": 0.75}},  # the official FCOS config
+        # (RetinaNet's: α = 1 KD-QFL, β = 1 GIoU, i = 3, the defaults)
         store=StoreNeeds(),
         stage_loss="crosskd",
         options=OPTIONS,
