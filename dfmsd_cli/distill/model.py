@@ -84,6 +84,8 @@ class DistillModel(nn.Module):
         out = {}
         for term in self.terms.get(view, []):
             extra = {"logits": logits, "peers": self.losses} if term.logits else {}
+            if term.student:
+                extra.update(student=self.student, peers=self.losses)
             loss = term.call(self.losses[term.key], feats, t, targets, **extra)
             out[term.metric] = self.kd_scale * term.weight_of(self.cfg) * loss
         return out

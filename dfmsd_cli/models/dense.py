@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 
+import torch
 from torch import Tensor, nn
 from torchvision.models.detection.fcos import FCOS
 from torchvision.models.detection.image_list import ImageList
@@ -118,6 +119,73 @@ class RetinaDetector(DetectorMixin, RetinaNet):
         split, split_anchors = _split_levels(head_outputs, anchors, feats)
         dets = self.postprocess_detections(split, split_anchors, image_list.image_sizes)
         return {}, drop_background(dets)
+
+    # -- CrossKD hooks (``distill/losses/crosskd.py``)
+    def level_anchors(self, feats: list[Tensor]) -> list[Tensor]:
+        """Per level the (h, w, A, 4) xyxy anchors of maps ``feats`` (row-major, a inner)."""
+        sizes = [(f.shape[-2] * s, f.shape[-1] * s) for f, s in zip(feats, self.strides,
+                                                                      strict=True)]  # fmt: skip
+        anchors = self.anchor_generator(ImageList(feats[0][:1], sizes[:1]), feats)[0]
+        a = self.logit_anchors
+        out = []
+        for x, f in zip(anchors.split([f.shape[2] * f.shape[3] * a for f in feats]), feats,
+                        strict=True):  # fmt: skip
+            out.append(x.reshape(f.shape[2], f.shape[3], a, 4))
+        return out
+
+    def num_positives(self, feats: list[Tensor], targets: list[dict[str, Tensor]]) -> int:
+        """The anchors the RetinaNet matcher (IoU ≥ 0.5, low-quality matches kept) assigns a
+        box in the batch: the focal loss's normaliser, which CrossKD's terms share."""
+        from torchvision.ops import box_iou
+
+        anchors = torch.cat([x.reshape(-1, 4) for x in self.level_anchors(feats)])
+        n = 0
+        for t in targets:
+            if t["boxes"].numel():
+                n += int((self.proposal_matcher(box_iou(t["boxes"].float(), anchors)) >= 0).sum())
+        return n
+
+
+class RetinaHeadSplit(nn.Module):
+    """torchvision's ``RetinaNetHead`` split at tower conv ``index`` for CrossKD (the same
+    calls as ``GFLHead.towers_until`` / ``forward_from``); wraps the head, adds no weights."""
+
+    def __init__(self, head: RetinaNetHead) -> None:
+        super().__init__()
+        self.head = head
+
+    @property
+    def num_convs(self) -> int:
+        return len(self.head.classification_head.conv)
+
+    @staticmethod
+    def _until(blocks: nn.Sequential, x: Tensor, index: int) -> Tensor:
+        for k, block in enumerate(blocks[:index]):
+            for layer in list(block)[:-1]:  # conv (+ norm), not the ReLU after it
+                x = layer(x)
+            if k < index - 1:
+                x = torch.relu(x)
+        return x
+
+    def towers_until(self, x: Tensor, index: int) -> tuple[Tensor, Tensor]:
+        """(cls, reg) tower features after the first ``index`` convs, before that ReLU."""
+        h = self.head
+        return (self._until(h.classification_head.conv, x, index),
+                self._until(h.regression_head.conv, x, index))  # fmt: skip
+
+    def forward_from(
+        self, cls_feat: Tensor, reg_feat: Tensor, level: int, index: int
+    ) -> tuple[Tensor, Tensor]:
+        """The rest of the head from ``index``: (class logits (B, A·K, h, w) anchor-major
+        without torchvision's background column, box deltas (B, A·4, h, w))."""
+        h = self.head
+        c, r = (torch.relu(cls_feat), torch.relu(reg_feat)) if index else (cls_feat, reg_feat)
+        c = h.classification_head.cls_logits(h.classification_head.conv[index:](c))
+        r = h.regression_head.bbox_reg(h.regression_head.conv[index:](r))
+        b, _, hh, ww = c.shape
+        k1 = h.classification_head.num_classes
+        c = c.reshape(b, -1, k1, hh, ww)[:, :, 1:].reshape(b, -1, hh, ww)
+        return c, r
 
 
 class FCOSDetector(DetectorMixin, FCOS):

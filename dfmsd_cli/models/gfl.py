@@ -94,6 +94,39 @@ class GFLHead(nn.Module):
             reg_out.append(scale(self.gfl_reg(r)).float())
         return cls_out, reg_out
 
+    # -- CrossKD hooks (``distill/losses/crosskd.py``): the head split at tower conv ``index``
+    @property
+    def num_convs(self) -> int:
+        return len(self.cls_convs)
+
+    def towers_until(self, x: Tensor, index: int) -> tuple[Tensor, Tensor]:
+        """(cls, reg) tower features of one level after the first ``index`` convs, taken
+        *before* the ReLU of conv ``index`` (CrossKD's crossing point; ``x`` for index 0)."""
+        return tower_until(self.cls_convs, x, index), tower_until(self.reg_convs, x, index)
+
+    def forward_from(
+        self, cls_feat: Tensor, reg_feat: Tensor, level: int, index: int
+    ) -> tuple[Tensor, Tensor]:
+        """The rest of the head on one level from crossing point ``index`` (the ReLU of conv
+        ``index`` first when index > 0): (cls logits, bin logits × Scale) as :meth:`forward`,
+        so ``forward_from(*towers_until(x, i), level, i)`` is :meth:`forward` on ``x``."""
+        c, r = (torch.relu(cls_feat), torch.relu(reg_feat)) if index else (cls_feat, reg_feat)
+        for conv in self.cls_convs[index:]:
+            c = conv(c)
+        for conv in self.reg_convs[index:]:
+            r = conv(r)
+        return self.gfl_cls(c), self.scales[level](self.gfl_reg(r)).float()
+
+
+def tower_until(convs: nn.ModuleList, x: Tensor, index: int) -> Tensor:
+    """``convs[:index]`` (:class:`ConvGN`) on ``x``, the last one without its ReLU (MMCV
+    ``ConvModule(..., activate=False)``, the feature CrossKD crosses at); ``x`` for index 0."""
+    for k, conv in enumerate(convs[:index]):
+        x = conv.norm(conv.conv(x))
+        if k < index - 1:
+            x = torch.relu(x)
+    return x
+
 
 def _flatten(x: Tensor) -> Tensor:
     """(B, C, H, W) -> (B, H W, C), row-major locations as the anchors."""
@@ -167,12 +200,8 @@ class GFLDetector(DetectorMixin, nn.Module):
     ) -> dict[str, Tensor]:
         k = self.num_classes
         counts = [p.shape[0] for p in points]
-        half = torch.cat(
-            [p.new_full((n, 1), self.octave_base_scale * s / 2) for p, n, s in
-             zip(points, counts, self.strides, strict=True)]
-        )  # fmt: skip
         all_points = torch.cat(points)
-        anchors = torch.cat([all_points - half, all_points + half], dim=1)
+        anchors = self.atss_anchors(points)
         stride_of = torch.cat([p.new_full((n,), float(s)) for p, n, s in
                                zip(points, counts, self.strides, strict=True)])  # fmt: skip
         labels, boxes = [], []
@@ -213,6 +242,29 @@ class GFLDetector(DetectorMixin, nn.Module):
             "loss_bbox": 2.0 * loss_box / norm,
             "loss_dfl": 0.25 * loss_dfl / norm,
         }
+
+    def atss_anchors(self, points: list[Tensor]) -> Tensor:
+        """The square ATSS anchors (side ``octave_base_scale × stride``) at ``points``, xyxy."""
+        half = torch.cat(
+            [p.new_full((p.shape[0], 1), self.octave_base_scale * s / 2) for p, s in
+             zip(points, self.strides, strict=True)]
+        )  # fmt: skip
+        all_points = torch.cat(points)
+        return torch.cat([all_points - half, all_points + half], dim=1)
+
+    def num_positives(self, feats: list[Tensor], targets: list[dict[str, Tensor]]) -> int:
+        """How many locations ATSS assigns a box in the batch: the normaliser of the QFL term
+        (MMDetection's ``avg_factor``), which CrossKD's class term shares."""
+        points = self.points(feats)
+        anchors = self.atss_anchors(points)
+        counts = [p.shape[0] for p in points]
+        k, n = self.num_classes, 0
+        for t in targets:
+            lab, _ = atss_assign(
+                anchors, counts, t["boxes"].float(), t["labels"] - 1, k, self.atss_topk
+            )
+            n += int((lab < k).sum())
+        return n
 
     # -------------------------------------------------------------------------- inference
     def predict(

@@ -41,7 +41,7 @@ from torchvision.ops import sigmoid_focal_loss
 from dfmsd_cli.data.geometry import IMAGENET_MEAN, IMAGENET_STD
 from dfmsd_cli.models.backbones import build_resnet_fpn
 from dfmsd_cli.models.detector import DetectorMixin, class_nms
-from dfmsd_cli.models.gfl import ConvGN, Scale
+from dfmsd_cli.models.gfl import ConvGN, Scale, tower_until
 from dfmsd_cli.models.gfl_losses import aligned_iou, distance2bbox
 from dfmsd_cli.models.mmdet_heads import MMDetExtraConvs
 from dfmsd_cli.models.registry import annotate_model, register_backbone, register_head
@@ -133,6 +133,24 @@ class MMFCOSHead(nn.Module):
             reg_out.append(scale(self.conv_reg(r)).float().exp())
         return cls_out, reg_out, ctr_out
 
+    # -- CrossKD hooks (``distill/losses/crosskd.py``), as ``GFLHead``'s
+    def towers_until(self, x: Tensor, index: int) -> tuple[Tensor, Tensor]:
+        """(cls, reg) tower features after the first ``index`` convs, before that ReLU."""
+        return tower_until(self.cls_convs, x, index), tower_until(self.reg_convs, x, index)
+
+    def forward_from(
+        self, cls_feat: Tensor, reg_feat: Tensor, level: int, index: int
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """The rest of the head on one level from crossing point ``index``: (cls logits,
+        exp-distances, centerness logits) as :meth:`forward`."""
+        c, r = (torch.relu(cls_feat), torch.relu(reg_feat)) if index else (cls_feat, reg_feat)
+        for conv in self.cls_convs[index:]:
+            c = conv(c)
+        for conv in self.reg_convs[index:]:
+            r = conv(r)
+        reg = self.scales[level](self.conv_reg(r)).float().exp()
+        return self.conv_cls(c), reg, self.conv_centerness(c)
+
 
 def _flat(x: Tensor) -> Tensor:
     return x.permute(0, 2, 3, 1).reshape(x.shape[0], -1, x.shape[1])
@@ -210,6 +228,20 @@ class MMFCOSDetector(DetectorMixin, nn.Module):
         lab = labels[idx].long()
         lab[min_area == float("inf")] = k
         return lab, dist[torch.arange(len(pts)), idx]
+
+    def centerness_norm(self, feats: list[Tensor], targets: list[dict[str, Tensor]]) -> float:
+        """Σ of the positives' centerness targets in the batch: the IoU loss's normaliser,
+        which CrossKD's FCOS terms share (``pos_centerness_denorm``)."""
+        points, total = self.points(feats), 0.0
+        for t in targets:
+            lab, dist = self.targets_for(points, t["boxes"].float(), t["labels"] - 1)
+            d = dist[lab < self.num_classes]
+            lr, tb = d[:, [0, 2]], d[:, [1, 3]]
+            ctr = torch.sqrt(
+                (lr.min(1).values / lr.max(1).values) * (tb.min(1).values / tb.max(1).values)
+            )
+            total += float(ctr.sum())
+        return total
 
     def loss(self, cls_out, reg_out, ctr_out, points, targets) -> dict[str, Tensor]:
         k = self.num_classes

@@ -101,12 +101,14 @@ def load_pth(
     what: str = "checkpoint",
     fix: str = "check the file",
     trust: bool | None = None,
+    mmap: bool = False,
 ) -> Any:
     """``torch.load(path, map_location="cpu", weights_only=True)`` with one-line errors.
 
     ``what`` names the file in messages ("weights file", "run state"), ``fix`` ends the message
     for an unreadable file. ``trust`` (default: the
     process-wide ``--trust-checkpoint`` setting) allows the Python objects the file names.
+    ``mmap``: map the tensors instead of reading them (only those used are paged in).
     """
     import torch
 
@@ -115,7 +117,7 @@ def load_pth(
         raise UserError(f"{what} {path} not found: pass an existing .pth file")
     trust = trusted() if trust is None else trust
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap or None)
     except pickle.UnpicklingError as exc:
         names = _globals_of(path)
         if not names:  # refused for another reason (bad opcode, corrupt stream)

@@ -133,6 +133,9 @@ class LossTerm:
     # with ``return_logits=True`` and ``call`` gets ``logits=`` ({stride: (B, A·K, h, w)}) and
     # ``peers=`` (the stage's loss modules, e.g. SLD reads SFD's aligned features)
     logits: bool = False
+    # the term runs parts of the student model itself (CrossKD: its head's first tower convs
+    # on the FPN maps): ``call`` then gets ``student=`` (the student) and ``peers=``
+    student: bool = False
 
     def weight_of(self, cfg: MethodConfig) -> float:
         return self.weight(cfg) if callable(self.weight) else getattr(cfg, self.weight)
