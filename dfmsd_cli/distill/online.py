@@ -12,6 +12,11 @@ enhancement (:func:`dfmsd_cli.data.enhance.choose`, same seeds), and the stage's
 on the enhanced image. Differences from the store: the teacher sees the student's batch padding
 (the store runs each image at its own padded size), and features are float32 (no float16/uint8
 rounding).
+
+Teacher logits (``logits=True``: a term reads them, samkd's SLD): the main view comes from the
+teacher's full forward with ``return_logits=True`` — the same pass and layout precompute's
+``--store-logits`` stores, ``{stride: (B, A·K, h_s, w_s)}``, zeroed outside each image's extent
+like the features — instead of its backbone+FPN alone.
 """
 
 from __future__ import annotations
@@ -64,9 +69,11 @@ class OnlineTeacher:
         weaker: torch.nn.Module | None = None,
         enhance: Any = None,  # EnhanceConfig when ME runs
         score_thr: float = 0.3,
+        logits: bool = False,  # also the main view's class logits (dense teachers)
     ) -> None:
         self.teacher, self.levels, self.geometry = teacher, list(levels), geometry
         self.weaker, self.enhance, self.score_thr = weaker, enhance, score_thr
+        self.logits = logits
 
     @property
     def me(self) -> bool:
@@ -88,10 +95,22 @@ class OnlineTeacher:
         sizes = [tuple(hw) for hw in batch["image_sizes"]]
         hw = tuple(images.shape[-2:])
         valid = valid_masks(sizes, hw, self.levels, self.geometry.pad_divisor)
-        result = TeacherBatch({MAIN: self._outputs(self.teacher.extract_features(images), valid)})
+        if self.logits:
+            main = self._with_logits(images, sizes, valid)
+        else:
+            main = self._outputs(self.teacher.extract_features(images), valid)
+        result = TeacherBatch({MAIN: main})
         if self.me:
             result.views["me"], result.inputs["me"] = self._me(batch, images, sizes, valid)
         return result
+
+    def _with_logits(self, images: Tensor, sizes, valid: dict[int, Tensor]) -> TeacherView:
+        """The main view from one full teacher pass: features and class logits, both zero
+        outside each image's extent (the store's zero padding)."""
+        out = self.teacher(images, sizes, return_logits=True)
+        view = self._outputs(out.features, valid)
+        view.logits = {s: out.logits[s].float() * view.valid[s][:, None] for s in self.levels}
+        return view
 
     def _me(self, batch: dict, images: Tensor, sizes, valid) -> tuple[TeacherView, Tensor]:
         from dfmsd_cli.data.enhance import apply_enhance, area_ratio, choose
@@ -118,13 +137,36 @@ def _unpad_raw(raw: Tensor, sizes) -> list[Tensor]:
     return [raw[b, :, : sizes[b][0], : sizes[b][1]] for b in range(raw.shape[0])]
 
 
+def teacher_logit_layout(name: str, num_classes: int) -> dict | None:
+    """The class-logit layout ``{anchors, classes, kind}`` teacher ``name`` gives online (what
+    a store's ``logits`` attribute records), None for a head without per-position logits.
+    Builds the architecture (no weights) without touching the training RNG stream."""
+    from dfmsd_cli.models import build_model
+
+    with torch.random.fork_rng(devices=[]):
+        model = build_model(name, num_classes=num_classes)
+    anchors = getattr(model, "logit_anchors", None)
+    if anchors is None:
+        return None
+    return {"anchors": int(anchors), "classes": int(model.num_classes), "kind": model.logit_kind}
+
+
 def stage_online_teacher(
-    opts, sal: bool, plan, student, num_classes: int, geometry: Geometry, device, warn=print
+    opts,
+    sal: bool,
+    plan,
+    student,
+    num_classes: int,
+    geometry: Geometry,
+    device,
+    warn=print,
+    logits: bool = False,
 ) -> OnlineTeacher:
     """``--online``: build stage ``plan``'s teacher (and, for ME, the teacher listed before it).
 
     ``opts.stages`` / ``opts.teacher_weights`` list the teachers; without SAL the single stage
     uses the last one. Teachers are seeded with ``opts.seed`` like ``dfmsd precompute``.
+    ``logits``: the teacher also gives its class logits (a term of the stage reads them).
     """
     from dfmsd_cli.data.enhance import EnhanceConfig
     from dfmsd_cli.distill.losses.common import match_levels
@@ -146,4 +188,4 @@ def stage_online_teacher(
     elif plan.me:
         warn(f"note: --online ME needs a weaker teacher listed before {plan.teacher}: no L_ME")
     enhance = EnhanceConfig() if weaker is not None else None
-    return OnlineTeacher(teacher, levels, geometry, weaker, enhance)
+    return OnlineTeacher(teacher, levels, geometry, weaker, enhance, logits=logits)

@@ -78,6 +78,7 @@ class StageTask(Task):
                 ctx.geometry,
                 device,
                 console.print,
+                logits=any(t.logits and t.enabled(cfg) for t in cfg.spec.terms),
             )  # fmt: skip
             if opts.online and cfg.needs_store
             else None
