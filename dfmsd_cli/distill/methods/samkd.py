@@ -166,8 +166,9 @@ def _check(cfg: MethodConfig, given: dict[str, Any]) -> MethodConfig:
 
 
 OPTIONS = (
-    MethodOption("sld", bool, True, "samkd: add L_SLD when the last store has the teacher's "
-                 "logits of a matching head (--no-sld: SFD alone, the ablation).",
+    MethodOption("sld", bool, True, "samkd: add L_SLD when the last teacher's logits (its "
+                 "store's, or live with --online) come from a matching head (--no-sld: SFD "
+                 "alone, the ablation).",
                  "SLD", target="sld", kwarg=True),
     MethodOption("sld_weight", float, None, f"samkd: weight w of L_SLD (default {SLD_WEIGHT:g}).",
                  "SLD's weight", check=_nonnegative, target="sld_weight", kwarg=True),
