@@ -31,7 +31,8 @@ def test_sld_turns_on_only_with_stored_logits_of_a_matching_head():
     cfg = method_config("samkd", "retina_tiny")
     on = with_stores(cfg, student, _stores(RETINA_LOGITS), online=False)
     assert on.loss_kwargs["sld_active"] and on.loss_kwargs["sld_anchors"] == 9
-    assert on.notes == ()  # no "needs stored logits" note when SLD runs
+    assert on.notes == ("SAMKD runs SFD + SLD (w=1, τ=1; sigmoid logits, 9 anchor(s) × 3 "
+                        "classes, from store cache/t/train2017.zarr)",)  # fmt: skip
     old = with_stores(cfg, student, _stores(None), online=False)
     assert "sld_active" not in old.loss_kwargs and "--store-logits" in old.notes[0]
     fcos = build_model("fcos_tiny", num_classes=3)
@@ -42,8 +43,12 @@ def test_sld_turns_on_only_with_stored_logits_of_a_matching_head():
     assert "heads differ" in other_k.notes[0]
     off = method_config("samkd", "retina_tiny", sld=False)
     assert "--no-sld" in with_stores(off, student, _stores(RETINA_LOGITS), False).notes[0]
-    online = with_stores(cfg, student, _stores(RETINA_LOGITS), online=True)
-    assert "sld_active" not in online.loss_kwargs and "--online" in online.notes[0]
+    online = with_stores(cfg, student, [None], online=True, teachers=["retina_tiny"])
+    assert online.loss_kwargs == on.loss_kwargs and "live teacher retina_tiny" in online.notes[0]
+    live_fcos = with_stores(cfg, student, [None], online=True, teachers=["fcos_tiny"])
+    assert "sld_active" not in live_fcos.loss_kwargs and "heads differ" in live_fcos.notes[0]
+    two_stage = with_stores(cfg, student, [None], online=True, teachers=["frcnn_tiny"])
+    assert "sld_active" not in two_stage.loss_kwargs and "two-stage" in two_stage.notes[0]
     assert set(build_stage_losses(old, [8, 16], 16, 16)) == {"stage"}
     assert set(build_stage_losses(on, [8, 16], 16, 16)) == {"stage", "sld"}
 
@@ -101,7 +106,8 @@ def test_two_step_cli_run_with_sld_on_a_store_with_logits(synthetic_root, tmp_pa
     capsys.readouterr()
     rows, resolved = _distill(cache, synthetic_root, tmp_path / "sld")
     assert rows and all(math.isfinite(r["loss_sld"]) and r["loss_sld"] > 0 for r in rows)
-    assert resolved["loss_kwargs"]["sld_active"] is True and resolved["notes"] == []
+    assert resolved["loss_kwargs"]["sld_active"] is True
+    assert resolved["notes"][0].startswith("SAMKD runs SFD + SLD")
     assert "SFD alone" not in " ".join(capsys.readouterr().err.split())
     rows, resolved = _distill(cache, synthetic_root, tmp_path / "nosld", "--no-sld")
     assert rows and all("loss_sld" not in r for r in rows)
@@ -116,3 +122,17 @@ def test_old_store_without_logits_runs_sfd_alone_with_the_note(
     assert rows and all("loss_sld" not in r and math.isfinite(r["loss_kd"]) for r in rows)
     assert "--store-logits" in resolved["notes"][0]
     assert "note: SAMKD runs SFD alone" in " ".join(capsys.readouterr().err.split())
+
+
+def test_sld_weight_and_temperature_flags_reach_the_term():
+    from dfmsd_cli.errors import UserError
+
+    student = build_model("retina_tiny", num_classes=3)
+    cfg = method_config("samkd", "retina_tiny", sld_weight=2.5, sld_tau=2.0)
+    cfg = with_stores(cfg, student, _stores(RETINA_LOGITS), online=False)
+    sld_term = next(t for t in cfg.spec.terms if t.key == "sld")
+    assert sld_term.weight_of(cfg) == 2.5 and "w=2.5, τ=2" in cfg.notes[0]
+    assert build_stage_losses(cfg, [8, 16], 16, 16)["sld"].tau == 2.0
+    for bad in ({"sld_weight": -1.0}, {"sld_tau": 0.0}):
+        with pytest.raises(UserError, match="--sld-"):
+            method_config("samkd", "retina_tiny", **bad)

@@ -12,6 +12,11 @@ enhancement (:func:`dfmsd_cli.data.enhance.choose`, same seeds), and the stage's
 on the enhanced image. Differences from the store: the teacher sees the student's batch padding
 (the store runs each image at its own padded size), and features are float32 (no float16/uint8
 rounding).
+
+Teacher logits (``logits=True``: a term reads them, samkd's SLD): the main view comes from the
+teacher's full forward with ``return_logits=True`` — the same pass and layout precompute's
+``--store-logits`` stores, ``{stride: (B, A·K, h_s, w_s)}``, zeroed outside each image's extent
+like the features — instead of its backbone+FPN alone.
 """
 
 from __future__ import annotations
@@ -164,6 +169,20 @@ def online_needs(cfg) -> dict[str, Any]:
 def _unpad_raw(raw: Tensor, sizes) -> list[Tensor]:
     """The padded raw batch back to per-image maps, undoing the view later if needed."""
     return [raw[b, :, : sizes[b][0], : sizes[b][1]] for b in range(raw.shape[0])]
+
+
+def teacher_logit_layout(name: str, num_classes: int) -> dict | None:
+    """The class-logit layout ``{anchors, classes, kind}`` teacher ``name`` gives online (what
+    a store's ``logits`` attribute records), None for a head without per-position logits.
+    Builds the architecture (no weights) without touching the training RNG stream."""
+    from dfmsd_cli.models import build_model
+
+    with torch.random.fork_rng(devices=[]):
+        model = build_model(name, num_classes=num_classes)
+    anchors = getattr(model, "logit_anchors", None)
+    if anchors is None:
+        return None
+    return {"anchors": int(anchors), "classes": int(model.num_classes), "kind": model.logit_kind}
 
 
 def stage_online_teacher(

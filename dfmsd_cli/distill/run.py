@@ -269,8 +269,9 @@ def distill(opts: DistillOptions, *, clock: Callable[[], float] = time.perf_coun
                 cache_local=opts.cache_local,
             )
 
-    if cfg.spec.with_stores is not None:  # e.g. samkd's SLD: only with stored teacher logits
-        cfg = cfg.spec.with_stores(cfg, student, stores, bool(opts.online))
+    if cfg.spec.with_stores is not None:  # e.g. samkd's SLD: only with teacher logits
+        teachers = [p.teacher for p in plans]
+        cfg = cfg.spec.with_stores(cfg, student, stores, bool(opts.online), teachers=teachers)
 
     resuming = False
     if dist_info.is_main:

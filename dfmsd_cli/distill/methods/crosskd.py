@@ -19,6 +19,7 @@ IoU loss); RetinaNet i = 3, α = 1, β = 1 (GIoU on the decoded boxes).
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -167,7 +168,9 @@ def pair_problem(student, meta, channels: int, index: int) -> str | None:
     return None
 
 
-def with_stores(cfg: MethodConfig, student, stores, online: bool) -> MethodConfig:
+def with_stores(
+    cfg: MethodConfig, student, stores, online: bool, teachers: Sequence[str] = ()
+) -> MethodConfig:
     """Check the pair and record the teacher head to load (model, weights file, fingerprint)."""
     if online:
         raise UserError(

@@ -21,6 +21,7 @@ threshold: two regions of one object are never pushed apart), w_cls = 1.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -115,30 +116,45 @@ def _check(cfg: MethodConfig, given: dict[str, Any]) -> MethodConfig:
     return replace(cfg, loss_kwargs={**kw, "parts": _parts(kw, False)})
 
 
-def class_kd_problem(student, store) -> str | None:
-    """Why L_cls cannot run for ``student`` against ``store``'s teacher (None: it can): the
-    store holds the teacher's class logits and the two dense heads match."""
+def class_kd_problem(student, have: dict | None, missing: str) -> str | None:
+    """Why L_cls cannot run for ``student`` against a teacher whose logits ``have`` the layout
+    ``{anchors, classes, kind}`` (None: it can; ``missing`` says why there are none)."""
     from dfmsd_cli.distill.methods.samkd import sld_problem  # the same head-matching rule
 
     if getattr(student, "logit_anchors", None) is None:
         return f"the student {student.name} has no dense classification head"
-    return sld_problem(student, store)
+    return sld_problem(student, have, missing)
 
 
-def with_stores(cfg: MethodConfig, student, stores, online: bool) -> MethodConfig:
-    """Turn L_cls on when the last stage's store has logits of a matching head, else say why
-    (``notes``: printed at start and kept in the resolved config)."""
+def with_stores(
+    cfg: MethodConfig, student, stores, online: bool, teachers: Sequence[str] = ()
+) -> MethodConfig:
+    """Turn L_cls on when the last stage's teacher gives logits of a matching head — its store
+    (``--store-logits``) or, with ``--online``, the live teacher ``teachers[-1]`` — else say
+    why (``notes``: printed at start and kept in the resolved config)."""
     kw = cfg.loss_kwargs
     if not kw["class_kd"]:
         return replace(cfg, notes=(f"{CLASS_KD_OFF}: --no-class-kd",))
-    last = stores[-1] if stores else None
-    if online or last is None:
-        why = "--online: L_cls reads the teacher logits of a store" if online else "no store"
-        return replace(cfg, notes=(f"{CLASS_KD_OFF} ({why})",))
-    problem = class_kd_problem(student, last.store)
+    if online:
+        if not teachers:
+            return replace(cfg, notes=(f"{CLASS_KD_OFF} (no teacher)",))
+        from dfmsd_cli.distill.online import teacher_logit_layout
+
+        name = teachers[-1]
+        have = teacher_logit_layout(name, student.num_classes)
+        missing = f"teacher {name} has no dense classification head (two-stage)"
+    else:
+        last = stores[-1] if stores else None
+        if last is None:
+            return replace(cfg, notes=(f"{CLASS_KD_OFF} (no store)",))
+        have = last.store.meta.logits
+        missing = (
+            f"store {last.store.path} holds no teacher logits: precompute it with "
+            "--store-logits (dense teachers only)"
+        )
+    problem = class_kd_problem(student, have, missing)
     if problem is not None:
         return replace(cfg, notes=(f"{CLASS_KD_OFF}: {problem}",))
-    have = last.store.meta.logits
     kw = {**kw, "class_kd_active": True, "class_kd_anchors": int(have["anchors"]),
           "class_kd_kind": have["kind"], "parts": _parts(kw, True)}  # fmt: skip
     return replace(cfg, loss_kwargs=kw, notes=())

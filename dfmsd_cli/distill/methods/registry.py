@@ -131,7 +131,8 @@ class LossTerm:
     enabled: Callable[[MethodConfig], bool] = _always
     # the term reads the student's class logits (main view): the training forward then runs
     # with ``return_logits=True`` and ``call`` gets ``logits=`` ({stride: (B, A·K, h, w)}) and
-    # ``peers=`` (the stage's loss modules, e.g. SLD reads SFD's aligned features)
+    # ``peers=`` (the stage's loss modules, e.g. SLD reads SFD's aligned features); with
+    # ``--online`` the live teacher then also gives its class logits (``TeacherView.logits``)
     logits: bool = False
     # the term runs parts of the student model itself (CrossKD: its head's first tower convs
     # on the FPN maps): ``call`` then gets ``student=`` (the student) and ``peers=``
@@ -200,8 +201,9 @@ class MethodSpec:
     stage_loss: str | None = None  # the label of its main feature loss (summary, viz masks)
     options: tuple[MethodOption, ...] = ()
     check: Callable[[MethodConfig, dict[str, Any]], MethodConfig] | None = None  # cross-option
-    # after the stages' stores are opened: (cfg, student, stores, online) -> cfg, e.g. a term
-    # that needs what only some stores hold (samkd's SLD: stored teacher logits)
+    # after the stages' stores are opened: (cfg, student, stores, online, teachers=[the stages'
+    # teacher names]) -> cfg, e.g. a term that needs what only some stores hold or, --online,
+    # only some teachers give (samkd's SLD: teacher logits)
     with_stores: Callable[..., MethodConfig] | None = None
 
     def resolve_defaults(self, family: str, head: str) -> dict[str, Any]:

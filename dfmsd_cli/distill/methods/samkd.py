@@ -9,19 +9,21 @@ blocks, the per-scale losses averaged (``scale_weights="uniform"``). Defaults (o
 * λ_s = 0.65, λ_c = 0.5, τ = 0.5, rule ``sample`` (DFM's), grids 1,2,4, no pooling.
 
 SLD (the masking logit distillation, ``distill/losses/sld.py``): ``+ w·L_SLD`` (w = 1, τ = 1,
-the weight map on SFD's finest grid: our choices) when the last stage's store holds the
-teacher's class logits (``precompute --store-logits``) and the heads match (same K classes, A
-anchors per position, sigmoid/softmax kind); otherwise — an older store, a two-stage teacher,
-another head, ``--online`` — SFD runs alone, the run says why at start and records it in the
-resolved config (``notes``). ``--no-sld`` is the ablation.
+the weight map on SFD's finest grid: our choices) when the last stage's teacher gives its class
+logits — its store holds them (``precompute --store-logits``) or, with ``--online``, the live
+teacher computes them (``OnlineTeacher(logits=True)``) — and the heads match (same K classes,
+A anchors per position, sigmoid/softmax kind); otherwise — an older store, a two-stage teacher,
+another head — SFD runs alone. Either way the run says at start which parts run and records it
+in the resolved config (``notes``). ``--no-sld`` is the ablation.
 
-Options: ``--no-sld``, ``--samkd-grids`` (e.g. ``1,2,4``), ``--samkd-pool`` (v1's multi-scale
-max-pooling of both maps before reconstruction; every grid must divide the largest), and DFM's
-``--lambda-s``, ``--lambda-c``, ``--tau``, ``--mask-rule``.
+Options: ``--no-sld``, ``--sld-weight``, ``--sld-tau``, ``--samkd-grids`` (e.g. ``1,2,4``),
+``--samkd-pool`` (v1's multi-scale max-pooling of both maps before reconstruction; every grid
+must divide the largest), and DFM's ``--lambda-s``, ``--lambda-c``, ``--tau``, ``--mask-rule``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from dfmsd_cli.distill.methods.dmkd import DFM_DEFAULTS, DFM_OPTIONS
@@ -40,7 +42,8 @@ SLD_NOTE = (
     "logits in the last stage's store (dfmsd precompute --store-logits) and matching heads"
 )
 SLD_WEIGHT, SLD_TAU = 1.0, 1.0  # our choices (docs/method.md, SAMKD)
-_SFD_ONLY = ("sld", "sld_active", "sld_weight", "sld_anchors", "sld_kind")  # not SFDLoss kwargs
+# loss_kwargs that are not SFDLoss kwargs
+_SFD_ONLY = ("sld", "sld_active", "sld_weight", "sld_tau", "sld_anchors", "sld_kind")
 
 
 def parse_grids(value: Any) -> list[int]:
@@ -70,7 +73,8 @@ def build_sld(cfg, levels, student_channels, teacher_channels):
     from dfmsd_cli.distill.losses.sld import SLDLoss
 
     kw = cfg.loss_kwargs
-    return SLDLoss(levels, kw["sld_anchors"], kw["sld_kind"], SLD_TAU, grid=max(kw["grids"]))
+    tau = kw.get("sld_tau", SLD_TAU)
+    return SLDLoss(levels, kw["sld_anchors"], kw["sld_kind"], tau, grid=max(kw["grids"]))
 
 
 def call_sld(mod, feats, teacher, targets, logits=None, peers=None):
@@ -80,14 +84,11 @@ def call_sld(mod, feats, teacher, targets, logits=None, peers=None):
     return mod(logits, teacher.logits, aligned, teacher.features, teacher.valid)
 
 
-def sld_problem(student, store) -> str | None:
-    """Why SLD cannot run with ``student`` against the store's teacher (None: it can)."""
-    have = store.meta.logits
+def sld_problem(student, have: dict | None, source: str) -> str | None:
+    """Why SLD cannot run with ``student`` against a teacher whose logits ``have`` the layout
+    ``{anchors, classes, kind}`` (None: it can); ``source`` names the teacher side."""
     if not have:
-        return (
-            f"store {store.path} holds no teacher logits: precompute it with --store-logits "
-            "(dense teachers only)"
-        )
+        return source
     a, k = getattr(student, "logit_anchors", None), student.num_classes
     kind = getattr(student, "logit_kind", None)
     want = (a, k, kind)
@@ -100,23 +101,52 @@ def sld_problem(student, store) -> str | None:
     return None
 
 
-def with_stores(cfg: MethodConfig, student, stores, online: bool) -> MethodConfig:
-    """Turn SLD on when the last stage's store has logits of a matching head, else say why."""
+def with_stores(
+    cfg: MethodConfig, student, stores, online: bool, teachers: Sequence[str] = ()
+) -> MethodConfig:
+    """Turn SLD on when the last stage's teacher gives logits of a matching head — its store
+    (``--store-logits``) or, with ``--online``, the live teacher ``teachers[-1]`` — and say at
+    start which parts run (``notes``)."""
     from dataclasses import replace
 
     if not cfg.loss_kwargs.get("sld", True):
         return replace(cfg, notes=("SAMKD runs SFD alone: SLD is off (--no-sld)",))
-    last = stores[-1] if stores else None
-    if online or last is None:
-        why = "--online computes no teacher logits in this version" if online else "no store"
-        return replace(cfg, notes=(f"{SLD_NOTE} ({why})",))
-    problem = sld_problem(student, last.store)
+    if online:
+        if not teachers:
+            return replace(cfg, notes=(f"{SLD_NOTE} (no teacher)",))
+        from dfmsd_cli.distill.online import teacher_logit_layout
+
+        name = teachers[-1]
+        have = teacher_logit_layout(name, student.num_classes)
+        source = f"the live teacher {name}"
+        missing = f"teacher {name} has no dense classification head (two-stage)"
+    else:
+        last = stores[-1] if stores else None
+        if last is None:
+            return replace(cfg, notes=(f"{SLD_NOTE} (no store)",))
+        have, source = last.store.meta.logits, f"store {last.store.path}"
+        missing = f"{source} holds no teacher logits: precompute it with --store-logits " + (
+            "(dense teachers only)"
+        )
+    problem = sld_problem(student, have, missing)
     if problem is not None:
         return replace(cfg, notes=(f"{SLD_NOTE}: {problem}",))
-    have = last.store.meta.logits
-    kw = {**cfg.loss_kwargs, "sld_active": True, "sld_weight": SLD_WEIGHT,
-          "sld_anchors": int(have["anchors"]), "sld_kind": have["kind"]}  # fmt: skip
-    return replace(cfg, loss_kwargs=kw, notes=())
+    kw = {**cfg.loss_kwargs, "sld_active": True, "sld_anchors": int(have["anchors"]),
+          "sld_kind": have["kind"]}  # fmt: skip
+    runs = (
+        f"SAMKD runs SFD + SLD (w={kw['sld_weight']:g}, τ={kw['sld_tau']:g}; {have['kind']} "
+        f"logits, {int(have['anchors'])} anchor(s) × {int(have['classes'])} classes, from "
+        f"{source})"
+    )
+    return replace(cfg, loss_kwargs=kw, notes=(runs,))
+
+
+def _nonnegative(v: Any) -> str | None:
+    return None if float(v) >= 0 else f"must be 0 or more, got {v}"
+
+
+def _positive(v: Any) -> str | None:
+    return None if float(v) > 0 else f"must be positive, got {v}"
 
 
 def _set_grids(cfg: MethodConfig, value: Any) -> MethodConfig:
@@ -136,9 +166,15 @@ def _check(cfg: MethodConfig, given: dict[str, Any]) -> MethodConfig:
 
 
 OPTIONS = (
-    MethodOption("sld", bool, True, "samkd: add L_SLD when the last store has the teacher's "
-                 "logits of a matching head (--no-sld: SFD alone, the ablation).",
+    MethodOption("sld", bool, True, "samkd: add L_SLD when the last teacher's logits (its "
+                 "store's, or live with --online) come from a matching head (--no-sld: SFD "
+                 "alone, the ablation).",
                  "SLD", target="sld", kwarg=True),
+    MethodOption("sld_weight", float, None, f"samkd: weight w of L_SLD (default {SLD_WEIGHT:g}).",
+                 "SLD's weight", check=_nonnegative, target="sld_weight", kwarg=True),
+    MethodOption("sld_tau", float, None, f"samkd: SLD's logit temperature τ (default "
+                 f"{SLD_TAU:g}).", "SLD's temperature", check=_positive, target="sld_tau",
+                 kwarg=True),
     MethodOption("samkd_grids", str, None, "samkd: SFD's window grids per FPN level, coarse to "
                  "fine (1,2,4: 1×1, 2×2 and 4×4 windows).", "the SFD window grids",
                  apply=_set_grids),
@@ -156,6 +192,8 @@ _DEFAULTS = {
         "pool": False,
         "scale_weights": "uniform",
         "sld": True,
+        "sld_weight": SLD_WEIGHT,
+        "sld_tau": SLD_TAU,
     },
     "notes": (SLD_NOTE,),
 }
