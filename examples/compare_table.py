@@ -174,6 +174,12 @@ def aggregate(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return pairs
 
 
+def _pm(mean: float, sd: float, n: int, sign: bool = False) -> str:
+    """``mean ± std``; one seed has no spread, so its value stands alone."""
+    m = f"{mean:+.1f}" if sign else f"{mean:.1f}"
+    return f"{m} ± {sd:.1f}" if n > 1 else m
+
+
 def render(pairs: dict[str, Any]) -> str:
     """Markdown: one table per pair (x100, mean ± std over seeds; paired Δ mAP vs alone)."""
     out = []
@@ -187,10 +193,10 @@ def render(pairs: dict[str, Any]) -> str:
                 continue
             if not e["n"]:
                 continue
-            cells = [f"{e['mean'][c]:.1f} ± {e['std'][c]:.1f}" if c in e["mean"] else "–"
+            cells = [_pm(e["mean"][c], e["std"][c], e["n"]) if c in e["mean"] else "–"
                      for c in COLUMNS]  # fmt: skip
             d = (e.get("delta") or {}).get("mAP")
-            dm = f"{d['mean']:+.1f} ± {d['std']:.1f}" if d else ""
+            dm = _pm(d["mean"], d["std"], d["n"], sign=True) if d else ""
             better = f"{d['better']}/{d['n']}" if d else ""
             sig = ("yes" if d["significant"] else "no") if d else ""
             steps = "/".join(str(s) for s in e["steps"])

@@ -32,7 +32,8 @@ wait
 
 for S in retina_tiny gfl_tiny; do
   python -c "from dfmsd_cli.models.trunk import pack_trunk as p; p('$WORK/$S/model.pth', '$OUT/$S.pth')"
-  # the full detector's mAP on its own (seed-2000) val split, for the record
-  grep -h '"mAP"' "$WORK/$S/eval_val2017.json" | head -1 || true
+  # the whole detector (trunk + its pre-training head) on the seed-2000 val split, for the record
+  dfmsd eval "$WORK/$S/model.pth" --data "$WORK/data" --img-scale 320,256 --num-workers 0 \
+    --json "$WORK/$S/eval_full.json"
 done
 ls -l "$OUT"

@@ -90,6 +90,8 @@ def test_markdown_and_results_json(table, tree):
     assert "| student alone | 3 | 20.0 ± 10.0 |" in md
     assert "| +2.0 ± 1.0 | 3/3 | no |" in md
     assert "c: skipped — error: c needs logits" in md
+    one = table.render(table.aggregate([r for r in table.collect(tree) if r["seed"] == 0]))
+    assert "| student alone | 1 | 10.0 | 10.0 |" in one and "| +2.0 | 1/1 | no |" in one
     res = json.loads(out.read_text())
     assert res["seeds"] == [0, 1, 2] and res["columns"][:2] == ["mAP", "APs"]
     statuses = sorted(r["status"] for r in res["runs"])
