@@ -1,59 +1,84 @@
 #!/usr/bin/env bash
-# Every distillation method x 3 seeds on ONE set of teacher stores -> a markdown table in the
-# style of the paper's Tables 6 and 10 (mean ± std over seeds, Δ vs the student alone).
+# The benchmark (issue 19): every distillation method, paired seeds, pretrained students, two
+# teacher/student pairs -> OUT/table.md (the paper's Table 2/6 layout, paired Δ vs the student
+# alone) and OUT/results.json (every run's numbers and configuration), OUT/delta.png.
 #
-# Usage:  examples/compare.sh [DEMO_DIR] [SEEDS]
-#   DEMO_DIR  a finished `dfmsd demo --out DEMO_DIR` (its data/ and cache/ are reused: the
-#             teachers are never run again).  Default: dfmsd-demo
-#   SEEDS     default "0 1 2"
-#   JOBS=N    runs at once (default: 2, one thread each; use 1 on a GPU)
-#   EPOCHS=E  epochs per SAL stage (default 5: the demo's 5,5); single-stage runs get 2E
-#   SCALE=W,H the demo's --img-scale (default 320,256)
-#   ADV_EPS=E ADV_STEPS=K  the adversarial view of the `dfmsd-adv` row (default 4 grey levels,
-#             1 step = FGSM): the stronger teacher is precomputed once more, with --adv-eps, into
-#             DEMO/cache-adv (the weaker teacher's store is linked, not recomputed)
-# Same recipe for every run (the demo's): batch 4, lr 0.02, 50 warm-up iterations, 320x256,
-# the same total epochs (10): SAL runs 5+5 over both teachers, single-stage methods run 10
-# epochs with the stronger teacher (gfl_tiny), `none` is the student alone.
-# Rows `fgd-warmup` (FGD with --kd-warmup 100) and `dfmsd-adv` (DFMSD + L_adv) are issue 12's.
-# Cost: one run per registered method (9 with amd, fkd, samkd) + 5 ablation rows, x 3 seeds
-# = 42 runs of 480 optimizer steps (0.45-0.85 CPU-s each on this 2-core CPU); the 33 runs
-# before amd/fkd/samkd took ~90 min.
-# Rerunning resumes: finished runs are kept. Multi-GPU form of every run:
-#   torchrun --nproc_per_node=N $(which dfmsd) distill ...
+# Usage:  examples/compare.sh [OUT]                  (default OUT: runs/compare)
+# Environment (defaults in brackets):
+#   SEEDS="0 1 2 3 4"   training seeds: the reported table's (tuning used 20-22; keep them out)
+#   PAIRS="het hom"     het: student retina_tiny <- fcos_tiny (weak), gfl_tiny (strong), the demo's
+#                       hom: student gfl_tiny <- gfl_tiny (same head family; logits stored)
+#   EPOCHS=5            the budget is 2*EPOCHS epochs of optimizer steps for every run: SAL runs
+#                       EPOCHS,EPOCHS; single-stage runs 2*EPOCHS; row dfmsd-paper gives each
+#                       SAL stage the single-stage budget (2*EPOCHS,2*EPOCHS: twice the steps)
+#   INIT=pretrained     pretrained: --weights examples/pretrained_students/STUDENT.pth
+#                       --reinit-heads (backbone + FPN pre-trained, heads fresh from the seed);
+#                       scratch: random init (the old demo regime)
+#   TRAIN_IMAGES=200 VAL_IMAGES=500 DATA_SEED=0   the benchmark's synthetic dataset
+#   ROWS=""             only these rows (space-separated; empty: all), e.g. for a pilot
+#   JOBS=2              runs at once, one torch thread each (use 1 on a GPU)
+#   SCALE=320,256 ADV_EPS=4 ADV_STEPS=1   geometry; the adversarial view of row dfmsd-adv
+# Rows per pair: every registered method (dfmsd_cli/distill/methods/, read at run time: methods
+# added later appear by themselves), fgd-warmup (--kd-warmup 100), dfmsd-no-sal, dfmsd-no-me,
+# dfmsd-no-sfa, dfmsd-adv, dfmsd-paper. In the hom pair (one teacher) every method runs one
+# stage with gfl_tiny; dfmsd-no-sal and dfmsd-paper (= dfmsd there) are not run. A run the pair
+# cannot serve (dfmsd distill exits 2 with a UserError, e.g. a method that needs logits of the
+# student's head family) is recorded as skipped with that message, not as a failure.
+# Pairing: every run of a seed starts from the same weights (same trunk, same seeded heads) and
+# sees the same data order (the sampler is seeded by --seed), so Δ vs `none` is per seed.
+# Rerunning resumes: data and stores are reused (precompute resumes), finished runs are kept, a
+# killed run continues from its last.pth. Cost and the measured pilot: docs/bench.md.
+# Multi-GPU form of every run:  torchrun --nproc_per_node=N $(which dfmsd) distill ...
 set -euo pipefail
-DEMO=${1:-dfmsd-demo}
-SEEDS=${2:-0 1 2}
-OUT=${OUT:-$DEMO/compare}
-JOBS=${JOBS:-2}
-STUDENT=${STUDENT:-retina_tiny}
-WEAK=${WEAK:-fcos_tiny}
-STRONG=${STRONG:-gfl_tiny}
+HERE=$(cd "$(dirname "$0")" && pwd)
+OUT=${1:-runs/compare}
+SEEDS=${SEEDS:-0 1 2 3 4}
+PAIRS=${PAIRS:-het hom}
 E=${EPOCHS:-5}
 E2=$((2 * E))
-export COMMON="--student $STUDENT --data $DEMO/data --cache $DEMO/cache --img-scale ${SCALE:-320,256} \
-  --batch-size 4 --lr 0.02 --warmup-iters 50 --num-workers 0"
-export OUT
+INIT=${INIT:-pretrained}
+SCALE=${SCALE:-320,256}
+JOBS=${JOBS:-2}
+ROWS=${ROWS:-}
+WEAK=fcos_tiny
+STRONG=gfl_tiny
+TW=${TEACHERS_DIR:-$HERE/demo_teachers}
+PRE=${PRETRAINED_DIR:-$HERE/pretrained_students}
+DATA=$OUT/data
+CACHE=$OUT/cache
+ADVCACHE=$OUT/cache-adv
 mkdir -p "$OUT"
 start=$(date +%s)
+log() { echo "[$(date +%H:%M:%S)] $*"; }
+want() { [ -z "$ROWS" ] || [[ " $ROWS " == *" $1 "* ]]; }
 
-# the adversarial view: the stronger teacher's store again, with the 'adv' view added
-ADVCACHE=$DEMO/cache-adv
-mkdir -p "$ADVCACHE"
-ln -sfn "$(cd "$DEMO/cache/$WEAK" && pwd)" "$ADVCACHE/$WEAK"
-read -r TW TSEED < <(python - "$DEMO/cache/$STRONG/train2017.zarr/zarr.json" <<'PY'
-import json, sys
-a = json.load(open(sys.argv[1]))["attributes"]["dfmsd"]
-print(a["weights"]["path"], (a.get("enhance") or {}).get("seed", 0))
-PY
-)
-dfmsd precompute --teacher "$STRONG" --weights "$TW" --data "$DEMO/data" --cache "$ADVCACHE" \
-  --views orig,hflip --enhance-from "$WEAK" --seed "$TSEED" --img-scale "${SCALE:-320,256}" \
-  --batch-size 4 --num-workers 0 --adv-eps "${ADV_EPS:-4}" --adv-steps "${ADV_STEPS:-1}" \
-  > "$OUT/precompute-adv.log" 2>&1 || { echo "FAILED: adv precompute (see $OUT/precompute-adv.log)"; exit 1; }
+# 1. data: TRAIN_IMAGES training and VAL_IMAGES validation images (kept when present)
+if [ ! -f "$DATA/annotations/instances_val2017.json" ]; then
+  dfmsd make-data synthetic --out "$DATA" --num-images "${TRAIN_IMAGES:-200}" \
+    --val-images "${VAL_IMAGES:-500}" --seed "${DATA_SEED:-0}" --overwrite > "$OUT/data.log" 2>&1
+fi
 
-# every registered method (dfmsd_cli/distill/methods/): SAL methods over both teachers, E
-# epochs each; single-stage methods with the stronger one, 2E; a method without a store alone
+# 2. stores (re-running precompute resumes, a complete store is kept): the weaker teacher with
+#    orig + hflip; the stronger with orig + hflip + the ME view from the weaker's area ratios
+#    and its class logits (the hom pair's logit terms); the adversarial view in its own cache
+P="--data $DATA --img-scale $SCALE --batch-size 4 --num-workers 0 --seed 0 --views orig,hflip"
+# shellcheck disable=SC2086
+{
+  dfmsd precompute --teacher $WEAK --weights "$TW/$WEAK.pth" --cache "$CACHE" $P
+  dfmsd precompute --teacher $STRONG --weights "$TW/$STRONG.pth" --cache "$CACHE" $P \
+    --enhance-from $WEAK --store-logits
+} > "$OUT/precompute.log" 2>&1 || { echo "FAILED: precompute (see $OUT/precompute.log)"; exit 1; }
+if want dfmsd-adv; then
+  mkdir -p "$ADVCACHE"
+  ln -sfn "$(cd "$CACHE/$WEAK" && pwd)" "$ADVCACHE/$WEAK"
+  # shellcheck disable=SC2086
+  dfmsd precompute --teacher $STRONG --weights "$TW/$STRONG.pth" --cache "$ADVCACHE" $P \
+    --enhance-from $WEAK --adv-eps "${ADV_EPS:-4}" --adv-steps "${ADV_STEPS:-1}" \
+    > "$OUT/precompute-adv.log" 2>&1 || { echo "FAILED: adv precompute (see $OUT/precompute-adv.log)"; exit 1; }
+fi
+log "data and stores ready"
+
+# 3. the jobs: one line = pair row seed student distill-options
 METHODS=$(python - <<'PY'
 from dfmsd_cli.distill.methods import get_method, list_methods
 for name in list_methods():
@@ -63,42 +88,77 @@ PY
 )
 jobs_file="$OUT/jobs.txt"
 : > "$jobs_file"
-for s in $SEEDS; do
-  while read -r m kind; do
-    case $kind in
-      sal) echo "$m $s --method $m --stages $WEAK,$STRONG --epochs $E,$E" ;;
-      single) echo "$m $s --method $m --stages $STRONG --epochs $E2" ;;
-      *) echo "$m $s --method $m --epochs $E2" ;;
-    esac
-  done <<< "$METHODS" >> "$jobs_file"
-  # the ablation rows
-  cat >> "$jobs_file" <<EOF
-fgd-warmup $s --method fgd --stages $STRONG --epochs $E2 --kd-warmup 100
-dfmsd-no-sal $s --method dfmsd --stages $WEAK,$STRONG --epochs $E2 --no-sal
-dfmsd-no-me $s --method dfmsd --stages $WEAK,$STRONG --epochs $E,$E --no-me
-dfmsd-no-sfa $s --method dfmsd --stages $WEAK,$STRONG --epochs $E,$E --no-sfa
-dfmsd-adv $s --method dfmsd --stages $WEAK,$STRONG --epochs $E,$E --adv --cache $ADVCACHE
-EOF
+for pair in $PAIRS; do
+  case $pair in
+    het) S=retina_tiny; SAL_STAGES="--stages $WEAK,$STRONG --epochs $E,$E" ;;
+    hom) S=gfl_tiny; SAL_STAGES="--stages $STRONG --epochs $E2" ;;  # one teacher: one stage
+    *) echo "unknown pair '$pair': use het and/or hom"; exit 2 ;;
+  esac
+  ONE="--stages $STRONG --epochs $E2"
+  INITOPT=""
+  if [ "$INIT" = pretrained ]; then
+    [ -f "$PRE/$S.pth" ] || { echo "no $PRE/$S.pth: run examples/make_pretrained_students.sh (or INIT=scratch)"; exit 2; }
+    INITOPT="--weights $PRE/$S.pth --reinit-heads"
+  fi
+  for s in $SEEDS; do
+    {
+      while read -r m kind; do
+        case $kind in
+          sal) echo "$m $SAL_STAGES --method $m" ;;
+          single) echo "$m $ONE --method $m" ;;
+          *) echo "$m --epochs $E2 --method $m" ;;
+        esac
+      done <<< "$METHODS"
+      echo "fgd-warmup $ONE --method fgd --kd-warmup 100"
+      echo "dfmsd-no-me $SAL_STAGES --method dfmsd --no-me"
+      echo "dfmsd-no-sfa $SAL_STAGES --method dfmsd --no-sfa"
+      echo "dfmsd-adv $SAL_STAGES --method dfmsd --adv --cache $ADVCACHE"
+      if [ "$pair" = het ]; then
+        echo "dfmsd-no-sal --stages $WEAK,$STRONG --epochs $E2 --method dfmsd --no-sal"
+        echo "dfmsd-paper --stages $WEAK,$STRONG --epochs $E2,$E2 --method dfmsd"
+      fi
+    } | while read -r row rest; do
+      if want "$row"; then echo "$pair $row $s $S $rest $INITOPT"; fi
+    done >> "$jobs_file"
+  done
 done
+log "$(wc -l < "$jobs_file") runs in $jobs_file ($JOBS at once)"
 
-# one line = one run: name, seed, distill options; a finished run (student.pth) is skipped
+# 4. the runs; a finished run (student.pth + summary.json) is kept; exit 2 = skipped
+export CACHE SCALE OUT
 run_one() {
-  local name=$1 seed=$2; shift 2
-  local dir="$OUT/$name/s$seed"
-  if [ -f "$dir/student.pth" ]; then return 0; fi
-  mkdir -p "$OUT/$name"
+  local pair=$1 row=$2 seed=$3 student=$4; shift 4
+  local dir="$OUT/$pair/$row/s$seed"
+  if [ -f "$dir/summary.json" ] && [ -f "$dir/student.pth" ]; then return 0; fi
+  if [ -f "$dir.skipped" ]; then return 0; fi
+  mkdir -p "$OUT/$pair/$row"
   local mode=--overwrite
   if [ -f "$dir/last.pth" ]; then mode=--resume; fi  # killed earlier: continue where it stopped
+  local rc=0
   # shellcheck disable=SC2086
-  OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} dfmsd distill $COMMON $mode --seed "$seed" --out "$dir" "$@" \
-    > "$dir.log" 2>&1 || { echo "FAILED: $name seed $seed (see $dir.log)"; return 1; }
-  echo "done: $name seed $seed"
+  local timer=()  # wall and CPU seconds of this sitting, appended (compare_table.py sums them)
+  if [ -x /usr/bin/time ]; then
+    timer=(/usr/bin/time -a -o "$dir.time.json" -f '{"wall_s": %e, "user_s": %U, "sys_s": %S}')
+  fi
+  OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} "${timer[@]}" dfmsd distill --student "$student" --data "$OUT/data" \
+    --cache "$CACHE" --img-scale "$SCALE" --batch-size 4 --lr 0.02 --warmup-iters 50 \
+    --num-workers 0 $mode --seed "$seed" --out "$dir" "$@" > "$dir.log" 2>&1 || rc=$?
+  if [ "$rc" = 2 ]; then  # a UserError: this pair cannot serve this method
+    grep -m1 '^error:' "$dir.log" > "$dir.skipped" || echo "error: exit 2" > "$dir.skipped"
+    echo "skipped: $pair $row seed $seed ($(cat "$dir.skipped"))"
+    return 0
+  fi
+  [ "$rc" = 0 ] || { echo "FAILED: $pair $row seed $seed (see $dir.log)"; return 1; }
+  echo "[$(date +%H:%M:%S)] done: $pair $row seed $seed"
 }
 export -f run_one
 status=0
 xargs -P "$JOBS" -L 1 bash -c 'run_one "$@"' _ < "$jobs_file" || status=$?
 
-python "$(dirname "$0")/compare_table.py" "$OUT" > "$OUT/table.md"
-echo "run time: $(( $(date +%s) - start )) s ($JOBS at once)" | tee -a "$OUT/table.md"
+# 5. the table, results.json and the figure of the paired Δ
+python "$HERE/compare_table.py" "$OUT" --json "$OUT/results.json" > "$OUT/table.md"
+dfmsd viz compare "$OUT/results.json" --figure "$OUT/delta.png" > /dev/null 2>&1 ||
+  echo "(no figure: see dfmsd viz compare $OUT/results.json --figure $OUT/delta.png)"
+echo "run time: $(( $(date +%s) - start )) s wall ($JOBS at once)" | tee -a "$OUT/table.md"
 cat "$OUT/table.md"
 exit "$status"

@@ -1,61 +1,231 @@
-"""Aggregate examples/compare.sh runs into a markdown table (mean ± std over seeds, x100).
+"""Aggregate examples/compare.sh runs: the paper's Table 2/6 layout with **paired** differences.
 
-Reads OUT/<method>/s<seed>/eval_stage*_val2017.json (the last stage's evaluation, written by
-`dfmsd distill`) and prints one row per method with mAP, APs, APm, APl, mAR and Δ mAP against
-`none` (the student alone), in the style of the DFMSD paper's Tables 6 and 10.
+Reads ``ROOT/<pair>/<row>/s<seed>/`` (``summary.json``: the last stage's bbox metrics and the
+optimizer steps; ``config.json``: the run's options; ``student.pth`` marks a finished run) and
+``ROOT/<pair>/<row>/s<seed>.skipped`` (a method the pair cannot serve: its one-line error) and
+``s<seed>.time.json`` (wall/CPU seconds measured by /usr/bin/time, one line per sitting).
+
+Per pair and row: mean ± std over seeds of mAP, APs, APm, APl, mAR, ARs, ARm, ARl (x100), and
+the paired difference against ``none`` (the student alone) **of the same seed**:
+Δ_s = metric(row, s) − metric(none, s), reported as mean ± std over the seeds both have, the
+sign count "better on k of n", and whether a two-sided paired t-test at 5 % rejects Δ = 0
+(``t = mean / (std / √n)`` against Student's t quantile with n − 1 degrees of freedom).
+``--json RESULTS.json`` writes every run's numbers and configuration and every row's statistics
+(read by ``dfmsd viz compare``).
+
+    python examples/compare_table.py runs/compare --json runs/compare/results.json
 """
 
 from __future__ import annotations
 
+import argparse
 import json
+import math
 import statistics
 import sys
 from pathlib import Path
+from typing import Any
 
-COLUMNS = ("mAP", "APs", "APm", "APl", "mAR")
-ORDER = ("none", "mgd", "pkd", "fgd", "fgd-warmup", "dmkd", "dfmsd", "dfmsd-no-sal",
-         "dfmsd-no-me", "dfmsd-no-sfa", "dfmsd-adv")  # fmt: skip
-LABEL = {"none": "student alone", "dfmsd-no-sal": "DFMSD w/o SAL", "dfmsd-no-me": "DFMSD w/o ME",
-         "dfmsd-no-sfa": "DFMSD w/o SFA", "dfmsd": "DFMSD", "fgd-warmup": "FGD + KD warm-up",
-         "dfmsd-adv": "DFMSD + adv view"}  # fmt: skip
+COLUMNS = ("mAP", "APs", "APm", "APl", "mAR", "ARs", "ARm", "ARl")
+BASELINE = "none"
+NOT_PAIRS = {"data", "cache", "cache-adv"}  # compare.sh's own folders next to the pairs
+PAIRS = {  # the pairs compare.sh knows; another folder with runs is shown under its own name
+    "het": "heterogeneous: retina_tiny ← fcos_tiny, gfl_tiny",
+    "hom": "homogeneous: gfl_tiny ← gfl_tiny",
+}
+ORDER = ("none", "fkd", "fgd", "fgd-warmup", "mgd", "amd", "dmkd", "pkd", "crosskd", "samkd",
+         "gdetkd", "dfmsd", "dfmsd-paper", "dfmsd-no-sal", "dfmsd-no-me", "dfmsd-no-sfa",
+         "dfmsd-adv")  # fmt: skip
+LABEL = {
+    "none": "student alone",
+    "fgd-warmup": "FGD + KD warm-up (100 it.)",
+    "dfmsd": "DFMSD",
+    "dfmsd-paper": "DFMSD, paper budget (each stage the full budget: 2x steps)",
+    "dfmsd-no-sal": "DFMSD w/o SAL",
+    "dfmsd-no-me": "DFMSD w/o ME",
+    "dfmsd-no-sfa": "DFMSD w/o SFA",
+    "dfmsd-adv": "DFMSD + adversarial view",
+}
+# two-sided 95 % quantiles of Student's t, degrees of freedom 1..30 (beyond: the normal's)
+T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179,
+        2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064,
+        2.060, 2.056, 2.052, 2.048, 2.045, 2.042)  # fmt: skip
 
 
-def final_metrics(run: Path) -> dict[str, float] | None:
-    files = sorted(run.glob("eval_stage*_val2017.json"))
-    if not files or not (run / "student.pth").is_file():  # unfinished: its last stage is missing
+def t_quantile(df: int) -> float:
+    return T975[df - 1] if df <= len(T975) else 1.960
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
         return None
-    d = json.loads(files[-1].read_text())
-    return d.get("bbox") or d.get("metrics", {}).get("bbox")
 
 
-def main(root: Path) -> str:
-    rows = {}
-    others = sorted(p.name for p in root.iterdir() if p.is_dir() and p.name not in ORDER)
-    for method in (*ORDER, *others):  # others: methods registered since (compare.sh runs all)
-        runs = sorted((root / method).glob("s*"))
-        vals = [m for m in (final_metrics(r) for r in runs) if m]
-        if vals:
-            rows[method] = vals
-    base = statistics.mean(v["mAP"] for v in rows["none"]) if "none" in rows else None
-    lines = [
-        "| method | seeds | " + " | ".join(COLUMNS) + " | Δ mAP |",
-        "|---|---|" + "---|" * (len(COLUMNS) + 1),
-    ]
-    for method, vals in rows.items():
-        cells = []
-        for c in COLUMNS:
-            xs = [100 * v[c] for v in vals if v[c] >= 0]  # COCO reports -1: no such objects
-            if not xs:
-                cells.append("–")
+def read_run(run: Path) -> dict[str, Any]:
+    """One run's record: status, metrics (fractions, as COCOeval gives them), steps, config."""
+    pair, row, seed = run.parent.parent.name, run.parent.name, int(run.name[1:])
+    rec: dict[str, Any] = {"pair": pair, "row": row, "seed": seed, "dir": str(run)}
+    skipped = run.with_name(run.name + ".skipped")
+    if skipped.is_file():
+        return {**rec, "status": "skipped", "reason": skipped.read_text().strip()}
+    summary = _read_json(run / "summary.json")
+    if summary is None or not (run / "student.pth").is_file():
+        return {**rec, "status": "unfinished"}
+    stages = summary.get("stages", [])
+    bbox = (stages[-1].get("val") or {}).get("bbox") if stages else None
+    evals = sorted(run.glob("eval_stage*_val*.json"))
+    last_eval = _read_json(evals[-1]) if evals else None
+    if bbox is None and last_eval:
+        bbox = last_eval.get("bbox")
+    config = _read_json(run / "config.json") or {}
+    times = []
+    tfile = run.with_name(run.name + ".time.json")
+    if tfile.is_file():
+        # /usr/bin/time writes "Command exited with non-zero status N" before a failed sitting
+        times = [json.loads(x) for x in tfile.read_text().splitlines() if x.startswith("{")]
+    return {
+        **rec,
+        "status": "done" if bbox else "no-metrics",
+        "metrics": {c: bbox.get(c) for c in COLUMNS} if bbox else None,
+        "val_images": (last_eval or {}).get("images"),
+        "steps": sum(int(s.get("iterations", 0)) for s in stages),
+        "stage_epochs": [s.get("epochs_done") for s in stages],
+        "seconds": summary.get("seconds"),
+        "cpu_seconds": round(sum(t["user_s"] + t["sys_s"] for t in times), 1) if times else None,
+        "wall_seconds": round(sum(t["wall_s"] for t in times), 1) if times else None,
+        "stopped": any(s.get("stopped") for s in stages),
+        "method": summary.get("method"),
+        "config": config.get("options", config),
+    }
+
+
+def collect(root: Path) -> list[dict[str, Any]]:
+    """Every run under ROOT/<pair>/<row>/s<seed> (finished, unfinished or skipped)."""
+    runs = []
+    for pair in sorted(p for p in root.iterdir() if p.is_dir() and p.name not in NOT_PAIRS):
+        for row in sorted(p for p in pair.iterdir() if p.is_dir()):
+            seeds = {p.name.split(".")[0] for p in row.iterdir() if p.name[:1] == "s"}
+            for s in sorted(x for x in seeds if x[1:].isdigit()):
+                runs.append(read_run(row / s))
+    return runs
+
+
+def _mean_sd(xs: list[float]) -> tuple[float, float]:
+    return statistics.mean(xs), statistics.stdev(xs) if len(xs) > 1 else 0.0
+
+
+def paired_delta(row: dict[int, dict], base: dict[int, dict], col: str) -> dict[str, Any] | None:
+    """Δ_s = row − base over the seeds both have (x100): mean, std, n, better (Δ_s > 0),
+    and the paired t-test at 5 % (``significant``); None without a common seed."""
+    seeds = sorted(s for s in row if s in base and row[s][col] >= 0 and base[s][col] >= 0)
+    if not seeds:
+        return None
+    d = {s: 100 * (row[s][col] - base[s][col]) for s in seeds}
+    mean, sd = _mean_sd(list(d.values()))
+    n = len(seeds)
+    if sd > 0:
+        sig = n > 1 and abs(mean) / (sd / math.sqrt(n)) > t_quantile(n - 1)
+    else:
+        sig = n > 1 and mean != 0
+    return {"mean": round(mean, 2), "std": round(sd, 2), "n": n,
+            "better": sum(v > 0 for v in d.values()), "significant": bool(sig),
+            "per_seed": {str(s): round(v, 2) for s, v in d.items()}}  # fmt: skip
+
+
+def _row_order(rows: list[str]) -> list[str]:
+    known = [r for r in ORDER if r in rows]
+    return known + sorted(r for r in rows if r not in ORDER)
+
+
+def aggregate(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per pair and row: n, seeds, mean/std per column (x100), steps, paired Δ vs none."""
+    pairs: dict[str, Any] = {}
+    for pair in sorted({r["pair"] for r in runs}, key=lambda p: (p not in PAIRS, p)):
+        mine = [r for r in runs if r["pair"] == pair]
+        done = {}
+        for r in mine:
+            if r["status"] == "done":
+                done.setdefault(r["row"], {})[r["seed"]] = r["metrics"]
+        base = done.get(BASELINE, {})
+        rows: dict[str, Any] = {}
+        for row in _row_order(sorted({r["row"] for r in mine})):
+            per = done.get(row, {})
+            entry: dict[str, Any] = {"label": LABEL.get(row, row), "n": len(per),
+                                     "seeds": sorted(per)}  # fmt: skip
+            skipped = [r for r in mine if r["row"] == row and r["status"] == "skipped"]
+            if skipped:
+                entry["skipped"] = skipped[0]["reason"]
+            steps = sorted({r["steps"] for r in mine if r["row"] == row and r.get("steps")})
+            entry["steps"] = steps
+            cpu = [r["cpu_seconds"] for r in mine if r["row"] == row and r.get("cpu_seconds")]
+            if cpu and steps:
+                entry["cpu_seconds_per_step"] = round(sum(cpu) / len(cpu) / max(steps), 3)
+            entry["mean"], entry["std"] = {}, {}
+            for c in COLUMNS:
+                xs = [100 * m[c] for m in per.values() if m[c] is not None and m[c] >= 0]
+                if xs:
+                    entry["mean"][c], entry["std"][c] = (round(v, 2) for v in _mean_sd(xs))
+            if row != BASELINE and base:
+                entry["delta"] = {c: paired_delta(per, base, c) for c in COLUMNS}
+            rows[row] = entry
+        pairs[pair] = {"title": PAIRS.get(pair, pair), "rows": rows}
+    return pairs
+
+
+def _pm(mean: float, sd: float, n: int, sign: bool = False) -> str:
+    """``mean ± std``; one seed has no spread, so its value stands alone."""
+    m = f"{mean:+.1f}" if sign else f"{mean:.1f}"
+    return f"{m} ± {sd:.1f}" if n > 1 else m
+
+
+def render(pairs: dict[str, Any]) -> str:
+    """Markdown: one table per pair (x100, mean ± std over seeds; paired Δ mAP vs alone)."""
+    out = []
+    head = "| method | n | " + " | ".join(COLUMNS) + " | steps | Δ mAP (paired) | better | t 5 % |"
+    for p in pairs.values():
+        out += [f"### {p['title']}", "", head, "|---|---|" + "---|" * (len(COLUMNS) + 4)]
+        notes = []
+        for e in p["rows"].values():
+            if e.get("skipped") and not e["n"]:
+                notes.append(f"- {e['label']}: skipped — {e['skipped']}")
                 continue
-            sd = statistics.stdev(xs) if len(xs) > 1 else 0.0
-            cells.append(f"{statistics.mean(xs):.1f} ± {sd:.1f}")
-        mean_map = statistics.mean(v["mAP"] for v in vals)
-        delta = "" if base is None or method == "none" else f"{100 * (mean_map - base):+.1f}"
-        lines.append(f"| {LABEL.get(method, method)} | {len(vals)} | " + " | ".join(cells)
-                     + f" | {delta} |")  # fmt: skip
-    return "\n".join(lines)
+            if not e["n"]:
+                continue
+            cells = [_pm(e["mean"][c], e["std"][c], e["n"]) if c in e["mean"] else "–"
+                     for c in COLUMNS]  # fmt: skip
+            d = (e.get("delta") or {}).get("mAP")
+            dm = _pm(d["mean"], d["std"], d["n"], sign=True) if d else ""
+            better = f"{d['better']}/{d['n']}" if d else ""
+            sig = ("yes" if d["significant"] else "no") if d else ""
+            steps = "/".join(str(s) for s in e["steps"])
+            out.append(f"| {e['label']} | {e['n']} | " + " | ".join(cells)
+                       + f" | {steps} | {dm} | {better} | {sig} |")  # fmt: skip
+        out += ["", *notes, ""] if notes else [""]
+    out.append(
+        "bbox x100 on the validation split; mean ± std over seeds; Δ = row − student alone of "
+        "the same seed (same initial weights and data order), mean ± std over seeds; better: "
+        "seeds with Δ > 0; t 5 %: a paired t-test rejects Δ = 0."
+    )
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> str:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("root", type=Path, nargs="?", default=Path("runs/compare"))
+    ap.add_argument("--json", type=Path, default=None, help="also write results.json here")
+    args = ap.parse_args(argv)
+    runs = collect(args.root)
+    pairs = aggregate(runs)
+    if args.json is not None:
+        val = sorted({r["val_images"] for r in runs if r.get("val_images")})
+        result = {"root": str(args.root), "columns": list(COLUMNS), "baseline": BASELINE,
+                  "seeds": sorted({r["seed"] for r in runs}), "val_images": val,
+                  "pairs": pairs, "runs": runs}  # fmt: skip
+        args.json.write_text(json.dumps(result, indent=1, default=str))
+    return render(pairs)
 
 
 if __name__ == "__main__":
-    print(main(Path(sys.argv[1] if len(sys.argv) > 1 else "dfmsd-demo/compare")))
+    print(main(sys.argv[1:]))

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import _cli
 from PIL import Image
 
 from dfmsd_cli.cli import main
@@ -271,3 +272,46 @@ def test_store_written_by_an_earlier_schema(synthetic_root, tmp_path, monkeypatc
     _png(p, ((1 + levels) * 2.6, 2 * 2.2))
     p = viz_masks(summary["path"], tmp_path / "m.png", method="dmkd", index=1)
     _png(p, (5 * 2.4, levels * 2.0))
+
+
+def _results(rows_het, rows_hom=None):
+    def pair(rows):
+        out = {"none": {"label": "student alone", "n": 3}}
+        for name, (mean, std, better, sig) in rows.items():
+            d = {"mean": mean, "std": std, "n": 3, "better": better, "significant": sig}
+            out[name] = {"label": name, "n": 3, "delta": {"mAP": d, "APs": None}}
+        return {"title": "a pair", "rows": out}
+
+    pairs = {"het": pair(rows_het)}
+    if rows_hom is not None:
+        pairs["hom"] = pair(rows_hom)
+    return {"columns": ["mAP", "APs"], "pairs": pairs}
+
+
+def test_compare_paired_delta_figure(tmp_path):
+    from dfmsd_cli.viz.paired_delta import delta_rows
+
+    res = _results({"dfmsd": (2.0, 1.0, 3, True), "fgd": (-1.5, 2.0, 1, False)},
+                   {"dfmsd": (0.5, 0.0, 3, False)})  # fmt: skip
+    assert [r[0] for r in delta_rows(res["pairs"]["het"], "mAP")] == ["dfmsd", "fgd"]
+    assert delta_rows(res["pairs"]["het"], "APs") == []  # no paired Δ of APs: no bar
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps(res))
+    _png(viz_compare(path, tmp_path / "d.png"), (2 * 5.2, 0.9 + 0.32 * 2))
+    _png(viz_compare(tmp_path, tmp_path / "d2.png"), (2 * 5.2, 0.9 + 0.32 * 2))  # its folder
+    with pytest.raises(UserError, match="--metric ARx is not in the results"):
+        viz_compare(path, tmp_path / "x.png", metric="ARx")
+    with pytest.raises(UserError, match="no row with a paired difference"):
+        viz_compare(path, tmp_path / "x.png", metric="APs")
+    (tmp_path / "bad.json").write_text("{")
+    with pytest.raises(UserError, match="is not JSON"):
+        viz_compare(tmp_path / "bad.json", tmp_path / "x.png")
+
+
+def test_cli_viz_compare_results(tmp_path, capsys):
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps(_results({"dfmsd": (2.0, 1.0, 3, True)})))
+    assert _cli(["viz", "compare", str(path), "--figure", str(tmp_path / "f.png")]) == 0
+    _png(tmp_path / "f.png", (5.2, 0.9 + 0.32))
+    assert _cli(["viz", "compare", str(tmp_path / "none.json"), "--figure", "x.png"]) == 2
+    assert "does not exist" in capsys.readouterr().err

@@ -148,16 +148,21 @@ def run_cmd(o: VizRunOptions) -> None:
 
 @dataclass(kw_only=True)
 class VizCompareOptions(FigureOptions):
-    compare_dir: Path = opt(help="OUT of examples/compare.sh.", argument=True)
+    compare_dir: Path = opt(
+        help="results.json of examples/compare.sh (or its OUT folder); a folder of "
+        "METHOD/sSEED runs without one: grouped bars of the metrics.",
+        argument=True,
+    )
     figure: Path = _figure("viz_compare.png")
+    metric: str = opt("mAP", "Metric of the paired Δ bars (mAP, APs, ..., ARl).")
 
 
 @command(viz_app, "compare", VizCompareOptions)
 def compare_cmd(o: VizCompareOptions) -> None:
-    """The compare table as grouped bars, error bars over seeds."""
+    """Paired Δ vs the student alone per method, error bars over seeds (or grouped bars)."""
     from dfmsd_cli.viz import viz_compare
 
-    _done(viz_compare(o.compare_dir, o.figure, fmt=o.fmt, dpi=o.dpi))
+    _done(viz_compare(o.compare_dir, o.figure, metric=o.metric, fmt=o.fmt, dpi=o.dpi))
 
 
 @dataclass(kw_only=True)

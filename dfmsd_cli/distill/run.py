@@ -288,9 +288,10 @@ def distill(opts: DistillOptions, *, clock: Callable[[], float] = time.perf_coun
             )
         student.load_state_dict(state["state_dict"])
     elif opts.weights:
-        from dfmsd_cli.models.checkpoint import load_weights
+        from dfmsd_cli.models.trunk import init_weights
 
-        load_weights(student, opts.weights)
+        say = console.print if dist_info.is_main else None
+        init_weights(student, opts.weights, opts.reinit_heads, say=say)
     student.to(device)
 
     if dist_info.is_main:

@@ -99,7 +99,8 @@ class TrainTask(Task):
         from dfmsd_cli.data.coco import CocoDetection
         from dfmsd_cli.data.loader import collate
         from dfmsd_cli.models import build_model
-        from dfmsd_cli.models.checkpoint import load_weights
+        from dfmsd_cli.models.trunk import init_weights
+        from dfmsd_cli.utils.console import console
 
         opts = self.opts
         self.device = device
@@ -125,7 +126,8 @@ class TrainTask(Task):
         if getattr(self.model, "has_masks", False):
             self.dataset = dataset(with_masks=True)
         if opts.weights and not self.resuming:
-            load_weights(self.model, opts.weights, categories=self.dataset.categories)
+            say = console.print if dist.is_main else None
+            init_weights(self.model, opts.weights, opts.reinit_heads, self.dataset.categories, say)
         self.model.to(device)
         self.collate_fn = collate
         self.sampler = ViewSampler(

@@ -123,6 +123,11 @@ def load_weights(
     source = str(spec)
     obj = read_checkpoint(spec)
     m = unwrap(model)
+    if isinstance(obj, Mapping) and obj.get("kind") == "trunk":  # models/trunk.py pack_trunk
+        raise UserError(
+            f"{source} holds only backbone + FPN weights (a trunk): add --reinit-heads to load "
+            "them and start the detection heads fresh from --seed"
+        )
     if is_dfmsd_checkpoint(obj):
         name, k = obj.get("model"), obj.get("num_classes")
         if name != m.name or k != m.num_classes:

@@ -217,6 +217,11 @@ class OptimOptions:
     weights: str | None = opt(
         None, "Initial weights: a checkpoint, a state dict, or 'torchvision'."
     )
+    reinit_heads: bool = opt(
+        False,
+        "Load only the backbone + FPN of --weights (e.g. a trunk file of "
+        "examples/pretrained_students/); the detection heads start fresh from --seed.",
+    )
     seed: int = opt(0, "Random seed (weights, order, views).")
     resume: bool = opt(False, "Continue the run in --out from last.pth.")
     save_interval: int = opt(0, "Also checkpoint every N steps (0: each epoch only).")

@@ -146,10 +146,17 @@ def _run_name(run) -> str:
     )
 
 
-def viz_compare(compare_dir, out, *, fmt=None, dpi=None) -> Path:
-    """``dfmsd viz compare``: the compare table as grouped bars with error bars."""
+def viz_compare(compare_dir, out, *, metric="mAP", fmt=None, dpi=None) -> Path:
+    """``dfmsd viz compare``: a results.json (or a folder holding one) -> the paired Δ vs the
+    student alone per row (``paired_delta.py``); a folder of METHOD/sSEED runs without one ->
+    the metrics as grouped bars with error bars (``compare_bars.py``)."""
     from dfmsd_cli.viz.compare_bars import compare_figure, read_compare
 
+    src = Path(compare_dir)
+    if src.suffix == ".json" or (src / "results.json").is_file():
+        from dfmsd_cli.viz.paired_delta import delta_figure, read_results
+
+        return save(delta_figure(read_results(src), metric), out, fmt, dpi)
     rows = read_compare(compare_dir)
     return save(compare_figure(rows, title=f"{Path(compare_dir).name}: bbox on val"), out, fmt, dpi)
 

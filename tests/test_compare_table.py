@@ -1,0 +1,104 @@
+"""examples/compare_table.py on a fabricated results tree: paired Δ, sign counts, skips, JSON."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "compare_table.py"
+
+
+@pytest.fixture(scope="module")
+def table():
+    spec = importlib.util.spec_from_file_location("compare_table", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _run(root, pair, row, seed, mAP, steps=100, **extra):
+    d = root / pair / row / f"s{seed}"
+    d.mkdir(parents=True)
+    bbox = {c: mAP for c in ("mAP", "APs", "APm", "APl", "mAR", "ARs", "ARm", "ARl")}
+    bbox.update(extra)
+    stages = [{"iterations": steps // 2, "epochs_done": 1}, {"iterations": steps - steps // 2,
+              "epochs_done": 1, "val": {"bbox": bbox}}]  # fmt: skip
+    (d / "summary.json").write_text(json.dumps({"stages": stages, "seconds": 10.0}))
+    (d / "config.json").write_text(json.dumps({"options": {"seed": seed, "method": row}}))
+    (d / "student.pth").write_bytes(b"x")
+    return d
+
+
+@pytest.fixture()
+def tree(tmp_path):
+    """het: alone 0.10/0.20/0.30 on seeds 0-2; 'a' beats it by 0.02/0.01/0.03 (paired, though its
+    spread across seeds is larger than the gaps); 'b' is worse on 2 of 3; 'c' skipped; 'd'
+    unfinished (no student.pth); APl of seed 2 is -1 (no large objects) for alone."""
+    for s, base in enumerate((0.10, 0.20, 0.30)):
+        _run(tmp_path, "het", "none", s, base, APl=-1 if s == 2 else base)
+        _run(tmp_path, "het", "a", s, base + (0.02, 0.01, 0.03)[s])
+        _run(tmp_path, "het", "b", s, base + (-0.01, 0.02, -0.03)[s])
+    (tmp_path / "het" / "c").mkdir()
+    (tmp_path / "het" / "c" / "s0.skipped").write_text("error: c needs logits: use a pair ...")
+    d = _run(tmp_path, "het", "d", 0, 0.5)
+    (d / "student.pth").unlink()
+    t = tmp_path / "het" / "a" / "s0.time.json"
+    t.write_text('Command exited with non-zero status 1\n{"wall_s": 5, "user_s": 3, "sys_s": 1}\n'
+                 '{"wall_s": 7, "user_s": 5, "sys_s": 1}\n')  # fmt: skip
+    (tmp_path / "data" / "x" / "s0").mkdir(parents=True)  # compare.sh's data folder: not a pair
+    return tmp_path
+
+
+def test_paired_delta_and_sign_count(table, tree):
+    pairs = table.aggregate(table.collect(tree))
+    assert list(pairs) == ["het"]
+    rows = pairs["het"]["rows"]
+    assert list(rows)[0] == "none" and "delta" not in rows["none"]
+    a = rows["a"]["delta"]["mAP"]
+    assert a["mean"] == pytest.approx(2.0) and a["std"] == pytest.approx(1.0)
+    assert (a["better"], a["n"]) == (3, 3)
+    assert a["per_seed"] == {"0": 2.0, "1": 1.0, "2": 3.0}
+    # t = 2 / (1 / sqrt 3) = 3.46 > t_0.975(2) = 4.303? no: not significant with 3 seeds
+    assert a["significant"] is False
+    b = rows["b"]["delta"]["mAP"]
+    assert b["mean"] == pytest.approx(-0.6667, abs=1e-2) and (b["better"], b["n"]) == (1, 3)
+    # a column with -1 for one seed of the baseline: paired over the seeds that have it
+    assert rows["a"]["delta"]["APl"]["n"] == 2
+    assert rows["none"]["mean"]["APl"] == pytest.approx(15.0)
+    assert rows["a"]["mean"]["mAP"] == pytest.approx(22.0)
+    assert rows["a"]["steps"] == [100]
+    assert rows["a"]["cpu_seconds_per_step"] == pytest.approx(0.1)  # (3+1+5+1) / 100
+    assert rows["c"]["n"] == 0 and rows["c"]["skipped"].startswith("error: c needs logits")
+    assert rows["d"]["n"] == 0
+
+
+def test_significance_with_enough_seeds(table):
+    base = {s: {"mAP": 0.1} for s in range(5)}
+    row = {s: {"mAP": 0.1 + d} for s, d in enumerate((0.02, 0.01, 0.03, 0.02, 0.02))}
+    d = table.paired_delta(row, base, "mAP")
+    assert d["significant"] is True and d["better"] == 5  # t = 2 / (0.71 / sqrt 5) = 6.3 > 2.78
+    flat = {s: {"mAP": 0.1 + d} for s, d in enumerate((0.05, -0.04, 0.03, -0.02, 0.01))}
+    assert table.paired_delta(flat, base, "mAP")["significant"] is False
+
+
+def test_markdown_and_results_json(table, tree):
+    out = tree / "results.json"
+    md = table.main([str(tree), "--json", str(out)])
+    assert "| student alone | 3 | 20.0 ± 10.0 |" in md
+    assert "| +2.0 ± 1.0 | 3/3 | no |" in md
+    assert "c: skipped — error: c needs logits" in md
+    one = table.render(table.aggregate([r for r in table.collect(tree) if r["seed"] == 0]))
+    assert "| student alone | 1 | 10.0 | 10.0 |" in one and "| +2.0 | 1/1 | no |" in one
+    res = json.loads(out.read_text())
+    assert res["seeds"] == [0, 1, 2] and res["columns"][:2] == ["mAP", "APs"]
+    statuses = sorted(r["status"] for r in res["runs"])
+    assert statuses.count("done") == 9 and "skipped" in statuses and "unfinished" in statuses
+    run = next(r for r in res["runs"] if r["row"] == "a" and r["seed"] == 0)
+    assert run["config"] == {"seed": 0, "method": "a"} and run["metrics"]["mAP"] == pytest.approx(
+        0.12
+    )
+    assert run["cpu_seconds"] == 10 and run["wall_seconds"] == 12
+    assert res["pairs"]["het"]["rows"]["a"]["delta"]["mAP"]["mean"] == pytest.approx(2.0)
