@@ -103,8 +103,9 @@ def test_class_kd_runs_only_for_matching_heads_with_stored_logits():
     assert cfg.loss_kwargs["parts"].startswith("L_feat+L_cls (")
     assert set(build_stage_losses(cfg, [8], 4, 4)) == {"stage", "cls"}
 
-    def note(student, name, stores, online=False, **kw):
-        cfg = with_stores(method_config("gdetkd", name, **kw), student, stores, online)
+    def note(student, name, stores, online=False, teachers=(), **kw):
+        cfg = method_config("gdetkd", name, **kw)
+        cfg = with_stores(cfg, student, stores, online, teachers=teachers)
         assert not cfg.loss_kwargs.get("class_kd_active") and "cls" not in build_stage_losses(
             cfg, [8], 4, 4
         )
@@ -114,7 +115,12 @@ def test_class_kd_runs_only_for_matching_heads_with_stored_logits():
 
     assert "heads differ" in note(retina, "retina_tiny", _stores(GFL_LOGITS))
     assert "holds no teacher logits" in note(gfl, "gfl_tiny", _stores(None))
-    assert "--online" in note(gfl, "gfl_tiny", [None], online=True)
+    assert "no teacher" in note(gfl, "gfl_tiny", [None], online=True)
+    two_stage = note(gfl, "gfl_tiny", [None], online=True, teachers=["frcnn_tiny"])
+    assert "frcnn_tiny has no dense classification head" in two_stage
+    # --online with a live teacher of the same head: L_cls on, from the architecture alone
+    cfg = with_stores(method_config("gdetkd", "gfl_tiny"), gfl, [None], True, teachers=["gfl_tiny"])
+    assert cfg.loss_kwargs["class_kd_active"] and cfg.loss_kwargs["class_kd_anchors"] == 1
     assert "--no-class-kd" in note(gfl, "gfl_tiny", _stores(GFL_LOGITS), class_kd=False)
     frcnn = build_model("frcnn_tiny", num_classes=5)
     assert "no dense classification head" in note(frcnn, "frcnn_tiny", _stores(GFL_LOGITS))

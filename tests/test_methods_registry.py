@@ -222,3 +222,19 @@ def test_term_weight_from_a_function_of_the_config():
         assert float(out["loss_l2"].detach()) == pytest.approx(3.0 * (1.0 + 4.0))
     finally:
         unregister_method("l2w")
+
+
+def test_kd_term_cannot_replace_a_detector_loss():
+    """A KD metric named like a detector loss (G-DetKD's first L_cls was ``loss_cls``) once
+    silently replaced GFL's classification loss; DistillModel now refuses it."""
+    import torch
+
+    from dfmsd_cli.distill.model import _join
+
+    det = {"loss_cls": torch.tensor(1.0), "loss_bbox": torch.tensor(2.0)}
+    joined = _join(det, {"loss_cls_kd": torch.tensor(3.0)})
+    assert {k: float(v) for k, v in joined.items()} == {
+        "loss_cls": 1.0, "loss_bbox": 2.0, "loss_cls_kd": 3.0
+    }  # fmt: skip
+    with pytest.raises(RuntimeError, match=r"\['loss_cls'\].*detector loss"):
+        _join(det, {"loss_cls": torch.tensor(3.0)})

@@ -59,13 +59,11 @@ class DistillModel(nn.Module):
         losses = dict(out.losses)
         if teacher is None:
             return losses
-        losses.update(
-            self._terms(MAIN, out.features, teacher, targets, out.logits if logits else None)
-        )
+        kd = self._terms(MAIN, out.features, teacher, targets, out.logits if logits else None)
         if part == "all":
             for view in self.extra_views:
-                losses.update(self.view_losses(view, teacher, targets))
-        return losses
+                kd.update(self.view_losses(view, teacher, targets))
+        return _join(losses, kd)
 
     def view_losses(
         self, view: str, teacher: TeacherBatch | None, targets: list[dict[str, Tensor]]
@@ -89,3 +87,15 @@ class DistillModel(nn.Module):
             loss = term.call(self.losses[term.key], feats, t, targets, **extra)
             out[term.metric] = self.kd_scale * term.weight_of(self.cfg) * loss
         return out
+
+
+def _join(det: dict[str, Tensor], kd: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The detector's losses and the KD terms in one dict. A term whose metric names one of
+    the detector's losses (e.g. ``loss_cls``) would silently replace it: a method bug."""
+    clash = det.keys() & kd.keys()
+    if clash:
+        raise RuntimeError(
+            f"KD term(s) {sorted(clash)} have the name of a detector loss and would replace it: "
+            "give the LossTerm another metric (e.g. loss_cls_kd)"
+        )
+    return {**det, **kd}
