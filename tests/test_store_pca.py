@@ -225,3 +225,21 @@ def test_cli_precompute_pca_and_cache_info_report_energy(data, tmp_path, capsys)
         assert not exc.code
     err = capsys.readouterr().err
     assert "pca components" in err and "energy kept, stride 128" in err
+    try:
+        main([*argv, "--dry-run", "--store-logits", "--cache", str(tmp_path / "dry")])
+    except SystemExit as exc:
+        assert not exc.code
+    assert "of which logits" in capsys.readouterr().err
+    assert not (tmp_path / "dry").exists()
+
+
+def test_repair_options_keep_every_recorded_encoding(data, tmp_path):
+    """Repair re-runs precompute with the store's own options: --keepbits and --store-logits
+    too (before, a logits store failed its fingerprint check and keepbits was dropped)."""
+    from dfmsd_cli.store.repair import options_of_store
+
+    kw = dict(pca=None, max_images=2, store_logits=True, keepbits=5)
+    path = precompute(*_files(data), _opts(tmp_path, **kw))["path"]
+    o = options_of_store(TeacherStore.open(path))
+    assert (o.keepbits, o.store_logits, o.pca) == (5, True, None)
+    assert precompute(*_files(data), o)["written"] == 0  # the fingerprints match

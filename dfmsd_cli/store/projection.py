@@ -102,10 +102,37 @@ def plan_summary(
     }
 
 
+def projected_size(
+    ds: CocoDetection,
+    o: PlannedStore,
+    strides: list[int],
+    channels: int,
+    views: list[str],
+    logit_channels: int = 0,
+) -> dict[str, float]:
+    """The size part of ``--dry-run`` (no teacher needed): raw bytes from the images' sizes
+    times the encoding's measured stored/raw ratio; features and logits separately."""
+    est = plan_summary(ds, o, strides, channels, views, logit_channels)
+    ratio = expected_ratio(o.codec, o.dtype, o.keepbits)
+    if getattr(o, "pca", None):  # components compress less than features (measured, PCA_RATIO)
+        ratio = PCA_RATIO.get(o.dtype, ratio) * ratio / expected_ratio(o.codec, o.dtype, None)
+    feat_bytes = est["raw_feature_bytes"] * ratio
+    logit_bytes = est["raw_logit_bytes"] * LOGITS_RATIO
+    n = max(1, len(ds.image_ids))
+    return {
+        "raw_bytes_per_image": est["raw_bytes_per_image"],
+        "projected_bytes": feat_bytes + logit_bytes,
+        "projected_bytes_per_image": (feat_bytes + logit_bytes) / n,
+        "projected_feature_bytes": feat_bytes,
+        "projected_logit_bytes": logit_bytes,
+        "expected_compression": ratio,
+    }
+
+
 def dry_run(ds, o, model, device, strides, views, start, stop, pad_sizes, path) -> dict:
     """Projected size (from image sizes) and time (one timed teacher pass) — writes nothing."""
     lc = int(model.logit_anchors) * int(model.num_classes) if o.store_logits else 0
-    est = plan_summary(ds, o, strides, model.out_channels, views, lc)
+    size = projected_size(ds, o, strides, model.out_channels, views, lc)
     n_range = stop - start
     shapes = [pad_sizes[i] for i in range(start, stop)] or [pad_sizes[0]]
     shape = max(set(shapes), key=shapes.count)  # the most common padded shape
@@ -121,22 +148,13 @@ def dry_run(ds, o, model, device, strides, views, start, stop, pad_sizes, path) 
         d = TeacherStore.open(path).done()[start:stop]
         done = int((d != schema.DONE_PENDING).sum())
     todo = n_range - done
-    ratio = expected_ratio(o.codec, o.dtype, o.keepbits)
-    if o.pca:  # components compress less than features (measured, PCA_RATIO)
-        ratio = PCA_RATIO.get(o.dtype, ratio) * ratio / expected_ratio(o.codec, o.dtype, None)
-    feat_bytes = est["raw_feature_bytes"] * ratio
-    logit_bytes = est["raw_logit_bytes"] * LOGITS_RATIO
     return {
         "path": path,
         "dry_run": True,
         "images": len(ds.image_ids),
         "range": [start, stop],
         "todo": todo,
-        "raw_bytes_per_image": est["raw_bytes_per_image"],
-        "projected_bytes": feat_bytes + logit_bytes,
-        "projected_feature_bytes": feat_bytes,
-        "projected_logit_bytes": logit_bytes,
-        "expected_compression": ratio,
+        **size,
         "pca": o.pca,
         "projected_seconds": per_image * todo,
         "seconds_per_image": per_image,
