@@ -17,7 +17,7 @@ from dfmsd_cli.data.geometry import Geometry
 from dfmsd_cli.errors import UserError
 from dfmsd_cli.models.checkpoint import load_teacher
 from dfmsd_cli.store.inspect import store_info, verify_store
-from dfmsd_cli.store.pca import PcaAccumulator, project, reconstruct, split_basis
+from dfmsd_cli.store.pca import PcaAccumulator, image_stat, project, reconstruct, split_basis
 from dfmsd_cli.store.precompute import PrecomputeOptions, _run_batch, precompute
 from dfmsd_cli.store.reader import TeacherStore
 
@@ -84,6 +84,10 @@ def test_fit_by_hand_two_channels():
     z = project(x.reshape(2, 2, 2), mu, w)
     err = (reconstruct(z, mu, w) - x.reshape(2, 2, 2)).pow(2).sum() / 4
     assert float(err) == pytest.approx(0.02, rel=1e-5)
+    stat = image_stat(x.reshape(2, 2, 2), z, mu, w)  # mean |z|, Σ‖x − x̂‖², Σ‖x‖²
+    assert stat[0] == pytest.approx(2**0.5, rel=1e-5)  # |z| = √2 at every position
+    assert stat[1] == pytest.approx(0.08, rel=1e-4)
+    assert stat[2] == pytest.approx(float(x.pow(2).sum()), rel=1e-6)
 
 
 def test_round_trip_error_is_the_discarded_energy(data, pca_store):

@@ -115,9 +115,14 @@ def reconstruct(z: torch.Tensor, mu: torch.Tensor, w: torch.Tensor) -> torch.Ten
 
 
 def image_stat(x: torch.Tensor, z: torch.Tensor, mu: torch.Tensor, w: torch.Tensor) -> np.ndarray:
-    """``pca_stat`` row of one map: [mean |z_k| (K), Σ‖x − x̂‖², Σ‖x‖²] (float32)."""
-    xd = x.double()
-    err = float((reconstruct(z, mu, w).double() - xd).pow(2).sum())
+    """``pca_stat`` row of one map: [mean |z_k| (K), Σ‖x − x̂‖², Σ‖x‖²] (float32).
+
+    W has orthonormal rows, so ‖x − x̂‖² = ‖x − μ‖² − ‖z‖² per position: no reconstruction
+    is needed at write time (sums in float64)."""
+    c = x.shape[0]
+    xd = x.double().reshape(c, -1)
+    centred = float((xd - mu.double()[:, None]).pow(2).sum())
+    err = max(0.0, centred - float(z.double().pow(2).sum()))
     mean_abs = z.abs().reshape(z.shape[0], -1).mean(dim=1)
     return np.concatenate([mean_abs.numpy(), [err, float(xd.pow(2).sum())]]).astype(np.float32)
 
