@@ -5,7 +5,8 @@
 #
 # Usage: examples/encodings_quality.sh [WORK_DIR] [SEEDS]
 #   WORK_DIR  default: enc-quality     SEEDS  default "20 21 22" (no reported table uses them)
-#   ENCODINGS default "float16 bfloat16:3 uint8 float16:5" (dtype[:keepbits])
+#   ENCODINGS default "float16 bfloat16:3 uint8 float16:5" (dtype[:keepbits], or pcaK:
+#             float16 with --pca K)
 #   JOBS=N    runs at once (default 2, one thread each)
 # Cost: one precompute of both teachers per encoding, then 3 distill runs per encoding
 # (480 optimizer steps each, ~4-8 CPU-min on this 2-core machine).
@@ -21,6 +22,7 @@ mkdir -p "$W"
   --val-images 100 --seed 0 --min-size 160 --max-size 320 > /dev/null
 for enc in $ENCODINGS; do
   dtype=${enc%%:*}; keep=""; [ "$enc" != "$dtype" ] && keep="--keepbits ${enc#*:}"
+  case $dtype in pca*) keep="--pca ${dtype#pca}"; dtype=float16 ;; esac
   cache="$W/cache-${enc/:/-k}"
   # shellcheck disable=SC2086
   dfmsd precompute --teacher fcos_tiny --weights "$HERE/demo_teachers/fcos_tiny.pth" \

@@ -57,6 +57,12 @@ def info_cmd(o: InfoOptions) -> None:
         ("created", str(info["created"])),
     ):
         table.add_row(key, val)
+    if info.get("pca"):
+        from dfmsd_cli.cli.precompute_cmd import pca_row
+
+        table.add_row("pca components", str(info["pca"]["components"]))
+        for s, e in info["pca"]["levels"].items():
+            table.add_row(f"energy kept, stride {s}", pca_row(e))
     console.print(table)  # stderr: stdout stays clean for --json -
     emit_json(info, o.json)
 

@@ -22,6 +22,13 @@ from dfmsd_cli.utils.options import (
 )
 
 
+def pca_row(e: dict) -> str:
+    """``--pca`` energy kept of one level: on the fit images and over the stored ones."""
+    fit, got = e.get("energy_kept_fit"), e.get("energy_kept_stored")
+    fmt = "{:.4f}".format
+    return f"{fmt(got) if got == got else '-'} (fit: {fmt(fit) if fit is not None else '-'})"
+
+
 @dataclass(kw_only=True)
 class PrecomputeCLI(DataOptions, GeometryOptions, BatchOptions, DeviceOptions, JsonOptions):
     teacher: str = opt(help="Teacher zoo name, e.g. cmr_r101.", short="-t")
@@ -42,6 +49,11 @@ class PrecomputeCLI(DataOptions, GeometryOptions, BatchOptions, DeviceOptions, J
     )
     store_logits: bool = opt(
         False, "Also store the dense head's class logits per level and view (float16; for SLD)."
+    )
+    pca: int | None = opt(
+        None,
+        "Store K principal components per level instead of all channels (basis fitted on the "
+        "first 128 images, applied on read; energy kept in 'cache info').",
     )
     views: str = opt("orig", "Views: orig[,hflip].")
     enhance_from: str | None = opt(
@@ -98,6 +110,7 @@ def precompute_cmd(o: PrecomputeCLI) -> None:
         keepbits=o.keepbits,
         for_student=o.for_student,
         store_logits=o.store_logits,
+        pca=o.pca,
         views=[v.strip() for v in o.views.split(",") if v.strip()],
         enhance_from=o.enhance_from,
         enhance=EnhanceConfig(
@@ -136,7 +149,8 @@ def precompute_cmd(o: PrecomputeCLI) -> None:
             ("to compute", str(summary["todo"])),
             ("raw bytes/image", format_bytes(summary["raw_bytes_per_image"])),
             ("projected size", format_bytes(summary["projected_bytes"])),
-            (f"stored/raw ({o.codec})", f"{summary['expected_compression']:.2f}"),
+            ("  of which logits", format_bytes(summary["projected_logit_bytes"])),
+            (f"stored/raw features ({o.codec})", f"{summary['expected_compression']:.2f}"),
             ("s/image (probe)", f"{summary['seconds_per_image']:.3f}"),
             ("projected time", f"{summary['projected_seconds']:.0f} s"),
         ]
@@ -148,6 +162,8 @@ def precompute_cmd(o: PrecomputeCLI) -> None:
             ("wall time", f"{summary['wall_s']:.1f} s"),
             ("teacher time", f"{summary['teacher_s']:.1f} s"),
         ]
+        for s, e in ((summary.get("pca") or {}).get("levels") or {}).items():
+            rows.append((f"energy kept, stride {s}", pca_row(e)))
     for r in rows:
         table.add_row(*r)
     console.print(table)  # stderr: stdout stays clean for --json -

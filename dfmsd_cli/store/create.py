@@ -80,6 +80,8 @@ class StoreSpec:
     categories: list[dict] | None = None
     keepbits: int | None = None
     logits: dict | None = None  # {dtype, anchors, classes, kind} with --store-logits
+    pca: dict | None = None  # --pca: {components, fit_images, fit_views, levels: {s: energy}}
+    pca_basis: dict[int, np.ndarray] | None = None  # {stride: (K+1, C) [μ; W]}, at creation
 
     def attrs(self) -> dict:
         from dfmsd_cli import __version__
@@ -125,6 +127,9 @@ class StoreSpec:
             "enhance": self.enhance,
             "adv": self.adv,
             "logits": self.logits,
+            # per-level channel projection (store/pca.py); None: full channels
+            "pca_components": int(self.pca["components"]) if self.pca else None,
+            "pca": self.pca,
             "dfmsd_version": __version__,
             "torch": torch.__version__,
             "zarr": zarr.__version__,
@@ -150,9 +155,15 @@ def store_exists(path: str | os.PathLike) -> bool:
     return (Path(path) / "zarr.json").is_file()
 
 
-def _allocate(group: zarr.Group, a: dict, image_ids: list[int]) -> None:
-    """Create every array at its final size; write image_ids."""
+def _allocate(
+    group: zarr.Group, a: dict, image_ids: list[int], pca_basis: dict | None = None
+) -> None:
+    """Create every array at its final size; write image_ids (and the ``--pca`` basis)."""
     n, c, b, k = len(image_ids), a["channels"], a["block"], a["topk"]
+    kp = a.get("pca_components")
+    if kp and (pca_basis is None or sorted(pca_basis) != sorted(a["strides"])):
+        raise ValueError("a --pca store is created with its basis for every level")
+    cf = int(kp) if kp else c  # stored feature channels: K components or the C channels
     zstd = ZstdCodec(level=ZSTD_LEVEL)
     big = feature_codec(a["codec"]["name"], a["dtype"])
     big32 = feature_codec(a["codec"]["name"], "float32")
@@ -179,10 +190,15 @@ def _allocate(group: zarr.Group, a: dict, image_ids: list[int]) -> None:
     for s in a["strides"]:
         hc, wc = a["level_shapes"][str(s)]
         arr(f"valid/{s}", (n, 2), (b, 2), "int32")
+        if kp:  # row 0 = μ, rows 1..K = W (store/pca.py), one crc-checked chunk
+            arr(f"pca/{s}", (kp + 1, c), (kp + 1, c), "float32")[:] = pca_basis[s]
         for v in a["views"]:
-            arr(f"feat/{v}/{s}", (n, c, hc, wc), (1, c, hc, wc), storage_dtype(a["dtype"]), big)
+            dt = storage_dtype(a["dtype"])
+            arr(f"feat/{v}/{s}", (n, cf, hc, wc), (1, cf, hc, wc), dt, big)
             if a["dtype"] == "uint8":
-                arr(f"qparams/{v}/{s}", (n, c, 2), (b, c, 2), "float32")
+                arr(f"qparams/{v}/{s}", (n, cf, 2), (b, cf, 2), "float32")
+            if kp:  # mean |z_k|, then Σ‖x − x̂‖², Σ‖x‖² (store/pca.py)
+                arr(f"pca_stat/{v}/{s}", (n, kp + 2), (b, kp + 2), "float32")
             arr(f"att_s/{v}/{s}", (n, hc, wc), (1, hc, wc), "float32", big32)
             arr(f"att_c/{v}/{s}", (n, c), (b, c), "float32")
             if a.get("logits"):  # one image per chunk, like feat; float16 (docs/store.md)
@@ -218,13 +234,15 @@ def create_or_open(path: str | os.PathLike, spec: StoreSpec, fix: str) -> zarr.G
         raise incomplete
     if not store_exists(path):
         if _is_remote(path):
-            _create_remote(path, wanted, spec.image_ids)
+            _create_remote(path, wanted, spec.image_ids, spec.pca_basis)
         else:
             target = Path(path)
             target.parent.mkdir(parents=True, exist_ok=True)
             tmp = target.parent / f".{target.name}.creating-{os.getpid()}-{uuid.uuid4().hex[:8]}"
             try:
-                _allocate(zarr.open_group(str(tmp), mode="w-"), wanted, spec.image_ids)
+                _allocate(
+                    zarr.open_group(str(tmp), mode="w-"), wanted, spec.image_ids, spec.pca_basis
+                )
                 try:
                     os.rename(tmp, target)
                 except OSError:  # another process created it first: use theirs
@@ -253,7 +271,9 @@ _EXISTS = (
 REMOTE_CREATE_WAIT = 120.0  # seconds a shard waits for another one's allocation to finish
 
 
-def _create_remote(path: str, wanted: dict, image_ids: list[int]) -> None:
+def _create_remote(
+    path: str, wanted: dict, image_ids: list[int], pca_basis: dict | None = None
+) -> None:
     """Allocate a store on object storage. There is no atomic rename there: shards starting
     together may both allocate; every allocation writes the same metadata (the attributes,
     written last, differ only in ``created``), and one that finds an array already there
@@ -261,7 +281,7 @@ def _create_remote(path: str, wanted: dict, image_ids: list[int]) -> None:
     with remote_errors(path):
         try:
             group = zarr.open_group(store=open_zarr_store(path, "w"), mode="w-")
-            _allocate(group, wanted, image_ids)
+            _allocate(group, wanted, image_ids, pca_basis)
         except _EXISTS:
             pass  # another shard is creating it
 

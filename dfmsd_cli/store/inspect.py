@@ -38,6 +38,10 @@ def _array_names(meta) -> list[str]:
                 names.append(f"qparams/{v}/{s}")
             if getattr(meta, "logits", None):
                 names.append(f"logits/{v}/{s}")
+            if getattr(meta, "pca", None):
+                names.append(f"pca_stat/{v}/{s}")
+        if getattr(meta, "pca", None):
+            names.append(f"pca/{s}")
     for v in meta.views:
         names += [f"det/{v}/{k}" for k in ("boxes", "scores", "labels", "count")]
         names.append(f"area_ratio/{v}")
@@ -78,10 +82,34 @@ def store_info(path: str | Path) -> dict[str, Any]:
         "bytes_on_disk": int(stored),
         "bytes_per_image": stored / n_done if n_done else math.nan,
         "compression_ratio": dense / stored if stored and n_done else math.nan,
+        "pca": pca_energy(store) if m.pca else None,
         "created": m.attrs.get("created"),
         "weights_sha256": m.fingerprints["weights_sha256"],
         "dfmsd_version": m.attrs.get("dfmsd_version"),
     }
+
+
+def pca_energy(store: TeacherStore) -> dict[str, Any]:
+    """``--pca`` stores: components and, per level, the energy kept (1 − ‖x − x̂‖² / ‖x‖²,
+    pooled) on the fit images (attribute) and over every complete image and view (``pca_stat``)."""
+    from dfmsd_cli.store.pca import pooled_energy
+
+    m = store.meta
+    ok = store.done() == schema.DONE_OK
+    levels = {}
+    for s in m.strides:
+        rows = []
+        for v in m.views:
+            stat = store._read(f"pca_stat/{v}/{s}", slice(None), f"pca_stat of stride {s}")
+            rows += list(stat[ok])
+        fit = (m.pca.get("levels") or {}).get(str(s), {})
+        levels[str(s)] = {
+            "energy_kept_fit": fit.get("energy_kept"),
+            "variance_kept_fit": fit.get("variance_kept"),
+            "energy_kept_stored": pooled_energy(rows),
+        }
+    return {"components": int(m.attrs["pca_components"]), "fit_images": m.pca.get("fit_images"),
+            "levels": levels}  # fmt: skip
 
 
 def _check_image(store: TeacherStore, i: int) -> list[str]:
@@ -111,6 +139,13 @@ def _check_image(store: TeacherStore, i: int) -> list[str]:
                 continue
             got = f.abs().mean(dim=(1, 2)).double()
             want = t["att_channel"][s].double()
+            if m.pca:  # check the stored components against their own statistics
+                from dfmsd_cli.store.pca import project
+
+                z = project(f, *store.pca_basis(s))
+                got = z.abs().mean(dim=(1, 2)).double()
+                stat = np.asarray(store._array(f"pca_stat/{v}/{s}")[i])[:-2]
+                want = torch.as_tensor(stat, dtype=torch.float64)
             if m.dtype == "uint8":
                 scale = torch.as_tensor(
                     np.asarray(store._array(f"qparams/{v}/{s}")[i])[:, 0], dtype=torch.float64

@@ -42,7 +42,9 @@ from dfmsd_cli.data.geometry import Geometry, apply_view_image, normalize, pad_b
 from dfmsd_cli.errors import UserError, io_path, suggest
 from dfmsd_cli.models.checkpoint import load_teacher
 from dfmsd_cli.store import schema
+from dfmsd_cli.store.inspect import pca_energy
 from dfmsd_cli.store.lock import store_lock
+from dfmsd_cli.store.pca import FIT_IMAGES, check_components, fit_basis
 from dfmsd_cli.store.projection import dry_run as _dry_run
 from dfmsd_cli.store.quantize import check_keepbits
 from dfmsd_cli.store.reader import TeacherStore
@@ -73,6 +75,7 @@ class PrecomputeOptions:
     keepbits: int | None = None  # mantissa bits kept (float16 / bfloat16), numcodecs BitRound
     for_student: str | None = None  # store only the levels this student can use
     store_logits: bool = False  # dense teachers: class logits per level and view (float16)
+    pca: int | None = None  # store K principal components per level (store/pca.py)
     views: list[str] = field(default_factory=lambda: ["orig"])
     enhance_from: str | None = None
     enhance: EnhanceConfig = field(default_factory=EnhanceConfig)
@@ -272,6 +275,7 @@ def precompute(
             f"--levels {bad} are not levels of {o.teacher} (its strides: "
             f"{','.join(map(str, model.strides))}): pick from those"
         )
+    check_components(o.pca, model.out_channels)
     if o.store_logits and getattr(model, "logit_anchors", None) is None:
         raise UserError(
             f"--store-logits: {o.teacher} is a two-stage detector, whose class scores are per "
@@ -325,6 +329,7 @@ def _write_store(
 ) -> dict[str, Any]:
     """Create or open the store and write images [start, stop) still pending (locked)."""
     (start, stop), n = rng, len(ds.image_ids)
+    pca, basis = _pca_spec(ds, o, model, device, path, strides, pad_sizes)
     spec = StoreSpec(
         teacher=o.teacher,
         num_classes=ds.num_classes,
@@ -347,6 +352,8 @@ def _write_store(
         keepbits=o.keepbits,
         categories=ds.categories,
         logits=_logit_attrs(model) if o.store_logits else None,
+        pca=pca,
+        pca_basis=basis,
     )
     group = create_or_open(
         path, spec, fix=f"delete {path} or pass another --cache to precompute with these settings"
@@ -419,7 +426,8 @@ def _write_store(
     except BaseException:
         bg.close()
         raise
-    final = TeacherStore.open(path).done()
+    final_store = TeacherStore.open(path)
+    final = final_store.done()
     return {
         "path": path,
         "teacher": o.teacher,
@@ -435,7 +443,29 @@ def _write_store(
         "loop_s": t_loop,
         "loop_cpu_s": c_loop,  # this process, all threads (writer threads included)
         "load_stats": dict(ds.stats),
+        "pca": pca_energy(final_store) if o.pca else None,  # energy kept per level
     }
+
+
+def _pca_spec(ds, o, model, device, path, strides, pad_sizes) -> tuple[dict | None, dict | None]:
+    """``--pca K``: the store's projection attribute and, for a store not created yet, its basis
+    fitted on the first ``FIT_IMAGES`` images (views orig/hflip, their fixed batch plan). An
+    existing store keeps its own basis: resume, repair and other shards never refit."""
+    if not o.pca:
+        return None, None
+    if store_exists(path):
+        return {"components": int(o.pca)}, None
+    m = min(len(ds.image_ids), FIT_IMAGES)
+    views = [v for v in o.views if v in ("orig", "hflip")] or ["orig"]
+
+    def run(batch: list[int]) -> list[ImageResult]:
+        ok = [(i, s) for i, s in ((i, ds.get(i, "orig")) for i in batch) if s is not None]
+        return _run_batch(model, ok, views, o, device, None, strides) if ok else []
+
+    plan = batch_plan(pad_sizes, 0, m, o.block, o.batch_size)
+    bases, levels = fit_basis(plan, run, int(o.pca))
+    attrs = {"components": int(o.pca), "fit_images": m, "fit_views": views, "levels": levels}
+    return attrs, bases
 
 
 def _logit_attrs(model: torch.nn.Module) -> dict:

@@ -27,6 +27,8 @@ class PlannedStore(Protocol):
     codec: str
     keepbits: int | None
     batch_size: int
+    pca: int | None
+    store_logits: bool
 
 
 # Stored / raw bytes (raw = the encoding's own item size) measured on real-image retina_r50
@@ -45,6 +47,16 @@ EXPECTED_RATIO = {
 }
 
 
+# Stored / raw of --pca K components + att_s (blosc-zstd3 + shuffle + crc32c), measured by
+# examples/measure_pca.py on retina_r50 (random init, 24 real COCO val images, 640×512, K=64;
+# K=32..128 give 0.87–0.90 float16): decorrelated components compress less than features.
+PCA_RATIO = {"float16": 0.89, "bfloat16": 0.68, "uint8": 0.92}
+# Stored / raw float16 of teacher logits: 0.69 measured on the demo's trained gfl_tiny (32
+# synthetic images, 320×256); random-init retina_r50 / gfl_r50 gave 0.44 / 0.52 (docs/store.md
+# "Teacher logits"). The larger, trained-teacher figure is used.
+LOGITS_RATIO = 0.69
+
+
 def expected_ratio(codec: str, dtype: str, keepbits: int | None) -> float:
     """Measured stored/raw ratio of an encoding; unmeasured keepbits interpolate linearly in k
     between the measured ones (a projection, said so where it is printed)."""
@@ -61,24 +73,66 @@ def expected_ratio(codec: str, dtype: str, keepbits: int | None) -> float:
 
 
 def plan_summary(
-    ds: CocoDetection, o: PlannedStore, strides: list[int], channels: int, views: list[str]
+    ds: CocoDetection,
+    o: PlannedStore,
+    strides: list[int],
+    channels: int,
+    views: list[str],
+    logit_channels: int = 0,
 ) -> dict[str, float]:
-    """Raw bytes per image of the planned store (features + spatial statistics), from sizes."""
+    """Raw bytes of the planned store, from the images' sizes: features (C channels, or K with
+    ``--pca``) + spatial statistics, and ``logit_channels`` (A·K) float16 logits per position."""
     item = 1 if o.dtype == "uint8" else 2
-    total = 0
+    cf = getattr(o, "pca", None) or channels
+    feat = logits = 0
     for i in range(len(ds.image_ids)):
         info = ds.image_info(i)
         w, h = o.geometry.padded_size(info["width"], info["height"])
         for s in strides:
             hw = math.ceil(h / s) * math.ceil(w / s)
-            total += len(views) * (channels * hw * item + 4 * hw)
+            feat += len(views) * (cf * hw * item + 4 * hw)
+            logits += len(views) * logit_channels * hw * 2
     n = max(1, len(ds.image_ids))
-    return {"raw_bytes": float(total), "raw_bytes_per_image": total / n}
+    total = feat + logits
+    return {
+        "raw_bytes": float(total),
+        "raw_bytes_per_image": total / n,
+        "raw_feature_bytes": float(feat),
+        "raw_logit_bytes": float(logits),
+    }
+
+
+def projected_size(
+    ds: CocoDetection,
+    o: PlannedStore,
+    strides: list[int],
+    channels: int,
+    views: list[str],
+    logit_channels: int = 0,
+) -> dict[str, float]:
+    """The size part of ``--dry-run`` (no teacher needed): raw bytes from the images' sizes
+    times the encoding's measured stored/raw ratio; features and logits separately."""
+    est = plan_summary(ds, o, strides, channels, views, logit_channels)
+    ratio = expected_ratio(o.codec, o.dtype, o.keepbits)
+    if getattr(o, "pca", None):  # components compress less than features (measured, PCA_RATIO)
+        ratio = PCA_RATIO.get(o.dtype, ratio) * ratio / expected_ratio(o.codec, o.dtype, None)
+    feat_bytes = est["raw_feature_bytes"] * ratio
+    logit_bytes = est["raw_logit_bytes"] * LOGITS_RATIO
+    n = max(1, len(ds.image_ids))
+    return {
+        "raw_bytes_per_image": est["raw_bytes_per_image"],
+        "projected_bytes": feat_bytes + logit_bytes,
+        "projected_bytes_per_image": (feat_bytes + logit_bytes) / n,
+        "projected_feature_bytes": feat_bytes,
+        "projected_logit_bytes": logit_bytes,
+        "expected_compression": ratio,
+    }
 
 
 def dry_run(ds, o, model, device, strides, views, start, stop, pad_sizes, path) -> dict:
     """Projected size (from image sizes) and time (one timed teacher pass) — writes nothing."""
-    est = plan_summary(ds, o, strides, model.out_channels, views)
+    lc = int(model.logit_anchors) * int(model.num_classes) if o.store_logits else 0
+    size = projected_size(ds, o, strides, model.out_channels, views, lc)
     n_range = stop - start
     shapes = [pad_sizes[i] for i in range(start, stop)] or [pad_sizes[0]]
     shape = max(set(shapes), key=shapes.count)  # the most common padded shape
@@ -94,16 +148,14 @@ def dry_run(ds, o, model, device, strides, views, start, stop, pad_sizes, path) 
         d = TeacherStore.open(path).done()[start:stop]
         done = int((d != schema.DONE_PENDING).sum())
     todo = n_range - done
-    ratio = expected_ratio(o.codec, o.dtype, o.keepbits)
     return {
         "path": path,
         "dry_run": True,
         "images": len(ds.image_ids),
         "range": [start, stop],
         "todo": todo,
-        "raw_bytes_per_image": est["raw_bytes_per_image"],
-        "projected_bytes": est["raw_bytes"] * ratio,
-        "expected_compression": ratio,
+        **size,
+        "pca": o.pca,
         "projected_seconds": per_image * todo,
         "seconds_per_image": per_image,
         "probe_shape": list(shape),

@@ -43,6 +43,7 @@ from dfmsd_cli.store.batch import TeacherBatch, TeacherView, collate_teacher
 from dfmsd_cli.store.chunks import LocalChunkCache, RowCodec
 from dfmsd_cli.store.gather import GatherMixin
 from dfmsd_cli.store.integrity import ChunkGuard, corrupt, is_checksum_error
+from dfmsd_cli.store.pca import reconstruct, split_basis
 from dfmsd_cli.store.quantize import dequantize_uint8, from_bfloat16
 from dfmsd_cli.store.remote import concurrency_default, is_remote, open_zarr_store, remote_errors
 
@@ -79,6 +80,7 @@ class StoreMeta:
     num_classes: int
     fingerprints: dict[str, str]
     logits: dict | None  # {dtype, anchors, classes, kind}: stored class logits, else None
+    pca: dict | None  # --pca: {components, fit_images, levels: {s: energy}}, else None
     image_ids: list[int] = field(repr=False)
     attrs: dict = field(repr=False)
 
@@ -152,6 +154,7 @@ class TeacherStore(GatherMixin):
         self._guard: ChunkGuard | None = None
         self._codecs: dict[str, RowCodec | None] = {}
         self._local_cache: LocalChunkCache | None = None
+        self._pca: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # --pca: stride -> (μ, W)
         self._pid = os.getpid()
         a = dict(self.group.attrs)[schema.ATTR_KEY]
         if a.get("schema_version") not in schema.READABLE_VERSIONS:
@@ -177,6 +180,7 @@ class TeacherStore(GatherMixin):
             enhance=a.get("enhance"),
             num_classes=int(a.get("num_classes", 0)),
             logits=a.get("logits"),  # stores before --store-logits have no such attribute
+            pca=a.get("pca") if a.get("pca_components") else None,  # absent in older stores
             fingerprints={
                 "weights_sha256": a["weights"]["sha256"],
                 "ann_sha256": a["dataset"]["ann_sha256"],
@@ -425,6 +429,8 @@ class TeacherStore(GatherMixin):
                 f = from_bfloat16(raw)
             else:
                 f = torch.from_numpy(raw.astype(np.float32))
+            if m.pca:  # K stored components -> the C channels every consumer expects
+                f = reconstruct(f, *self.pca_basis(s))
             sp = torch.from_numpy(got[f"att_s/{view}/{s}"])
             if transposed:
                 f, sp = f.transpose(-1, -2), sp.transpose(-1, -2)
@@ -460,6 +466,13 @@ class TeacherStore(GatherMixin):
             "logits": logits,  # {} when the store has none
         }
         return out
+
+    def pca_basis(self, stride: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(μ (C,), W (K, C)) of a ``--pca`` store's level (store/pca.py), read once."""
+        if stride not in self._pca:
+            where = f"the channel projection of stride {stride}"
+            self._pca[stride] = split_basis(self._read(f"pca/{stride}", slice(None), where))
+        return self._pca[stride]
 
     def enhance_params(self, index: int) -> dict:
         """The stored ME choice of image ``index`` (see ``dfmsd_cli.data.enhance``)."""

@@ -46,6 +46,10 @@ def options_of_store(store: TeacherStore, weights: str | None = None, **kw: Any)
         cache=cache,
         levels=[int(s) for s in a["strides"]],
         dtype=a["dtype"],
+        # every encoding option the store records, so the repaired images match the others
+        keepbits=(a.get("quantization") or {}).get("keepbits"),
+        store_logits=bool(a.get("logits")),
+        pca=a.get("pca_components"),
         views=list(a["views"]),
         enhance_from=(enhance or {}).get("source"),
         enhance=EnhanceConfig.from_dict(enhance) if enhance else EnhanceConfig(),

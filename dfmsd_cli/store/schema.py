@@ -7,7 +7,7 @@ One zarr v3 group per teacher and split, ``<cache>/<teacher>/<split>.zarr``. Its
     image_ids_sha256, num_images}, geometry (Geometry.to_dict), canvas [long, short],
     strides, channels, level_shapes {stride: [Hc, Wc]}, dtype, quantization, codec, views,
     block, topk, score_thr, enhance (or null), logits (or null; absent in older stores),
-    dfmsd_version, torch, zarr, created
+    pca_components and pca (or null; absent in older stores), dfmsd_version, torch, zarr, created
 
 Arrays (N images, ``i`` = index into the ordered COCO image ids; per view ``v`` and stride ``s``):
 
@@ -32,6 +32,10 @@ Arrays (N images, ``i`` = index into the ordered COCO image ids; per view ``v`` 
                                                    class logits, anchor-major, stored like
                                                    ``feat``; attribute ``logits`` {dtype,
                                                    anchors, classes, kind}
+``pca/{s}``                    (K+1, C) float32    ``--pca K``: row 0 = mean μ, rows 1..K = basis
+                                                   W; ``feat`` then holds z = W(x − μ), (N, K,
+                                                   Hc, Wc), reconstructed on read (store/pca.py)
+``pca_stat/{v}/{s}``           (N, K+2) float32    ``--pca``: mean |z_k|, Σ‖x − x̂‖², Σ‖x‖²
 ``adv/delta``                  (N, 3, Hi, Wi) int8 adv view: the integer perturbation δ
                                                    (image canvas, transposed like ``feat``)
 ``adv/checksum``               (N,) uint64         adv view: checksum of the adversarial input
@@ -91,6 +95,7 @@ FINGERPRINT_FIELDS: dict[str, str] = {
     "enhance": "enhancement settings",
     "adv": "adversarial-view settings",
     "logits": "stored teacher logits (--store-logits)",
+    "pca_components": "channel projection components (--pca)",
     "codec.name": "codec",
 }
 
@@ -190,7 +195,7 @@ def _short(v: Any) -> str:
 
 
 # None is a real value (the view / the logits are absent), not "don't care"
-_NULLABLE = ("enhance", "adv", "logits")
+_NULLABLE = ("enhance", "adv", "logits", "pca_components")
 
 
 def diff_attrs(stored: dict, wanted: dict, fields: Sequence[str] | None = None) -> list[str]:

@@ -37,6 +37,7 @@ from dfmsd_cli.store.create import (  # noqa: F401  re-exported: the store's wri
     storage_dtype,
     store_exists,
 )
+from dfmsd_cli.store.pca import image_stat, project, split_basis
 from dfmsd_cli.store.quantize import quantize_uint8, to_bfloat16, to_float16
 from dfmsd_cli.store.statistics import raw_statistics
 
@@ -100,6 +101,12 @@ class StoreWriter:
         self._expected: dict[int, int] = {}
         self._finished: dict[int, int] = {}
         self._last_flush = time.monotonic()
+        # --pca: {stride: (μ, W)} read from the store (the one basis of every image)
+        self._pca = (
+            {int(s): split_basis(group[f"pca/{s}"][:]) for s in self.attrs["strides"]}
+            if self.attrs.get("pca_components")
+            else None
+        )
 
     def _a(self, name: str) -> zarr.Array:
         if name not in self._arrays:
@@ -142,13 +149,18 @@ class StoreWriter:
                 rows[f"valid/{s}"] = np.asarray(f.shape[-2:], dtype=np.int32)
                 what = f"image {i} view {v} stride {s}"
                 keep = a["quantization"].get("keepbits")
+                kept = f  # what is stored: the features, or their --pca components
+                if self._pca is not None:
+                    kept = project(f, *self._pca[s])
+                    rows[f"pca_stat/{v}/{s}"] = image_stat(f, kept, *self._pca[s])
                 if a["dtype"] == "float16":
-                    data = to_float16(f, what, keep)
+                    data = to_float16(kept, what, keep)
                 elif a["dtype"] == "bfloat16":
-                    data = to_bfloat16(f, what, keep)
+                    data = to_bfloat16(kept, what, keep)
                 else:
-                    data, rows[f"qparams/{v}/{s}"] = quantize_uint8(f, what)
+                    data, rows[f"qparams/{v}/{s}"] = quantize_uint8(kept, what)
                 chunks.append((f"feat/{v}/{s}", _place(data, hc, wc, transposed)))
+                # attention statistics of the FULL features, projected or not
                 sp, ch = (x[0] for x in raw_statistics(f[None]))
                 chunks.append((f"att_s/{v}/{s}", _place(sp.numpy(), hc, wc, transposed)))
                 rows[f"att_c/{v}/{s}"] = ch.numpy()
