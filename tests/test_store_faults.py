@@ -204,7 +204,7 @@ def test_second_writer_names_the_holder_and_a_killed_holder_is_taken_over(data, 
     p = mp.get_context("fork").Process(target=_child, args=(data, tmp_path, 0.5))
     p.start()
     try:
-        deadline = time.time() + 60
+        deadline = time.time() + 300  # a wait limit, not a timing check: slow under load
         while time.time() < deadline and not list(_store(tmp_path).parent.glob(".*.lock-*")):
             time.sleep(0.02)
         assert _main(_args(data, tmp_path)) == 2

@@ -132,7 +132,7 @@ def test_features_are_the_teacher_on_each_image_alone(data, baseline):
 def test_sigkill_then_resume_equals_uninterrupted(data, baseline, tmp_path):
     p = _spawn(data, tmp_path, delay=0.3)
     store = tmp_path / "retina_tiny" / "train2017.zarr"
-    deadline = time.time() + 60
+    deadline = time.time() + 300  # a wait limit, not a timing check: slow under load
     killed_at = None
     while time.time() < deadline and p.is_alive():
         if (store / "zarr.json").exists():
