@@ -307,3 +307,39 @@ def test_convert_mmdet_file_values_land_on_the_model(tmp_path):
     assert ckpt["num_classes"] == 3
     for k, v in state.items():
         assert torch.equal(ckpt["state_dict"][k], v), k
+
+
+# --------------------------------------------------------------------- end to end
+@pytest.mark.slow  # two epochs + evaluation + a store on CPU
+def test_train_reppoints_tiny_then_precompute_its_logits(synthetic_root, tmp_path):
+    import json
+
+    from conftest import _cli
+
+    from dfmsd_cli.data.geometry import Geometry
+    from dfmsd_cli.store.precompute import PrecomputeOptions, precompute
+    from dfmsd_cli.store.reader import TeacherStore
+
+    out = tmp_path / "run"
+    argv = ["train", "--model", "reppoints_tiny", "--data", str(synthetic_root), "--out",
+            str(out), "--epochs", "2", "--img-scale", "128,96", "--batch-size", "2",
+            "--num-workers", "0", "--warmup-iters", "2", "--lr", "0.005",
+            "--device", "cpu"]  # fmt: skip
+    assert _cli(argv) == 0
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if r["phase"] == "train"]
+    assert train and all(math.isfinite(r["loss"]) and r["loss"] > 0 for r in train)
+    assert {"loss_cls", "loss_pts_init", "loss_pts_refine"} <= set(train[-1])
+    assert "mAP" in json.dumps(json.loads((out / "summary.json").read_text())["val"])
+    opts = PrecomputeOptions(
+        teacher="reppoints_tiny", weights=str(out / "model.pth"), cache=str(tmp_path / "cache"),
+        geometry=Geometry(img_scale=(128, 96)), views=["orig"], block=2, batch_size=2,
+        num_workers=0, device="cpu", progress=False, store_logits=True, max_images=2,
+    )  # fmt: skip
+    ann = synthetic_root / "annotations" / "instances_train2017.json"
+    path = precompute(ann, synthetic_root / "train2017", opts)["path"]
+    k = len(json.loads(ann.read_text())["categories"])
+    item = TeacherStore.open(path).get(0, "orig")
+    for s, feat in item["features"].items():  # one sigmoid logit map per class and location
+        assert item["logits"][s].shape == (k, *feat.shape[-2:])
+        assert torch.isfinite(item["logits"][s]).all()
