@@ -244,7 +244,8 @@ def _target(name, **options):
 @pytest.mark.parametrize("gn", [True, False])
 def test_mmdet_reppoints_r50_converts_strictly(gn):
     src = {**mmdet_resnet(50), **mmdet_reppoints_neck_head([512, 1024, 2048], gn=gn)}
-    out, report = convert_state_dict(src, _target("reppoints_r50", gn=gn), "reppoints_r50")
+    name = "reppoints_r50" if gn else "reppoints_r50_nogn"
+    out, report = convert_state_dict(src, _target(name), name)
     assert report.ok, report.summary()
     assert out["backbone.fpn.extra_blocks.p6.weight"].shape == (256, 2048, 3, 3)
     if gn:
@@ -255,7 +256,7 @@ def test_mmdet_reppoints_r50_converts_strictly(gn):
 
 def test_mmdet_reppoints_gn_checkpoint_does_not_fit_the_plain_model():
     src = {**mmdet_resnet(50), **mmdet_reppoints_neck_head([512, 1024, 2048], gn=True)}
-    _, report = convert_state_dict(src, _target("reppoints_r50", gn=False), "reppoints_r50")
+    _, report = convert_state_dict(src, _target("reppoints_r50_nogn"), "reppoints_r50_nogn")
     assert not report.ok
 
 

@@ -68,13 +68,13 @@ PAIRS: dict[str, str] = {
     "cascade-mask-rcnn_r50-caffe_fpn_1x_coco": "cmr_r50_caffe",
     "cascade-mask-rcnn_r101-caffe_fpn_1x_coco": "cmr_r101_caffe",
     "reppoints-moment_r50_fpn-gn_head-gn_1x_coco": "reppoints_r50",
-    "reppoints-moment_r50_fpn_1x_coco": "reppoints_r50",
+    "reppoints-moment_r50_fpn_1x_coco": "reppoints_r50_nogn",
     "reppoints-moment_r101_fpn-gn_head-gn_2x_coco": "reppoints_r101",
     "reppoints-moment_r101-dconv-c3-c5_fpn-gn_head-gn_2x_coco": "reppoints_r101_dcn",
     "reppoints-moment_x101-dconv-c3-c5_fpn-gn_head-gn_2x_coco": "reppoints_x101_32x4d_dcn",
 }
-# dfmsd model options a config needs (``dfmsd convert mmdet --model-option``)
-PAIR_OPTIONS: dict[str, dict] = {"reppoints-moment_r50_fpn_1x_coco": {"gn": False}}
+# dfmsd model options a config needs (``convert_mmdet(options=...)``); none at present
+PAIR_OPTIONS: dict[str, dict] = {}
 
 
 # ------------------------------------------------------------------------ MMDetection side

@@ -20,8 +20,8 @@ The deformable convolution is ``torchvision.ops.deform_conv2d``; its offset layo
 ``2k`` = dy, ``2k + 1`` = dx of kernel position ``k``, row-major) is the one of mmcv's
 ``DeformConv2d`` (``deformable_im2col`` in
 ``mmcv/ops/csrc/common/cuda/deform_conv_cuda_kernel.cuh``), and both sample out-of-image
-positions as zero. ``gn=False`` gives the plain ``reppoints-moment_r50_fpn_1x_coco`` (biased
-convs, no GroupNorm in neck and head).
+positions as zero. ``gn=False`` (``reppoints_r50_nogn``) gives the plain
+``reppoints-moment_r50_fpn_1x_coco`` (biased convs, no GroupNorm in neck and head).
 """
 
 from __future__ import annotations
@@ -312,6 +312,14 @@ def build_reppoints_dcn(
     return build_reppoints(backbone, num_classes, **options)
 
 
+def build_reppoints_plain(
+    arch: str, num_classes: int, norm: str = "frozen_bn", frozen_stages: int = 1, **options
+) -> RepPointsDetector:
+    """``reppoints_r50_nogn``: ``reppoints-moment_r50_fpn_1x_coco`` (``gn=False``)."""
+    backbone = build_resnet_fpn(arch, REPPOINTS_STRIDES, "p6p7", norm, frozen_stages)
+    return build_reppoints(backbone, num_classes, gn=False, **options)
+
+
 register_head(
     "reppoints",
     build_reppoints,
@@ -338,6 +346,18 @@ for _arch, _ap, _file in (
         checkpoint=_file,
         family="one_stage",
     )
+register_model(
+    "reppoints_r50_nogn",
+    partial(build_reppoints_plain, "r50"),
+    head="reppoints",
+    backbone="r50",
+    strides=REPPOINTS_STRIDES,
+    channels=256,
+    description="RepPoints without GroupNorm in neck and head / ResNet-50 FPN, MMDetection layout",
+    published_ap=37.0,
+    checkpoint="reppoints_moment_r50_fpn_1x_coco_20200330-b73db8d1.pth",
+    family="one_stage",
+)
 for _name, _ap, _file in (
     ("reppoints_r50", 38.1, _FILES.format("r50", "_", "1x", "20200329-4b38409a")),
     ("reppoints_r101", 40.5, _FILES.format("r101", "_", "2x", "20200329-4fbc7310")),
