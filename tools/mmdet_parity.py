@@ -185,6 +185,9 @@ CLS_LAYERS = (
 REG_LAYERS = ("retina_reg", "conv_reg", "gfl_reg", "rpn_reg", "fc_reg")
 # RepPoints' point layers: offsets in stride units, drawn at std 1 (boxes about a stride wide)
 POINT_LAYERS = ("reppoints_pts_init_out", "reppoints_pts_refine_out")
+# DCN backbones' offset convs (``DeformConv2dPack.conv_offset``, zero-initialised: the DCN would
+# run as a plain conv), drawn so that the offsets spread about half a pixel
+OFFSET_LAYERS = ("conv_offset",)
 
 
 def calibrate_heads(model, bgr: np.ndarray, passes: int = 4, softmax_std: float = 1.0) -> None:
@@ -204,7 +207,7 @@ def calibrate_heads(model, bgr: np.ndarray, passes: int = 4, softmax_std: float 
     layers = {
         name: mod
         for name, mod in model.named_modules()
-        if name.rsplit(".", 1)[-1] in CLS_LAYERS + REG_LAYERS + POINT_LAYERS
+        if name.rsplit(".", 1)[-1] in CLS_LAYERS + REG_LAYERS + POINT_LAYERS + OFFSET_LAYERS
         and hasattr(mod, "weight")
     }
     for _ in range(passes):
@@ -231,6 +234,8 @@ def calibrate_heads(model, bgr: np.ndarray, passes: int = 4, softmax_std: float 
             rms = max((total / count) ** 0.5, 1e-12)
             leaf = name.rsplit(".", 1)[-1]
             target = 1.0 if leaf in CLS_LAYERS + POINT_LAYERS else 0.1
+            if leaf in OFFSET_LAYERS:
+                target = 0.5
             if leaf == "fc_cls":
                 target = softmax_std
             with torch.no_grad():
