@@ -64,6 +64,7 @@ FOREIGN_FLAGS = {
     "--no-spread",
     "--size",
     "--softmax-std",
+    "--losses",  # tools/mmdet_parity.py
     "--latency",  # examples/s3_read_bench.py
     "--batch",  # examples/s3_read_bench.py
 }

@@ -23,7 +23,8 @@ Examples::
 
 mmcv's compiled ops (``mmcv._ext``) are replaced by :func:`stub_mmcv_ext`: ``nms`` and
 ``roi_align_forward`` on ``torchvision.ops`` (the only ones these configs call at inference),
-every other op raises when called.
+``deform_conv_forward`` (RepPoints' deformable convs and DCN backbones) on
+``torchvision.ops.deform_conv2d``; every other op raises when called.
 """
 
 from __future__ import annotations
@@ -66,7 +67,14 @@ PAIRS: dict[str, str] = {
     "cascade-mask-rcnn_x101-64x4d_fpn_20e_coco": "cmr_x101",
     "cascade-mask-rcnn_r50-caffe_fpn_1x_coco": "cmr_r50_caffe",
     "cascade-mask-rcnn_r101-caffe_fpn_1x_coco": "cmr_r101_caffe",
+    "reppoints-moment_r50_fpn-gn_head-gn_1x_coco": "reppoints_r50",
+    "reppoints-moment_r50_fpn_1x_coco": "reppoints_r50_nogn",
+    "reppoints-moment_r101_fpn-gn_head-gn_2x_coco": "reppoints_r101",
+    "reppoints-moment_r101-dconv-c3-c5_fpn-gn_head-gn_2x_coco": "reppoints_r101_dcn",
+    "reppoints-moment_x101-dconv-c3-c5_fpn-gn_head-gn_2x_coco": "reppoints_x101_32x4d_dcn",
 }
+# dfmsd model options a config needs (``convert_mmdet(options=...)``); none at present
+PAIR_OPTIONS: dict[str, dict] = {}
 
 
 # ------------------------------------------------------------------------ MMDetection side
@@ -113,7 +121,24 @@ def stub_mmcv_ext() -> None:
             raise AttributeError(name)
         return missing(name)
 
+    def deform_conv_forward(
+        inp, weight, offset, output, columns, ones, *, kW, kH, dW, dH, padW, padH,
+        dilationW, dilationH, group, deformable_group, im2col_step,
+    ):  # fmt: skip
+        # mmcv's (dy, dx) per kernel position, row-major, is torchvision's offset layout;
+        # groups and offset groups follow from the weight / offset shapes there
+        groups_ok = weight.shape[1] * group == inp.shape[1]
+        if not groups_ok or offset.shape[1] != 2 * deformable_group * kH * kW:
+            raise ValueError("deform_conv_forward: unexpected group / offset shapes")
+        output.copy_(
+            torchvision.ops.deform_conv2d(
+                inp, offset, weight, stride=(dH, dW), padding=(padH, padW),
+                dilation=(dilationH, dilationW),
+            )
+        )  # fmt: skip
+
     ext.nms = nms
+    ext.deform_conv_forward = deform_conv_forward
     ext.roi_align_forward = roi_align_forward
     ext.__getattr__ = getattr_
     sys.modules["mmcv._ext"] = ext
@@ -153,8 +178,16 @@ def build_mmdet(name: str, checkpoint: str | None, seed: int):
 
 # the configs' final classification / regression layers (sigmoid: RetinaNet, FCOS, GFL, RPN;
 # softmax: R-CNN box heads, ``fc_cls`` with the background last)
-CLS_LAYERS = ("retina_cls", "conv_cls", "gfl_cls", "rpn_cls", "fc_cls", "conv_centerness")
+CLS_LAYERS = (
+    "retina_cls", "conv_cls", "gfl_cls", "rpn_cls", "fc_cls", "conv_centerness",
+    "reppoints_cls_out",
+)  # fmt: skip
 REG_LAYERS = ("retina_reg", "conv_reg", "gfl_reg", "rpn_reg", "fc_reg")
+# RepPoints' point layers: offsets in stride units, drawn at std 1 (boxes about a stride wide)
+POINT_LAYERS = ("reppoints_pts_init_out", "reppoints_pts_refine_out")
+# DCN backbones' offset convs (``DeformConv2dPack.conv_offset``, zero-initialised: the DCN would
+# run as a plain conv), drawn so that the offsets spread about half a pixel
+OFFSET_LAYERS = ("conv_offset",)
 
 
 def calibrate_heads(model, bgr: np.ndarray, passes: int = 4, softmax_std: float = 1.0) -> None:
@@ -174,7 +207,8 @@ def calibrate_heads(model, bgr: np.ndarray, passes: int = 4, softmax_std: float 
     layers = {
         name: mod
         for name, mod in model.named_modules()
-        if name.rsplit(".", 1)[-1] in CLS_LAYERS + REG_LAYERS and hasattr(mod, "weight")
+        if name.rsplit(".", 1)[-1] in CLS_LAYERS + REG_LAYERS + POINT_LAYERS + OFFSET_LAYERS
+        and hasattr(mod, "weight")
     }
     for _ in range(passes):
         sq: dict[str, list[float]] = {n: [0.0, 0.0] for n in layers}
@@ -199,7 +233,9 @@ def calibrate_heads(model, bgr: np.ndarray, passes: int = 4, softmax_std: float 
                 continue  # not reached this pass (no proposals yet)
             rms = max((total / count) ** 0.5, 1e-12)
             leaf = name.rsplit(".", 1)[-1]
-            target = 1.0 if leaf in CLS_LAYERS else 0.1
+            target = 1.0 if leaf in CLS_LAYERS + POINT_LAYERS else 0.1
+            if leaf in OFFSET_LAYERS:
+                target = 0.5
             if leaf == "fc_cls":
                 target = softmax_std
             with torch.no_grad():
@@ -229,7 +265,12 @@ def run_mmdet(model, bgr: np.ndarray):
 
 # ------------------------------------------------------------------------------ dfmsd side
 def build_dfmsd(
-    model_name: str, mm_state: dict, classes: tuple[str, ...], workdir: Path, cfg_text: str = ""
+    model_name: str,
+    mm_state: dict,
+    classes: tuple[str, ...],
+    workdir: Path,
+    cfg_text: str = "",
+    options: dict | None = None,
 ):
     """The user's path: MMDetection .pth -> ``convert_mmdet`` -> file -> strict ``load_weights``.
     The file's meta holds the classes and the config text, as mmengine's Runner writes them."""
@@ -241,9 +282,9 @@ def build_dfmsd(
     src, out = workdir / "mmdet.pth", workdir / "dfmsd.pth"
     meta = {"dataset_meta": {"classes": classes}, "cfg": cfg_text}
     torch.save({"state_dict": mm_state, "meta": meta}, src)
-    ckpt, report = convert_mmdet(src, model_name)
+    ckpt, report = convert_mmdet(src, model_name, options=options)
     torch.save(ckpt, out)
-    model = build_model(model_name, num_classes=ckpt["num_classes"])
+    model = build_model(model_name, num_classes=ckpt["num_classes"], **(options or {}))
     load_weights(model, out)
     return model.eval(), report
 
@@ -329,7 +370,10 @@ def parity(
 
         classes = tuple(CocoDataset.METAINFO["classes"])
     with tempfile.TemporaryDirectory() as tmp:
-        dm, report = build_dfmsd(model_name, mm.state_dict(), classes, Path(tmp), cfg.pretty_text)
+        dm, report = build_dfmsd(
+            model_name, mm.state_dict(), classes, Path(tmp), cfg.pretty_text,
+            PAIR_OPTIONS.get(config),
+        )  # fmt: skip
     rows = []
     for size in sizes:
         rgb = load_image(image, size)
@@ -350,6 +394,64 @@ def parity(
             }
         )
     return rows
+
+
+# hand-placed ground truth for the loss comparison, as fractions of (W, H, W, H), and labels
+LOSS_BOXES = ((0.10, 0.15, 0.45, 0.70), (0.50, 0.40, 0.95, 0.95), (0.30, 0.05, 0.40, 0.20))
+LOSS_LABELS = (0, 17, 56)
+
+
+def loss_parity(config: str, model_name: str, size, image, seed: int) -> dict:
+    """Training losses of both models (train mode, same weights, image and boxes).
+
+    MMDetection's ``model.loss`` against dfmsd's ``model(images, sizes, targets).losses`` on
+    :data:`LOSS_BOXES`; returns both dicts and the largest relative difference of a term.
+    """
+    from mmdet.structures import DetDataSample
+    from mmengine.structures import InstanceData
+
+    stub_mmcv_ext()
+    mm, cfg = build_mmdet(config, None, seed)
+    h, w = size
+    rgb = load_image(image, size)
+    calibrate_heads(mm, np.ascontiguousarray(rgb[..., ::-1]))
+    classes = tuple(mm.dataset_meta["classes"]) if getattr(mm, "dataset_meta", None) else None
+    if classes is None:
+        from mmdet.datasets import CocoDataset
+
+        classes = tuple(CocoDataset.METAINFO["classes"])
+    with tempfile.TemporaryDirectory() as tmp:
+        dm, _ = build_dfmsd(
+            model_name, mm.state_dict(), classes, Path(tmp), cfg.pretty_text,
+            PAIR_OPTIONS.get(config),
+        )  # fmt: skip
+    boxes = torch.tensor(LOSS_BOXES) * torch.tensor([w, h, w, h], dtype=torch.float32)
+    labels = torch.tensor(LOSS_LABELS)
+    sample = DetDataSample(
+        metainfo={"img_shape": (h, w), "ori_shape": (h, w), "scale_factor": (1.0, 1.0)}
+    )
+    sample.gt_instances = InstanceData(bboxes=boxes, labels=labels)
+    bgr = np.ascontiguousarray(rgb[..., ::-1])
+    data = {"inputs": [torch.from_numpy(bgr.copy()).permute(2, 0, 1)], "data_samples": [sample]}
+    mm.train()
+    data = mm.data_preprocessor(data, True)
+    with torch.no_grad():
+        ref = mm.loss(data["inputs"], data["data_samples"])
+    ref = {k: float(sum(v) if isinstance(v, list) else v) for k, v in ref.items()}
+    from dfmsd_cli.data.geometry import IMAGENET_MEAN, IMAGENET_STD
+
+    x = torch.from_numpy(rgb.copy()).permute(2, 0, 1).float()[None]
+    x = (x - torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(IMAGENET_STD).view(
+        1, 3, 1, 1
+    )
+    x = torch.nn.functional.pad(x, (0, -(-w // 32) * 32 - w, 0, -(-h // 32) * 32 - h))
+    dm.train()
+    with torch.no_grad():
+        got = dm(x, [(h, w)], [{"boxes": boxes, "labels": labels + 1}]).losses
+    got = {k: float(v) for k, v in got.items()}
+    rel = max(abs(ref[k] - got[k]) / max(abs(ref[k]), 1e-12) for k in ref)
+    return {"config": config, "model": model_name, "size": list(size), "mmdet": ref,
+            "dfmsd": got, "max_rel": rel}  # fmt: skip
 
 
 def markdown(rows: list[dict]) -> str:
@@ -388,6 +490,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument(
         "--softmax-std", type=float, default=1.0, help="calibrated logit std of fc_cls layers"
     )
+    ap.add_argument(
+        "--losses", action="store_true", help="compare training losses instead (dense heads)"
+    )
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", type=Path, help="append one JSON line per (model, size)")
     ap.add_argument("--markdown", type=Path, help="write the table as markdown")
@@ -402,6 +507,15 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit(f"no built-in dfmsd model for {args.config}: pass it as MODEL")
     else:
         raise SystemExit("pass CONFIG [MODEL] or --all")
+    if args.losses:
+        for config, model_name in pairs:
+            for size in sizes:
+                row = loss_parity(config, model_name, size, args.image, args.seed)
+                print(json.dumps(row), flush=True)
+                if args.json:
+                    with args.json.open("a") as f:
+                        f.write(json.dumps(row) + "\n")
+        return
     rows = []
     for config, model_name in pairs:
         try:

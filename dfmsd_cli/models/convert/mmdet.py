@@ -28,7 +28,7 @@ from dfmsd_cli.models.convert.mmdet_keys import IGNORABLE, build_rules, fallback
 
 # Heads whose forward reproduces MMDetection's: ``convert mmdet`` writes only these. The
 # torchvision-layout heads take the same (or nearly the same) keys but compute something else.
-MMDET_HEADS = ("mmretina", "mmfcos", "mmfrcnn", "mmmrcnn", "gfl", "cmr")
+MMDET_HEADS = ("mmretina", "mmfcos", "mmfrcnn", "mmmrcnn", "gfl", "cmr", "reppoints")
 # torchvision-layout head -> (the head that reproduces MMDetection, what differs)
 MMDET_VARIANTS = {
     "retina": ("mmretina", "FPN P6 from P5, rounded anchors"),
@@ -212,13 +212,15 @@ def class_names(meta: Mapping[str, Any]) -> list[str] | None:
 
 
 def infer_num_classes(src: Mapping[str, Tensor]) -> int | None:
-    """K from the classifier shapes: softmax heads have K+1 rows; RetinaNet 9K; FCOS/GFL K."""
+    """K from the classifier shapes: softmax heads have K+1 rows; RetinaNet 9K;
+    FCOS/GFL/RepPoints K."""
     for key, t in src.items():
         if key.endswith("fc_cls.weight"):
             return t.shape[0] - 1
         if key == "bbox_head.retina_cls.weight":
             return t.shape[0] // 9
-        if key in ("bbox_head.conv_cls.weight", "bbox_head.gfl_cls.weight"):
+        if key in ("bbox_head.conv_cls.weight", "bbox_head.gfl_cls.weight",
+                   "bbox_head.reppoints_cls_out.weight"):  # fmt: skip
             return t.shape[0]
     return None
 
@@ -229,7 +231,8 @@ def convert_state_dict(
 ) -> tuple[dict[str, Tensor], ConversionReport]:
     """Map MMDetection ``src`` onto the keys/shapes of ``target`` (a model's state dict, may be
     on the ``meta`` device). Returns the converted tensors (only mapped keys) and the report."""
-    num_laterals = len({k for k in src if k.startswith("neck.lateral_convs.")}) // 2 or 4
+    # distinct lateral indices (a GN FPN has 3 tensors per lateral conv, a plain one 2)
+    num_laterals = len({k.split(".")[2] for k in src if k.startswith("neck.lateral_convs.")}) or 4
     rules = build_rules(num_laterals)
     out: dict[str, Tensor] = {}
     report = ConversionReport(model=model)

@@ -10,7 +10,8 @@ given the shape the target model expects. The rules cover (see
   back in the original Swin order (inverse of ``swin_converter.correct_unfold_*``).
 * FPN: ``neck.lateral_convs.i.conv`` -> ``backbone.fpn.inner_blocks.i.0``,
   ``neck.fpn_convs.i.conv`` -> ``backbone.fpn.layer_blocks.i.0`` for the C-levels and
-  ``backbone.fpn.extra_blocks.p6/p7`` for the extra convs.
+  ``backbone.fpn.extra_blocks.p6/p7`` for the extra convs; a GroupNorm FPN's ``.gn`` goes
+  to index 1 of torchvision's conv+norm blocks and to ``extra_blocks.p6_norm/p7_norm``.
 * RPN: ``rpn_head.rpn_{conv,cls,reg}`` -> ``rpn.head.{conv.0.0,cls_logits,bbox_pred}``.
 * Cascade stages ``roi_head.{bbox,mask}_head.s`` -> ``roi_heads.{box,mask}_heads.s``; the softmax
   classifier's background row moves from last (MMDetection) to first (ours).
@@ -21,8 +22,8 @@ given the shape the target model expects. The rules cover (see
 * RetinaNet ``bbox_head.{cls,reg}_convs.i.conv``, ``retina_cls``, ``retina_reg`` -> torchvision
   ``head.{classification,regression}_head``. MMDetection's default ``scale_major`` anchor order
   (ratio outer, scale inner) equals torchvision's, so no channel permutation is needed.
-* FCOS / GFL heads (``bbox_head.*``) -> ``head.*`` with the same inner names (our own modules),
-  GroupNorm ``.gn`` -> ``.norm``.
+* FCOS / GFL / RepPoints heads (``bbox_head.*``) -> ``head.*`` with the same inner names (our
+  own modules), GroupNorm ``.gn`` -> ``.norm``.
 """
 
 from __future__ import annotations
@@ -125,6 +126,12 @@ def build_rules(num_laterals: int) -> list[Rule]:
             return f"backbone.fpn.layer_blocks.{i}.0.{leaf}"
         return f"backbone.fpn.extra_blocks.p{6 + i - num_laterals}.{leaf}"
 
+    def fpn_norm(m: re.Match[str]) -> str:
+        i, leaf = int(m.group(1)), m.group(2)
+        if i < num_laterals:
+            return f"backbone.fpn.layer_blocks.{i}.1.{leaf}"
+        return f"backbone.fpn.extra_blocks.p{6 + i - num_laterals}_norm.{leaf}"
+
     rpn = r"rpn_head\.rpn_"
     casc_box = r"roi_head\.bbox_head\.(\d+)\."
     casc_mask = r"roi_head\.mask_head\.(\d+)\."
@@ -154,6 +161,12 @@ def build_rules(num_laterals: int) -> list[Rule]:
             r"backbone.fpn.inner_blocks.\1.0.\2",
         ),
         _rule(r"^neck\.fpn_convs\.(\d+)\.conv\.(weight|bias)$", fpn_conv),
+        # GroupNorm FPN ("gn-neck", RepPoints): torchvision's Conv2dNormActivation index 1,
+        # the on-input extra levels' ``p6_norm`` / ``p7_norm``
+        _rule(
+            r"^neck\.lateral_convs\.(\d+)\.gn\.(weight|bias)$", r"backbone.fpn.inner_blocks.\1.1.\2"
+        ),
+        _rule(r"^neck\.fpn_convs\.(\d+)\.gn\.(weight|bias)$", fpn_norm),
         # ---- RPN
         _rule(rf"^{rpn}conv\.(weight|bias)$", r"rpn.head.conv.0.0.\1"),
         _rule(rf"^{rpn}cls\.(weight|bias)$", r"rpn.head.cls_logits.\1"),
