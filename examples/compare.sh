@@ -19,7 +19,8 @@
 #   JOBS=2              runs at once, one torch thread each (use 1 on a GPU)
 #   SCALE=320,256 ADV_EPS=4 ADV_STEPS=1   geometry; the adversarial view of row dfmsd-adv
 # Rows per pair: every registered method (dfmsd_cli/distill/methods/, read at run time: methods
-# added later appear by themselves), fgd-warmup (--kd-warmup 100), dfmsd-no-sal, dfmsd-no-me,
+# added later appear by themselves), fgd-warmup (--kd-warmup 100), samkd-no-sld, samkd-grid1,
+# gdetkd-no-sgfi, gdetkd-no-ckd, dfmsd-no-sal, dfmsd-no-me,
 # dfmsd-no-sfa, dfmsd-adv, dfmsd-paper. In the hom pair (one teacher) every method runs one
 # stage with gfl_tiny; dfmsd-no-sal and dfmsd-paper (= dfmsd there) are not run. A run the pair
 # cannot serve (dfmsd distill exits 2 with a UserError, e.g. a method that needs logits of the
@@ -110,6 +111,10 @@ for pair in $PAIRS; do
         esac
       done <<< "$METHODS"
       echo "fgd-warmup $ONE --method fgd --kd-warmup 100"
+      echo "samkd-no-sld $ONE --method samkd --no-sld"  # SFD alone (issue 14's ablations)
+      echo "samkd-grid1 $ONE --method samkd --samkd-grids 1"  # one window level: global masks
+      echo "gdetkd-no-sgfi $ONE --method gdetkd --no-sgfi"  # L_ckd (+ L_cls) alone
+      echo "gdetkd-no-ckd $ONE --method gdetkd --no-ckd"  # L_feat (+ L_cls) alone
       echo "dfmsd-no-me $SAL_STAGES --method dfmsd --no-me"
       echo "dfmsd-no-sfa $SAL_STAGES --method dfmsd --no-sfa"
       echo "dfmsd-adv $SAL_STAGES --method dfmsd --adv --cache $ADVCACHE"
