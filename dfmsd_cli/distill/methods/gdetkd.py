@@ -135,23 +135,9 @@ def with_stores(
     kw = cfg.loss_kwargs
     if not kw["class_kd"]:
         return replace(cfg, notes=(f"{CLASS_KD_OFF}: --no-class-kd",))
-    if online:
-        if not teachers:
-            return replace(cfg, notes=(f"{CLASS_KD_OFF} (no teacher)",))
-        from dfmsd_cli.distill.online import teacher_logit_layout
+    from dfmsd_cli.distill.methods.samkd import logit_source
 
-        name = teachers[-1]
-        have = teacher_logit_layout(name, student.num_classes)
-        missing = f"teacher {name} has no dense classification head (two-stage)"
-    else:
-        last = stores[-1] if stores else None
-        if last is None:
-            return replace(cfg, notes=(f"{CLASS_KD_OFF} (no store)",))
-        have = last.store.meta.logits
-        missing = (
-            f"store {last.store.path} holds no teacher logits: precompute it with "
-            "--store-logits (dense teachers only)"
-        )
+    have, _, missing = logit_source(student, stores, online, teachers)
     problem = class_kd_problem(student, have, missing)
     if problem is not None:
         return replace(cfg, notes=(f"{CLASS_KD_OFF}: {problem}",))

@@ -101,6 +101,35 @@ def sld_problem(student, have: dict | None, source: str) -> str | None:
     return None
 
 
+def logit_source(
+    student, stores, online: bool, teachers: Sequence[str] = ()
+) -> tuple[dict | None, str, str]:
+    """Where the last stage's teacher logits come from: ``(layout, source, missing)`` — the
+    layout ``{anchors, classes, kind}`` of its store (``--store-logits``) or, with ``--online``,
+    of the live teacher ``teachers[-1]`` read from its architecture (None when it has none),
+    a name for it, and why there are none. Shared by samkd's SLD and gdetkd's L_cls."""
+    if online:
+        if not teachers:
+            return None, "", "no teacher"
+        from dfmsd_cli.distill.online import teacher_logit_layout
+
+        name = teachers[-1]
+        have = teacher_logit_layout(name, student.num_classes)
+        return (
+            have,
+            f"the live teacher {name}",
+            f"teacher {name} has no dense classification head (two-stage)",
+        )
+    last = stores[-1] if stores else None
+    if last is None:
+        return None, "", "no store"
+    source = f"store {last.store.path}"
+    missing = (
+        f"{source} holds no teacher logits: precompute it with --store-logits (dense teachers only)"
+    )
+    return last.store.meta.logits, source, missing
+
+
 def with_stores(
     cfg: MethodConfig, student, stores, online: bool, teachers: Sequence[str] = ()
 ) -> MethodConfig:
@@ -111,23 +140,7 @@ def with_stores(
 
     if not cfg.loss_kwargs.get("sld", True):
         return replace(cfg, notes=("SAMKD runs SFD alone: SLD is off (--no-sld)",))
-    if online:
-        if not teachers:
-            return replace(cfg, notes=(f"{SLD_NOTE} (no teacher)",))
-        from dfmsd_cli.distill.online import teacher_logit_layout
-
-        name = teachers[-1]
-        have = teacher_logit_layout(name, student.num_classes)
-        source = f"the live teacher {name}"
-        missing = f"teacher {name} has no dense classification head (two-stage)"
-    else:
-        last = stores[-1] if stores else None
-        if last is None:
-            return replace(cfg, notes=(f"{SLD_NOTE} (no store)",))
-        have, source = last.store.meta.logits, f"store {last.store.path}"
-        missing = f"{source} holds no teacher logits: precompute it with --store-logits " + (
-            "(dense teachers only)"
-        )
+    have, source, missing = logit_source(student, stores, online, teachers)
     problem = sld_problem(student, have, missing)
     if problem is not None:
         return replace(cfg, notes=(f"{SLD_NOTE}: {problem}",))
