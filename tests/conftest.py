@@ -12,6 +12,20 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 torch.set_num_threads(1)
 
 
+def small_synthetic(tmp_path_factory, images: int):
+    """``images`` synthetic training images, 64-128 px, seed 1 (the precompute tests' data);
+    import it (``from conftest import small_synthetic, train_files``)."""
+    from dfmsd_cli.data.synthetic import make_synthetic
+
+    root = tmp_path_factory.mktemp("syn")
+    return make_synthetic(root / "d", images=images, seed=1, min_size=64, max_size=128)
+
+
+def train_files(root):
+    """(annotation file, image folder) of ``root``'s train2017 split."""
+    return root / "annotations" / "instances_train2017.json", root / "train2017"
+
+
 @pytest.fixture(scope="session")
 def synthetic_root(tmp_path_factory):
     """A small synthetic COCO root (12 train + 3 val images, 64-160 px, seed 0), made once per

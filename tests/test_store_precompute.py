@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 import zarr
+from conftest import small_synthetic, train_files
 
 from dfmsd_cli.cli import main
 from dfmsd_cli.data.coco import CocoDetection
@@ -33,14 +34,10 @@ N_IMAGES = 8
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
-    from dfmsd_cli.data.synthetic import make_synthetic
-
-    root = tmp_path_factory.mktemp("syn")
-    return make_synthetic(root / "d", images=N_IMAGES, seed=1, min_size=64, max_size=128)
+    return small_synthetic(tmp_path_factory, N_IMAGES)
 
 
-def _files(root: Path) -> tuple[Path, Path]:
-    return root / "annotations" / "instances_train2017.json", root / "train2017"
+_files = train_files
 
 
 def _opts(cache: Path, **kw) -> PrecomputeOptions:
