@@ -158,6 +158,20 @@ class DetectorMixin:
         return OrderedDict((str(s), f) for s, f in features.items())
 
 
+def grid_points(feats: list[Tensor], strides, offset: float = 0.0) -> list[Tensor]:
+    """Per level, the (x, y) pixel position of every cell, row-major: ``((j + offset)·s,
+    (i + offset)·s)`` — MMDetection's ``MlvlPointGenerator`` (``offset`` 0 for GFL and
+    RepPoints, 0.5 for FCOS)."""
+    out = []
+    for f, s in zip(feats, strides, strict=True):
+        h, w = f.shape[-2:]
+        ys = (torch.arange(h, device=f.device, dtype=torch.float32) + offset) * s
+        xs = (torch.arange(w, device=f.device, dtype=torch.float32) + offset) * s
+        yy, xx = torch.meshgrid(ys, xs, indexing="ij")
+        out.append(torch.stack([xx.reshape(-1), yy.reshape(-1)], dim=1))
+    return out
+
+
 def class_nms(
     boxes: Tensor,
     scores: Tensor,

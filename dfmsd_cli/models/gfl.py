@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 from torchvision.models.detection.image_list import ImageList
 
-from dfmsd_cli.models.detector import DetectorMixin, class_nms
+from dfmsd_cli.models.detector import DetectorMixin, class_nms, grid_points
 from dfmsd_cli.models.gfl_losses import (
     aligned_iou,
     atss_assign,
@@ -164,16 +164,7 @@ class GFLDetector(DetectorMixin, nn.Module):
 
     def points(self, feats: list[Tensor]) -> list[Tensor]:
         """Anchor centres ``(j s, i s)`` per level, row-major (MMDetection ``center_offset=0``)."""
-        out = []
-        for f, s in zip(feats, self.strides, strict=True):
-            h, w = f.shape[-2:]
-            ys, xs = torch.meshgrid(
-                torch.arange(h, device=f.device, dtype=torch.float32) * s,
-                torch.arange(w, device=f.device, dtype=torch.float32) * s,
-                indexing="ij",
-            )
-            out.append(torch.stack([xs.reshape(-1), ys.reshape(-1)], dim=1))
-        return out
+        return grid_points(feats, self.strides)
 
     def forward_head(
         self,

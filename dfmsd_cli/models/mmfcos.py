@@ -40,7 +40,7 @@ from torchvision.ops import sigmoid_focal_loss
 
 from dfmsd_cli.data.geometry import IMAGENET_MEAN, IMAGENET_STD
 from dfmsd_cli.models.backbones import build_resnet_fpn
-from dfmsd_cli.models.detector import DetectorMixin, class_nms
+from dfmsd_cli.models.detector import DetectorMixin, class_nms, grid_points
 from dfmsd_cli.models.gfl import ConvGN, Scale, tower_until
 from dfmsd_cli.models.gfl_losses import aligned_iou, distance2bbox
 from dfmsd_cli.models.mmdet_heads import MMDetExtraConvs
@@ -180,14 +180,7 @@ class MMFCOSDetector(DetectorMixin, nn.Module):
         self.logit_anchors = 1
 
     def points(self, feats: list[Tensor]) -> list[Tensor]:
-        out = []
-        for f, s in zip(feats, self.strides, strict=True):
-            h, w = f.shape[-2:]
-            ys = (torch.arange(h, device=f.device, dtype=torch.float32) + 0.5) * s
-            xs = (torch.arange(w, device=f.device, dtype=torch.float32) + 0.5) * s
-            yy, xx = torch.meshgrid(ys, xs, indexing="ij")
-            out.append(torch.stack([xx.reshape(-1), yy.reshape(-1)], dim=1))
-        return out
+        return grid_points(feats, self.strides, offset=0.5)  # MMDetection FCOS: cell centres
 
     def forward_head(self, image_list: ImageList, features, targets):
         feats = list(features.values())

@@ -36,7 +36,7 @@ from torchvision.ops import deform_conv2d
 from torchvision.ops.feature_pyramid_network import ExtraFPNBlock, FeaturePyramidNetwork
 
 from dfmsd_cli.models.backbones import build_resnet_fpn
-from dfmsd_cli.models.detector import DetectorMixin, class_nms
+from dfmsd_cli.models.detector import DetectorMixin, class_nms, grid_points
 from dfmsd_cli.models.registry import annotate_model, register_head, register_model
 from dfmsd_cli.models.reppoints_losses import moment_box, reppoints_loss, scaled_grad, split_yx
 
@@ -232,16 +232,11 @@ class RepPointsDetector(DetectorMixin, nn.Module):
         """MMDetection ``RepPointsHead._predict_by_feat_single`` + ``_bbox_post_process``."""
         transfer = self.head.moment_transfer.detach().float()
         per_level = []
-        for c, p, s in zip(cls_out, pts_refine, self.strides, strict=True):
-            h, w = c.shape[-2:]
+        points = grid_points(cls_out, self.strides)
+        for c, p, s, xy in zip(cls_out, pts_refine, self.strides, points, strict=True):
             xs, ys = split_yx(p.float())
             box = moment_box(xs, ys, transfer) * s  # (B, HW, 4) relative to the location
-            gy, gx = torch.meshgrid(
-                torch.arange(h, device=c.device, dtype=torch.float32) * s,
-                torch.arange(w, device=c.device, dtype=torch.float32) * s,
-                indexing="ij",
-            )
-            loc = torch.stack([gx, gy, gx, gy], dim=-1).reshape(-1, 4)
+            loc = torch.cat([xy, xy], dim=1)  # (HW, 4): x, y, x, y
             per_level.append((c.float().flatten(2).transpose(1, 2).sigmoid(), box + loc))
         results = []
         for i, (h_img, w_img) in enumerate(image_sizes):

@@ -26,6 +26,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchvision.ops import box_iou, sigmoid_focal_loss
 
+from dfmsd_cli.models.detector import grid_points
+
 
 def scaled_grad(param: Tensor, mul: float) -> Tensor:
     """``param`` in value, ``mul * grad`` in gradient: ``p mul + p.detach() (1 - mul)``."""
@@ -137,16 +139,9 @@ def reppoints_loss(
     gradient-scaled moment transfer. Averages use ``max(#positives, 1)`` (MMDetection divides
     by ``#positives + eps``, which explodes on a batch without objects: our choice).
     """
-    centres, lvl, stride_of = [], [], []
+    centres, lvl, stride_of = grid_points(cls_out, strides), [], []
     for c, s in zip(cls_out, strides, strict=True):
-        h, w = c.shape[-2:]
-        ys, xs = torch.meshgrid(
-            torch.arange(h, device=c.device, dtype=torch.float32) * s,
-            torch.arange(w, device=c.device, dtype=torch.float32) * s,
-            indexing="ij",
-        )
-        centres.append(torch.stack([xs.reshape(-1), ys.reshape(-1)], dim=1))
-        n = h * w
+        n = c.shape[-2] * c.shape[-1]
         lvl.append(torch.full((n,), int(round(torch.log2(torch.tensor(float(s))).item())),
                               device=c.device))  # fmt: skip
         stride_of.append(torch.full((n,), float(s), device=c.device))
