@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -49,7 +50,7 @@ from dfmsd_cli.distill.task import RunContext, StageTask
 from dfmsd_cli.engine.distributed import barrier, cleanup, init_distributed
 from dfmsd_cli.engine.fit import FitOptions, fit
 from dfmsd_cli.engine.progress import MetricsLog
-from dfmsd_cli.engine.rundir import prepare_run_dir, write_config
+from dfmsd_cli.engine.rundir import prepare_run_dir, run_lock, write_config
 from dfmsd_cli.engine.state import load_state, seed_everything
 from dfmsd_cli.engine.train import write_summary
 from dfmsd_cli.errors import UserError
@@ -213,7 +214,13 @@ def distill(opts: DistillOptions, *, clock: Callable[[], float] = time.perf_coun
     epoch), ``OUT/stage{k}_{teacher}.pth`` (the student after stage k) and ``OUT/student.pth``
     (the final student only: a dfmsd checkpoint whose ``state_dict`` is a plain state dict;
     also after a stop by ``max_steps``, marked ``distill.stopped``) and ``OUT/summary.json``.
+    ``OUT`` is locked for the run (``engine.rundir.run_lock``).
     """
+    with ExitStack() as held:
+        return _distill(opts, clock, held)
+
+
+def _distill(opts: DistillOptions, clock: Callable[[], float], held: ExitStack) -> dict:
     from dfmsd_cli.data.coco import CocoDetection
     from dfmsd_cli.data.loader import resolve_data
     from dfmsd_cli.models import build_model
@@ -275,6 +282,7 @@ def distill(opts: DistillOptions, *, clock: Callable[[], float] = time.perf_coun
 
     resuming = False
     if dist_info.is_main:
+        held.enter_context(run_lock(out))
         resuming = prepare_run_dir(out, "distill", identity_of(opts), opts.resume, opts.overwrite)
         write_config(out, {**record(opts), "resolved": cfg.to_dict()}, "distill")
     barrier(dist_info)

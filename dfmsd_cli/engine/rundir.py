@@ -1,16 +1,38 @@
-"""Output folders: never silently mix two runs in one folder."""
+"""Output folders: never silently mix two runs in one folder, never run two at once in one."""
 
 from __future__ import annotations
 
 import json
 import shutil
 import sys
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
 from dfmsd_cli.errors import UserError
+from dfmsd_cli.utils.lock import file_lock
 
 RUN_FILES = ("config.json", "last.pth", "metrics.jsonl")
+LOCK_FILE = ".dfmsd.lock"  # held by the process training into the folder
+
+
+def run_lock(out: Path) -> AbstractContextManager[Path]:
+    """Hold ``OUT/.dfmsd.lock`` while a run writes into ``out`` (rank 0, the run's lifetime).
+
+    A second ``train``/``distill`` with the same ``--out`` is refused (exit 2) naming the
+    holder's pid, instead of both writing ``last.pth`` and ``metrics.jsonl`` in turn. A lock
+    left by a killed run on this host is taken over, so ``--resume`` after ``kill -9`` works.
+    """
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file: pass a folder path")
+    out.mkdir(parents=True, exist_ok=True)
+    return file_lock(
+        out / LOCK_FILE,
+        what=f"run folder {out}",
+        hint="wait for that run to finish or choose another --out; if that process is gone, "
+        "delete the lock file",
+    )
 
 
 def prepare_run_dir(
@@ -35,6 +57,8 @@ def prepare_run_dir(
         return _fresh(out, resume and not overwrite)
     if overwrite:
         for child in out.iterdir():
+            if child.name == LOCK_FILE:
+                continue  # ours (run_lock), held for this run
             if child.is_dir():
                 shutil.rmtree(child)
             else:

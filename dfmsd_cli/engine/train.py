@@ -10,6 +10,7 @@ runs it (checkpoints, bit-exact resume, DDP under ``torchrun``; rank 0 writes).
 from __future__ import annotations
 
 import json
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ from dfmsd_cli.engine.distributed import DistInfo, barrier, cleanup, init_distri
 from dfmsd_cli.engine.fit import FitOptions, StepContext, Task, fit
 from dfmsd_cli.engine.loop import evaluate_split, options_dict
 from dfmsd_cli.engine.progress import MetricsLog
-from dfmsd_cli.engine.rundir import prepare_run_dir, write_config
+from dfmsd_cli.engine.rundir import prepare_run_dir, run_lock, write_config
 from dfmsd_cli.engine.sampler import ViewSampler
 from dfmsd_cli.engine.state import load_state, seed_everything
 from dfmsd_cli.errors import UserError
@@ -203,7 +204,12 @@ class TrainTask(Task):
 
 def train(opts: TrainOptions) -> dict[str, Any]:
     """Train ``opts.model`` on the dataset; returns a summary (steps, time, final metrics),
-    also written to ``OUT/summary.json``."""
+    also written to ``OUT/summary.json``. ``OUT`` is locked for the run (``run_lock``)."""
+    with ExitStack() as held:
+        return _train(opts, held)
+
+
+def _train(opts: TrainOptions, held: ExitStack) -> dict[str, Any]:
     from dfmsd_cli.data.loader import resolve_data
 
     device = resolve_device(opts.device)
@@ -213,6 +219,7 @@ def train(opts: TrainOptions) -> dict[str, Any]:
     out = Path(opts.out)
     data = resolve_data(opts.data, opts.split, opts.ann, opts.images)
     if dist.is_main:
+        held.enter_context(run_lock(out))
         prepare_run_dir(out, "train", identity_of(opts), opts.resume, opts.overwrite)
         write_config(out, record(opts), "train")
     barrier(dist)
