@@ -147,6 +147,27 @@ def test_resume_is_bit_exact(env, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_a_run_killed_during_its_final_evaluation_evaluates_on_resume(env, tmp_path):
+    """The last stage's final checkpoint is written before its evaluation: a kill there left a
+    resumed run with no metrics at all (seen in the benchmark). Now the resume evaluates."""
+    out = tmp_path / "run"
+    full = distill(_opts(env, out, evaluate=True))
+    evals = {s["teacher"]: s["val"] for s in full["stages"]}
+    last_eval = out / "eval_stage2_retina_tiny_val2017.json"
+    assert last_eval.is_file() and (out / "eval_stage1_fcos_tiny_val2017.json").is_file()
+    for name in (last_eval.name, "student.pth", "summary.json"):  # as if killed in eval
+        (out / name).unlink()
+    again = distill(_opts(env, out, evaluate=True, resume=True))
+    stages = again["stages"]
+    assert [s["teacher"] for s in stages] == list(TEACHERS)
+    assert all(s.get("finished_before_resume") for s in stages)
+    assert stages[0]["val"]["bbox"] == evals[TEACHERS[0]]["bbox"]  # read back from its file
+    assert stages[1]["val"]["bbox"] == evals[TEACHERS[1]]["bbox"]  # evaluated again
+    assert last_eval.is_file() and (out / "student.pth").is_file()
+    written = json.loads((out / "summary.json").read_text())
+    assert written["stages"][1]["val"]["bbox"] == evals[TEACHERS[1]]["bbox"]
+
+
 @pytest.mark.parametrize("method", ["none", "mgd", "pkd", "fgd", "dmkd"])
 def test_baselines_run_on_the_same_engine(env, tmp_path, method, built_models):
     summary = distill(

@@ -20,6 +20,7 @@ DDP, progress bars and ``metrics.jsonl``.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
 from contextlib import ExitStack
@@ -51,7 +52,7 @@ from dfmsd_cli.engine.distributed import barrier, cleanup, init_distributed
 from dfmsd_cli.engine.fit import FitOptions, fit
 from dfmsd_cli.engine.progress import MetricsLog
 from dfmsd_cli.engine.rundir import prepare_run_dir, run_lock, write_config
-from dfmsd_cli.engine.state import load_state, seed_everything
+from dfmsd_cli.engine.state import load_state, rng_state, seed_everything, set_rng_state
 from dfmsd_cli.engine.train import write_summary
 from dfmsd_cli.errors import UserError
 from dfmsd_cli.utils.console import console
@@ -311,7 +312,10 @@ def _distill(opts: DistillOptions, clock: Callable[[], float], held: ExitStack) 
     stopped, steps_done = False, 0  # optimizer steps of this process, all stages (--max-steps)
     for plan, ss in zip(plans, stores, strict=True):
         if state is not None and state["stage"] > plan.index:
-            continue  # finished before the interruption; its weights are in the state
+            # finished before the interruption; its weights are in the state
+            task = StageTask(ctx, student, plan, ss, None)
+            summary["stages"].append(_finished_stage(task, state, log, dist_info.is_main))
+            continue
         stage_state = state if state is not None and state["stage"] == plan.index else None
         task = StageTask(ctx, student, plan, ss, stage_state)
         mid_stage = stage_state is not None and stage_state.get("optimizer") is not None
@@ -347,6 +351,42 @@ def _distill(opts: DistillOptions, clock: Callable[[], float], held: ExitStack) 
         write_summary(out, summary)
     cleanup(dist_info)
     return summary
+
+
+def _finished_stage(
+    task: StageTask, state: dict[str, Any], log: MetricsLog, is_main: bool
+) -> dict[str, Any]:
+    """The summary entry of a stage a resumed run skips because it finished before.
+
+    Its validation metrics are read back from ``OUT/eval_{tag}_{split}.json``; when that file
+    is missing and the state is the stage's final checkpoint (the student in it IS the stage's
+    result: a run killed during the stage's evaluation), the evaluation runs now instead of
+    being lost.
+    """
+    plan, opts = task.plan, task.ctx.opts
+    entry: dict[str, Any] = {
+        **task.summary_fields(),
+        "epochs_done": plan.epochs,
+        "complete": True,
+        "finished_before_resume": True,
+    }
+    if not opts.evaluate:
+        return entry
+    path = Path(opts.out) / f"eval_{plan.tag}_{opts.val_split}.json"
+    if path.is_file():
+        try:
+            entry["val"] = json.loads(path.read_text())
+        except (OSError, ValueError):
+            pass  # a torn file from an old run: the summary just lacks it
+    elif is_main and state["stage"] == plan.index + 1 and state.get("optimizer") is None:
+        saved = rng_state()  # as in fit: evaluation must not shift the training RNG stream
+        metrics = task.evaluate()
+        set_rng_state(saved)
+        if metrics is not None:
+            entry["val"] = metrics
+            if metrics:
+                log.write({"phase": "val", **task.log_fields(), "epoch": plan.epochs, **metrics})
+    return entry
 
 
 def _fit_options(opts: DistillOptions, out: Path, epochs: int, steps_done: int) -> FitOptions:
