@@ -166,6 +166,9 @@ def test_a_run_killed_during_its_final_evaluation_evaluates_on_resume(env, tmp_p
     assert last_eval.is_file() and (out / "student.pth").is_file()
     written = json.loads((out / "summary.json").read_text())
     assert written["stages"][1]["val"]["bbox"] == evals[TEACHERS[1]]["bbox"]
+    from dfmsd_cli.cli.distill_cmd import _print_summary
+
+    _print_summary(again)  # the CLI's table of such a summary (once a KeyError)
 
 
 @pytest.mark.parametrize("method", ["none", "mgd", "pkd", "fgd", "dmkd"])

@@ -33,12 +33,13 @@ def _print_summary(summary: dict) -> None:
         val = st.get("val") or {}
         bbox = val.get("bbox", val) if isinstance(val, dict) else {}
         m = bbox.get("mAP") if isinstance(bbox, dict) else None
+        done_before = st.get("finished_before_resume")  # skipped by --resume: no step counts
         table.add_row(
             str(st["stage"]),
             str(st["teacher"] or "-"),
             str(st["epochs_done"]),
-            str(st["iterations"]),
-            f"{st['seconds_per_step']:.3f}",
+            "done before resume" if done_before else str(st["iterations"]),
+            "-" if done_before else f"{st['seconds_per_step']:.3f}",
             f"{m:.3f}" if isinstance(m, float) else "-",
         )
     console.print(table)
