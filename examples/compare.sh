@@ -128,6 +128,7 @@ for pair in $PAIRS; do
   done
 done
 log "$(wc -l < "$jobs_file") runs in $jobs_file ($JOBS at once)"
+jobs_list=$(cat "$jobs_file")  # this invocation's list: another one may rewrite jobs.txt
 
 # 4. the runs; a finished run (student.pth + summary.json) is kept; exit 2 = skipped
 export CACHE SCALE OUT
@@ -158,7 +159,7 @@ run_one() {
 }
 export -f run_one
 status=0
-xargs -P "$JOBS" -L 1 bash -c 'run_one "$@"' _ < "$jobs_file" || status=$?
+xargs -P "$JOBS" -L 1 bash -c 'run_one "$@"' _ <<< "$jobs_list" || status=$?
 
 # 5. the table, results.json and the figure of the paired Δ
 python "$HERE/compare_table.py" "$OUT" --json "$OUT/results.json" > "$OUT/table.md"
