@@ -54,8 +54,13 @@ def main() -> None:
     for version in (2, 1):
         schema.SCHEMA_VERSION = version  # 1: the layout before checksums
         o = PrecomputeOptions(
-            teacher=args.teacher, split=split, cache=str(tmp / f"v{version}"), device="cpu",
-            geometry=Geometry(img_scale=scale), num_workers=0, max_images=args.num_images,
+            teacher=args.teacher,
+            split=split,
+            cache=str(tmp / f"v{version}"),
+            device="cpu",
+            geometry=Geometry(img_scale=scale),
+            num_workers=0,
+            max_images=args.num_images,
             progress=False,
         )
         stores[version] = precompute(ann, root / split, o)["path"]
@@ -63,7 +68,7 @@ def main() -> None:
     cpu = {1: 0.0, 2: 0.0}
     n = 0
     for r in range(args.repeats):
-        for version in ((2, 1) if r % 2 == 0 else (1, 2)):
+        for version in (2, 1) if r % 2 == 0 else (1, 2):
             store = TeacherStore.open(stores[version])
             idx = store.complete_indices()
             t0 = time.process_time()

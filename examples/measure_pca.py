@@ -31,7 +31,7 @@ from dfmsd_cli.models.checkpoint import load_teacher
 from dfmsd_cli.store.chunks import RowCodec
 from dfmsd_cli.store.create import feature_codec, storage_dtype
 from dfmsd_cli.store.pca import PcaAccumulator, project, reconstruct, split_basis
-from dfmsd_cli.store.precompute import PrecomputeOptions, _run_batch
+from dfmsd_cli.store.precompute import PrecomputeOptions
 from dfmsd_cli.store.quantize import (
     dequantize_uint8,
     from_bfloat16,
@@ -41,6 +41,7 @@ from dfmsd_cli.store.quantize import (
 )
 from dfmsd_cli.store.schema import level_shape
 from dfmsd_cli.store.statistics import raw_statistics
+from dfmsd_cli.store.teacher_pass import run_batch
 from dfmsd_cli.store.writer import _place
 
 
@@ -72,7 +73,7 @@ def main() -> None:
     else:
         feats = []
         for i in range(len(ds.image_ids)):
-            (r,) = _run_batch(model, [(i, ds.get(i, "orig"))], ["orig"], o, "cpu", None, strides)
+            (r,) = run_batch(model, [(i, ds.get(i, "orig"))], ["orig"], o, "cpu", None, strides)
             feats.append((r.pad_size, r.views["orig"].features))
             print(f"image {i}", file=sys.stderr, flush=True)
         torch.save(feats, cached)

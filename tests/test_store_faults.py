@@ -110,7 +110,7 @@ def test_store_deleted_under_precompute_is_not_recreated(data, tmp_path, monkeyp
     """The writer threads must not re-create a partial store without metadata."""
     import dfmsd_cli.store.precompute as pre
 
-    real, calls = pre._run_batch, [0]
+    real, calls = pre.run_batch, [0]
 
     def run_batch(*a, **k):
         calls[0] += 1
@@ -121,7 +121,7 @@ def test_store_deleted_under_precompute_is_not_recreated(data, tmp_path, monkeyp
             shutil.rmtree(_store(tmp_path))
         return real(*a, **k)
 
-    monkeypatch.setattr(pre, "_run_batch", run_batch)
+    monkeypatch.setattr(pre, "run_batch", run_batch)
     assert _main(_args(data, tmp_path)) == 2
     assert "disappeared while precompute was writing it" in _one_line(capsys)
     assert not _store(tmp_path).exists()  # never re-created

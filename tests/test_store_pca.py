@@ -19,8 +19,9 @@ from dfmsd_cli.errors import UserError
 from dfmsd_cli.models.checkpoint import load_teacher
 from dfmsd_cli.store.inspect import store_info, verify_store
 from dfmsd_cli.store.pca import PcaAccumulator, image_stat, project, reconstruct, split_basis
-from dfmsd_cli.store.precompute import PrecomputeOptions, _run_batch, precompute
+from dfmsd_cli.store.precompute import PrecomputeOptions, precompute
 from dfmsd_cli.store.reader import TeacherStore
+from dfmsd_cli.store.teacher_pass import run_batch
 
 GEOM = Geometry(img_scale=(128, 96))
 N_IMAGES = 4
@@ -56,7 +57,7 @@ def _teacher_features(data: Path) -> list[dict]:
     opts = _opts(Path("."))
     out = []
     for i in range(len(ds.image_ids)):
-        (r,) = _run_batch(model, [(i, ds.get(i, "orig"))], ["orig", "hflip"], opts, "cpu",
+        (r,) = run_batch(model, [(i, ds.get(i, "orig"))], ["orig", "hflip"], opts, "cpu",
                           None, list(model.strides))  # fmt: skip
         out.append({v: r.views[v].features for v in ("orig", "hflip")})
     return out

@@ -29,16 +29,11 @@ from torch.utils.data import DataLoader
 from dfmsd_cli.data.coco import CocoDetection
 from dfmsd_cli.data.geometry import Geometry, apply_view_image, pad_batch
 from dfmsd_cli.models.checkpoint import load_teacher
-from dfmsd_cli.store.precompute import (
-    PrecomputeOptions,
-    _BatchLoad,
-    _identity,
-    batch_plan,
-    precompute,
-)
+from dfmsd_cli.store.precompute import PrecomputeOptions, precompute
 from dfmsd_cli.store.quantize import dequantize_uint8, quantize_uint8, relative_rmse
 from dfmsd_cli.store.reader import StoreDataset
 from dfmsd_cli.store.schema import level_shape
+from dfmsd_cli.store.teacher_pass import BatchLoad, batch_plan, identity_collate
 from dfmsd_cli.store.writer import _place
 
 
@@ -186,10 +181,10 @@ def teacher_only(
     loops): on a shared machine it is far less sensitive to other users' load than wall time.
     """
     loader = DataLoader(
-        _BatchLoad(ds, batches),
+        BatchLoad(ds, batches),
         batch_size=None,
         num_workers=num_workers,
-        collate_fn=_identity,
+        collate_fn=identity_collate,
         prefetch_factor=4 if num_workers > 0 else None,
     )
     t0, c0 = time.perf_counter(), time.process_time()
@@ -255,7 +250,7 @@ def read_throughput(
         batch_size=batch_size,
         shuffle=True,
         num_workers=num_workers,
-        collate_fn=_identity,
+        collate_fn=identity_collate,
         generator=torch.Generator().manual_seed(0),
     )
     n = 0

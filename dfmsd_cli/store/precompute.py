@@ -22,10 +22,8 @@ in the same batch, which has one padded shape.
 
 from __future__ import annotations
 
-import math
 import os
 import time
-from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,12 +31,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
 from dfmsd_cli.data.adversarial import AdvConfig
 from dfmsd_cli.data.coco import CocoDetection
-from dfmsd_cli.data.enhance import EnhanceConfig, apply_enhance, choose, input_checksum
-from dfmsd_cli.data.geometry import Geometry, apply_view_image, normalize, pad_batch
+from dfmsd_cli.data.enhance import EnhanceConfig
+from dfmsd_cli.data.geometry import Geometry
 from dfmsd_cli.errors import UserError, io_path, suggest
 from dfmsd_cli.models.checkpoint import load_teacher
 from dfmsd_cli.store import schema
@@ -49,13 +47,20 @@ from dfmsd_cli.store.projection import dry_run as _dry_run
 from dfmsd_cli.store.quantize import check_keepbits
 from dfmsd_cli.store.reader import TeacherStore
 from dfmsd_cli.store.schema import store_path
+from dfmsd_cli.store.teacher_pass import (
+    BatchLoad,
+    adversarial_deltas,
+    batch_plan,
+    identity_collate,
+    logit_attrs,
+    run_batch,
+)
 from dfmsd_cli.store.writer import (
     CODECS,
     BackgroundWriter,
     ImageResult,
     StoreSpec,
     StoreWriter,
-    ViewResult,
     create_or_open,
     store_exists,
 )
@@ -159,66 +164,6 @@ def _device(name: str) -> torch.device:
     if dev.type == "cuda" and dev.index is None and "LOCAL_RANK" in os.environ:
         dev = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
     return dev
-
-
-def batch_plan(
-    sizes: list[tuple[int, int]], start: int, stop: int, block: int, batch_size: int
-) -> list[list[int]]:
-    """Batches of indices in [start, stop): per block, grouped by padded (H, W), index order.
-
-    ``sizes[i]`` is image i's padded size; ``start`` must be block-aligned. The plan of a block
-    is the same whoever processes it (shard, resume), so results are reproducible.
-    """
-    plan: list[list[int]] = []
-    for b0 in range(start, stop, block):
-        groups: dict[tuple[int, int], list[int]] = defaultdict(list)
-        for i in range(b0, min(b0 + block, stop)):
-            groups[sizes[i]].append(i)
-        for shape in sorted(groups):
-            idx = groups[shape]
-            plan += [idx[k : k + batch_size] for k in range(0, len(idx), batch_size)]
-    return plan
-
-
-class _BatchLoad(Dataset):
-    """Item j = the samples of planned batch j (decoded in DataLoader workers)."""
-
-    def __init__(self, ds: CocoDetection, batches: list[list[int]]):
-        self.ds, self.batches = ds, batches
-
-    def __len__(self) -> int:
-        return len(self.batches)
-
-    def __getitem__(self, j: int) -> list[tuple[int, dict | None]]:
-        return [(i, self.ds.get(i, "orig")) for i in self.batches[j]]
-
-
-def _identity(x: Any) -> Any:
-    return x
-
-
-def _view_inputs(
-    sample: dict, views: list[str], geometry: Geometry, me: dict | None, adv: dict | None = None
-) -> list[torch.Tensor]:
-    """Normalised (3, h, w) input of each view; ``me`` = {"params": EnhanceParams} and ``adv`` =
-    {"delta": int8} get their input checksums filled in."""
-    out = []
-    for v in views:
-        if v == "orig":
-            out.append(sample["image"])
-        elif v == "hflip":
-            out.append(apply_view_image(sample["image"], "hflip"))
-        elif v == "adv":
-            from dfmsd_cli.data.adversarial import replay
-
-            x = replay(sample["raw"], adv["delta"])
-            adv["checksum"] = input_checksum(x)
-            out.append(normalize(x, geometry))
-        else:
-            x = apply_enhance(sample["raw"], me["params"])
-            me["checksum"] = input_checksum(x)
-            out.append(normalize(x, geometry))
-    return out
 
 
 def _weaker_ratios(
@@ -351,7 +296,7 @@ def _write_store(
         codec=o.codec,
         keepbits=o.keepbits,
         categories=ds.categories,
-        logits=_logit_attrs(model) if o.store_logits else None,
+        logits=logit_attrs(model) if o.store_logits else None,
         pca=pca,
         pca_basis=basis,
     )
@@ -386,11 +331,11 @@ def _write_store(
         progress.advance(task)
 
     loader = DataLoader(
-        _BatchLoad(ds, plan),
+        BatchLoad(ds, plan),
         batch_size=None,
         shuffle=False,
         num_workers=o.num_workers,
-        collate_fn=_identity,
+        collate_fn=identity_collate,
         persistent_workers=False,
         prefetch_factor=4 if o.num_workers > 0 else None,
     )
@@ -413,8 +358,8 @@ def _write_store(
                 if not any(s is not None for _, s in pending):
                     continue
                 t0 = time.perf_counter()
-                advs = _adversarial(model, ok, o, device) if "adv" in views else None
-                results = _run_batch(model, ok, views, o, device, ratios, strides, advs)
+                advs = adversarial_deltas(model, ok, o, device) if "adv" in views else None
+                results = run_batch(model, ok, views, o, device, ratios, strides, advs)
                 t_forward += time.perf_counter() - t0
                 for r in results:
                     if done[r.index] == schema.DONE_PENDING:
@@ -460,87 +405,9 @@ def _pca_spec(ds, o, model, device, path, strides, pad_sizes) -> tuple[dict | No
 
     def run(batch: list[int]) -> list[ImageResult]:
         ok = [(i, s) for i, s in ((i, ds.get(i, "orig")) for i in batch) if s is not None]
-        return _run_batch(model, ok, views, o, device, None, strides) if ok else []
+        return run_batch(model, ok, views, o, device, None, strides) if ok else []
 
     plan = batch_plan(pad_sizes, 0, m, o.block, o.batch_size)
     bases, levels = fit_basis(plan, run, int(o.pca))
     attrs = {"components": int(o.pca), "fit_images": m, "fit_views": views, "levels": levels}
     return attrs, bases
-
-
-def _logit_attrs(model: torch.nn.Module) -> dict:
-    """The store's ``logits`` attribute: encoding and head layout (what SLD matches)."""
-    return {
-        "dtype": "float16",
-        "anchors": int(model.logit_anchors),
-        "classes": int(model.num_classes),
-        "kind": model.logit_kind,
-    }
-
-
-@torch.inference_mode()
-def _run_batch(
-    model: torch.nn.Module,
-    items: list[tuple[int, dict]],
-    views: list[str],
-    o: PrecomputeOptions,
-    device: torch.device,
-    ratios: np.ndarray | None,
-    strides: list[int],
-    advs: list[dict] | None = None,
-) -> list[ImageResult]:
-    """One teacher pass over every (image, view) of a same-padded-shape batch."""
-    inputs, sizes, me = [], [], []
-    for k, (i, s) in enumerate(items):
-        params = None
-        if "me" in views:
-            params = {"params": choose(float(ratios[i]), s["image_id"], s["size"], o.enhance)}
-        me.append(params)
-        inputs += _view_inputs(s, views, o.geometry, params, advs[k] if advs else None)
-        sizes += [tuple(s["size"])] * len(views)
-    x = pad_batch(inputs, o.geometry.pad_divisor).to(device)
-    out = model(x, sizes, return_logits=o.store_logits)
-    H, W = x.shape[-2:]
-    feats = {s: out.features[s].float().cpu() for s in strides}
-    results = []
-    for k, (i, s) in enumerate(items):
-        vr = {}
-        for j, v in enumerate(views):
-            b = k * len(views) + j
-            det = out.detections[b]
-            vr[v] = ViewResult(
-                features={st: feats[st][b] for st in strides},
-                boxes=det["boxes"].float().cpu(),
-                scores=det["scores"].float().cpu(),
-                labels=det["labels"].cpu(),
-                logits={st: out.logits[st][b].float().cpu() for st in strides}
-                if o.store_logits
-                else None,
-            )
-        enh = None
-        if me[k] is not None:
-            enh = {"params": me[k]["params"].to_array(), "checksum": me[k]["checksum"]}
-        own = (
-            math.ceil(s["size"][0] / o.geometry.pad_divisor) * o.geometry.pad_divisor,
-            math.ceil(s["size"][1] / o.geometry.pad_divisor) * o.geometry.pad_divisor,
-        )
-        if own != (int(H), int(W)):  # the plan groups by padded shape; never store inexact maps
-            raise RuntimeError(f"image {i} padded to {own} ran in a {H}x{W} batch")
-        adv = advs[k] if advs else None
-        results.append(ImageResult(i, tuple(s["size"]), own, vr, enh, adv))
-    return results
-
-
-def _adversarial(
-    model: torch.nn.Module, items: list[tuple[int, dict]], o: PrecomputeOptions, device
-) -> list[dict]:
-    """Each image's perturbation δ against the teacher's loss on its ground truth (one image
-    at a time, its own size: ``dfmsd_cli.data.adversarial.attack``)."""
-    from dfmsd_cli.data.adversarial import attack
-
-    out = []
-    for _i, s in items:
-        target = {"boxes": s["boxes"].to(device), "labels": s["labels"].to(device)}
-        raw = s["raw"].to(device)
-        out.append({"delta": attack(model, raw, target, o.geometry, o.adv, s["image_id"])})
-    return out
