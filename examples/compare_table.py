@@ -34,8 +34,9 @@ PAIRS = {  # the pairs compare.sh knows; another folder with runs is shown under
     "hom": "homogeneous: gfl_tiny ← gfl_tiny",
 }
 ORDER = ("none", "fkd", "fgd", "fgd-warmup", "mgd", "amd", "dmkd", "pkd", "crosskd", "samkd",
-         "gdetkd", "dfmsd", "dfmsd-paper", "dfmsd-no-sal", "dfmsd-no-me", "dfmsd-no-sfa",
-         "dfmsd-adv")  # fmt: skip
+         "samkd-no-sld", "samkd-grid1", "gdetkd", "gdetkd-no-sgfi", "gdetkd-no-ckd", "dfmsd",
+         "dfmsd-paper", "dfmsd-no-sal", "dfmsd-no-me", "dfmsd-no-sfa", "dfmsd-adv",
+         "dfmsd-pca32")  # fmt: skip
 LABEL = {
     "none": "student alone",
     "fgd-warmup": "FGD + KD warm-up (100 it.)",
@@ -45,6 +46,11 @@ LABEL = {
     "dfmsd-no-me": "DFMSD w/o ME",
     "dfmsd-no-sfa": "DFMSD w/o SFA",
     "dfmsd-adv": "DFMSD + adversarial view",
+    "dfmsd-pca32": "DFMSD on --pca 32 stores",
+    "samkd-no-sld": "SAMKD w/o SLD (SFD alone)",
+    "samkd-grid1": "SAMKD, one 1x1 window level",
+    "gdetkd-no-sgfi": "G-DetKD w/o SGFI",
+    "gdetkd-no-ckd": "G-DetKD w/o CKD",
 }
 # two-sided 95 % quantiles of Student's t, degrees of freedom 1..30 (beyond: the normal's)
 T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179,

@@ -11,19 +11,26 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from dfmsd_cli.data.adversarial import AdvConfig
 from dfmsd_cli.data.coco import CocoDetection
-from dfmsd_cli.data.enhance import apply_enhance, choose, input_checksum
+from dfmsd_cli.data.enhance import EnhanceConfig, apply_enhance, choose, input_checksum
 from dfmsd_cli.data.geometry import Geometry, apply_view_image, normalize, pad_batch
 from dfmsd_cli.store.writer import ImageResult, ViewResult
 
-if TYPE_CHECKING:
-    from dfmsd_cli.store.precompute import PrecomputeOptions
+
+class PassOptions(Protocol):
+    """What a teacher pass reads of ``PrecomputeOptions`` (precompute imports this module)."""
+
+    geometry: Geometry
+    enhance: EnhanceConfig
+    store_logits: bool
+    adv: AdvConfig | None
 
 
 def batch_plan(
@@ -101,7 +108,7 @@ def run_batch(
     model: torch.nn.Module,
     items: list[tuple[int, dict]],
     views: list[str],
-    o: PrecomputeOptions,
+    o: PassOptions,
     device: torch.device,
     ratios: np.ndarray | None,
     strides: list[int],
@@ -150,7 +157,7 @@ def run_batch(
 
 
 def adversarial_deltas(
-    model: torch.nn.Module, items: list[tuple[int, dict]], o: PrecomputeOptions, device
+    model: torch.nn.Module, items: list[tuple[int, dict]], o: PassOptions, device
 ) -> list[dict]:
     """Each image's perturbation δ against the teacher's loss on its ground truth (one image
     at a time, its own size: ``dfmsd_cli.data.adversarial.attack``)."""
