@@ -161,6 +161,7 @@ def test_a_run_killed_during_its_final_evaluation_evaluates_on_resume(env, tmp_p
     stages = again["stages"]
     assert [s["teacher"] for s in stages] == list(TEACHERS)
     assert all(s.get("finished_before_resume") for s in stages)
+    assert [s["iterations"] for s in stages] == [s["iterations"] for s in full["stages"]]
     assert stages[0]["val"]["bbox"] == evals[TEACHERS[0]]["bbox"]  # read back from its file
     assert stages[1]["val"]["bbox"] == evals[TEACHERS[1]]["bbox"]  # evaluated again
     assert last_eval.is_file() and (out / "student.pth").is_file()

@@ -367,6 +367,7 @@ def _finished_stage(
     entry: dict[str, Any] = {
         **task.summary_fields(),
         "epochs_done": plan.epochs,
+        "iterations": _logged_iterations(Path(opts.out) / "metrics.jsonl", plan.index + 1),
         "complete": True,
         "finished_before_resume": True,
     }
@@ -387,6 +388,23 @@ def _finished_stage(
             if metrics:
                 log.write({"phase": "val", **task.log_fields(), "epoch": plan.epochs, **metrics})
     return entry
+
+
+def _logged_iterations(path: Path, stage: int) -> int | None:
+    """The last logged training iteration of ``stage`` in ``metrics.jsonl`` (None: none)."""
+    last = None
+    try:
+        lines = path.read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue  # a line torn by a kill
+        if rec.get("phase") == "train" and rec.get("stage") == stage:
+            last = rec.get("iteration", last)
+    return last
 
 
 def _fit_options(opts: DistillOptions, out: Path, epochs: int, steps_done: int) -> FitOptions:
