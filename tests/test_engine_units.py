@@ -84,6 +84,18 @@ def test_resume_without_run_state_warns_in_one_line(tmp_path, capsys):
     assert capsys.readouterr().err == ""  # no warning without --resume
 
 
+def test_run_dir_accepts_the_same_folder_named_two_ways(tmp_path, monkeypatch):
+    out, data = tmp_path / "run", tmp_path / "data"
+    data.mkdir()
+    prepare_run_dir(out, "train", {"data": str(data)}, resume=False, overwrite=False)
+    write_config(out, {"data": str(data)}, "train")
+    monkeypatch.chdir(tmp_path)
+    assert prepare_run_dir(out, "train", {"data": "data"}, resume=True, overwrite=False) is False
+    (tmp_path / "other").mkdir()
+    with pytest.raises(UserError, match="data="):
+        prepare_run_dir(out, "train", {"data": "other"}, resume=True, overwrite=False)
+
+
 def test_run_dir_refuses_a_different_run(tmp_path):
     out = tmp_path / "run"
     assert prepare_run_dir(out, "train", {"model": "a"}, resume=False, overwrite=False) is False

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sys
 from contextlib import AbstractContextManager
@@ -83,7 +84,7 @@ def prepare_run_dir(
         diffs = [
             f"{k}={old_opts.get(k)!r} (now {v!r})"
             for k, v in identity.items()
-            if k in old_opts and _norm(old_opts[k]) != _norm(v)
+            if k in old_opts and not _same(old_opts[k], v)
         ]
         if diffs:
             raise UserError(
@@ -100,6 +101,20 @@ def _fresh(out: Path, resume: bool) -> bool:
             f"warning: --resume: {out} holds no run state (no last.pth), starting a new run",
             file=sys.stderr,
         )
+    return False
+
+
+def _same(old: Any, new: Any) -> bool:
+    """One identity value, as recorded and as given now: equal, or one existing file or folder
+    named two ways (``data/`` and ``/abs/path/data``)."""
+    a, b = _norm(old), _norm(new)
+    if a == b:
+        return True
+    if isinstance(a, str) and isinstance(b, str) and a and b:
+        try:
+            return os.path.samefile(a, b)
+        except OSError:  # either is not an existing path
+            return False
     return False
 
 
