@@ -162,7 +162,7 @@ status=0
 xargs -P "$JOBS" -L 1 bash -c 'run_one "$@"' _ <<< "$jobs_list" || status=$?
 
 # 5. the table, results.json and the figure of the paired Δ
-python "$HERE/compare_table.py" "$OUT" --json "$OUT/results.json" > "$OUT/table.md"
+python "$HERE/compare_table.py" "$OUT" --json "$OUT/results.json" --versus dfmsd > "$OUT/table.md"
 dfmsd viz compare "$OUT/results.json" --figure "$OUT/delta.png" > /dev/null 2>&1 ||
   echo "(no figure: see dfmsd viz compare $OUT/results.json --figure $OUT/delta.png)"
 echo "run time: $(( $(date +%s) - start )) s wall ($JOBS at once)" | tee -a "$OUT/table.md"

@@ -145,8 +145,9 @@ def _row_order(rows: list[str]) -> list[str]:
     return known + sorted(r for r in rows if r not in ORDER)
 
 
-def aggregate(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """Per pair and row: n, seeds, mean/std per column (x100), steps, paired Δ vs none."""
+def aggregate(runs: list[dict[str, Any]], versus: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Per pair and row: n, seeds, mean/std per column (x100), steps, paired Δ vs none, and
+    the paired Δ mAP vs each row of ``versus`` (``entry["versus"][row]``)."""
     pairs: dict[str, Any] = {}
     for pair in sorted({r["pair"] for r in runs}, key=lambda p: (p not in PAIRS, p)):
         mine = [r for r in runs if r["pair"] == pair]
@@ -175,6 +176,9 @@ def aggregate(runs: list[dict[str, Any]]) -> dict[str, Any]:
                     entry["mean"][c], entry["std"][c] = (round(v, 2) for v in _mean_sd(xs))
             if row != BASELINE and base:
                 entry["delta"] = {c: paired_delta(per, base, c) for c in COLUMNS}
+            for v in versus:
+                if row != v and done.get(v) and per:
+                    entry.setdefault("versus", {})[v] = paired_delta(per, done[v], "mAP")
             rows[row] = entry
         pairs[pair] = {"title": PAIRS.get(pair, pair), "rows": rows}
     return pairs
@@ -184,6 +188,26 @@ def _pm(mean: float, sd: float, n: int, sign: bool = False) -> str:
     """``mean ± std``; one seed has no spread, so its value stands alone."""
     m = f"{mean:+.1f}" if sign else f"{mean:.1f}"
     return f"{m} ± {sd:.1f}" if n > 1 else m
+
+
+def render_versus(pairs: dict[str, Any], versus: tuple[str, ...]) -> str:
+    """Markdown: per pair and ``versus`` row, every other row's paired Δ mAP against it."""
+    out = []
+    for p in pairs.values():
+        for v in versus:
+            lines = []
+            for e in p["rows"].values():
+                d = (e.get("versus") or {}).get(v)
+                if d:
+                    lines.append(f"| {e['label']} | {_pm(d['mean'], d['std'], d['n'], sign=True)}"
+                                 f" | {d['better']}/{d['n']} | "
+                                 f"{'yes' if d['significant'] else 'no'} |")  # fmt: skip
+            if lines:
+                name = p["rows"].get(v, {}).get("label", v)
+                out += [f"### {p['title']}: paired Δ mAP vs {name}", "",
+                        f"| method | Δ mAP vs {name} | better | t 5 % |", "|---|---|---|---|",
+                        *lines, ""]  # fmt: skip
+    return "\n".join(out)
 
 
 def render(pairs: dict[str, Any]) -> str:
@@ -221,16 +245,24 @@ def main(argv: list[str] | None = None) -> str:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("root", type=Path, nargs="?", default=Path("runs/compare"))
     ap.add_argument("--json", type=Path, default=None, help="also write results.json here")
+    ap.add_argument(
+        "--versus",
+        action="append",
+        default=[],
+        metavar="ROW",
+        help="also the paired Δ mAP of every row against ROW (repeatable)",
+    )
     args = ap.parse_args(argv)
     runs = collect(args.root)
-    pairs = aggregate(runs)
+    versus = tuple(args.versus)
+    pairs = aggregate(runs, versus)
     if args.json is not None:
         val = sorted({r["val_images"] for r in runs if r.get("val_images")})
         result = {"root": str(args.root), "columns": list(COLUMNS), "baseline": BASELINE,
                   "seeds": sorted({r["seed"] for r in runs}), "val_images": val,
                   "pairs": pairs, "runs": runs}  # fmt: skip
         args.json.write_text(json.dumps(result, indent=1, default=str))
-    return render(pairs)
+    return render(pairs) + ("\n\n" + render_versus(pairs, versus) if versus else "")
 
 
 if __name__ == "__main__":

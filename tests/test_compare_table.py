@@ -102,3 +102,16 @@ def test_markdown_and_results_json(table, tree):
     )
     assert run["cpu_seconds"] == 10 and run["wall_seconds"] == 12
     assert res["pairs"]["het"]["rows"]["a"]["delta"]["mAP"]["mean"] == pytest.approx(2.0)
+
+
+def test_paired_delta_against_another_row(table, tree):
+    """--versus a: every row's Δ mAP against row 'a' on the seeds both have (b - a per seed:
+    -0.03, +0.01, -0.06 -> mean -2.67, better on 1 of 3)."""
+    pairs = table.aggregate(table.collect(tree), versus=("a",))
+    rows = pairs["het"]["rows"]
+    b = rows["b"]["versus"]["a"]
+    assert b["mean"] == pytest.approx(-2.67, abs=1e-2) and (b["better"], b["n"]) == (1, 3)
+    assert rows["none"]["versus"]["a"]["mean"] == pytest.approx(-2.0)
+    assert "versus" not in rows["a"] and "versus" not in rows["c"]
+    md = table.main([str(tree), "--versus", "a"])
+    assert "paired Δ mAP vs a" in md and "| b | -2.7 ± 3.5 | 1/3 | no |" in md
