@@ -67,6 +67,7 @@ FOREIGN_FLAGS = {
     "--losses",  # tools/mmdet_parity.py
     "--latency",  # examples/s3_read_bench.py
     "--batch",  # examples/s3_read_bench.py
+    "--versus",  # examples/compare_table.py
 }
 
 
