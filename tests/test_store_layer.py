@@ -20,8 +20,9 @@ from dfmsd_cli.data.enhance import (
 )
 from dfmsd_cli.data.geometry import Geometry
 from dfmsd_cli.errors import UserError
+from dfmsd_cli.store.dataset import StoreDataset
 from dfmsd_cli.store.quantize import FeatureRangeError, dequantize_uint8, quantize_uint8
-from dfmsd_cli.store.reader import StoreDataset, TeacherStore, collate_teacher
+from dfmsd_cli.store.reader import TeacherStore, collate_teacher
 from dfmsd_cli.store.schema import shard_range, store_path
 from dfmsd_cli.store.writer import ImageResult, StoreSpec, StoreWriter, ViewResult, create_or_open
 

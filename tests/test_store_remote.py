@@ -11,7 +11,8 @@ import torch
 
 from dfmsd_cli.errors import UserError
 from dfmsd_cli.store import remote
-from dfmsd_cli.store.reader import StoreDataset, TeacherStore
+from dfmsd_cli.store.dataset import StoreDataset
+from dfmsd_cli.store.reader import TeacherStore
 
 fsspec = pytest.importorskip("fsspec")
 

@@ -9,7 +9,8 @@ Layout and attributes: ``schema.py``.
 """
 
 from dfmsd_cli.store.batch import TeacherBatch, TeacherView, collate_teacher
-from dfmsd_cli.store.reader import StoreDataset, StoreMeta, TeacherStore
+from dfmsd_cli.store.dataset import StoreDataset
+from dfmsd_cli.store.reader import StoreMeta, TeacherStore
 from dfmsd_cli.store.schema import store_path
 
 __all__ = [

@@ -29,9 +29,9 @@ from torch.utils.data import DataLoader
 from dfmsd_cli.data.coco import CocoDetection
 from dfmsd_cli.data.geometry import Geometry, apply_view_image, pad_batch
 from dfmsd_cli.models.checkpoint import load_teacher
+from dfmsd_cli.store.dataset import StoreDataset
 from dfmsd_cli.store.precompute import PrecomputeOptions, precompute
 from dfmsd_cli.store.quantize import dequantize_uint8, quantize_uint8, relative_rmse
-from dfmsd_cli.store.reader import StoreDataset
 from dfmsd_cli.store.schema import level_shape
 from dfmsd_cli.store.teacher_pass import BatchLoad, batch_plan, identity_collate
 from dfmsd_cli.store.writer import _place
