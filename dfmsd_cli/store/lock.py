@@ -69,7 +69,7 @@ def store_lock(
         holder = lock.read_holder(other)
         if lock.blocks(other, holder):
             raise _refuse(store, other, holder)
-        lock.take_over(other, holder)
+        lock.remove_if_held_by(other, holder)
     if not lock.create(mine, me):  # another process won the race for this very range
         raise _refuse(store, mine, lock.read_holder(mine))
     try:
@@ -78,4 +78,4 @@ def store_lock(
             raise _refuse(store, rivals[0], lock.read_holder(rivals[0]))
         yield mine
     finally:
-        lock.release(mine, me)
+        lock.remove_if_held_by(mine, me)

@@ -102,8 +102,9 @@ def blocks(path: Path, holder: dict[str, Any] | None) -> bool:
         return False
 
 
-def take_over(path: Path, holder: dict[str, Any] | None) -> None:
-    """Remove a stale lock, unless it changed since we read it (someone else took it over)."""
+def remove_if_held_by(path: Path, holder: dict[str, Any] | None) -> None:
+    """Remove the lock ``path`` if it still holds ``holder``: our own lock on release, or a
+    stale one being taken over (not after someone else took it over meanwhile)."""
     if read_holder(path) == holder:
         path.unlink(missing_ok=True)
 
@@ -123,12 +124,6 @@ def create(path: Path, record: dict[str, Any]) -> bool:
     return True
 
 
-def release(path: Path, record: dict[str, Any]) -> None:
-    """Remove ``path`` if it still holds ``record`` (not after someone took it over)."""
-    if read_holder(path) == record:
-        path.unlink(missing_ok=True)
-
-
 @contextmanager
 def file_lock(path: str | os.PathLike, what: str, hint: str) -> Iterator[Path]:
     """Hold the lock file ``path`` for the duration of the block.
@@ -144,10 +139,10 @@ def file_lock(path: str | os.PathLike, what: str, hint: str) -> Iterator[Path]:
         holder = read_holder(path)
         if blocks(path, holder):
             raise UserError(f"{what} is in use by {describe(holder, path)}: {hint}")
-        take_over(path, holder)
+        remove_if_held_by(path, holder)
     else:
         raise UserError(f"{what} is in use by {describe(read_holder(path), path)}: {hint}")
     try:
         yield path
     finally:
-        release(path, me)
+        remove_if_held_by(path, me)
