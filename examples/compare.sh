@@ -18,6 +18,8 @@
 #   ROWS=""             only these rows (space-separated; empty: all), e.g. for a pilot
 #   JOBS=2              runs at once, one torch thread each (use 1 on a GPU)
 #   SCALE=320,256 ADV_EPS=4 ADV_STEPS=1   geometry; the adversarial view of row dfmsd-adv
+#   PRIOR=""            an earlier results.json (e.g. docs/bench_results.json): its finished runs
+#                       are not rerun and enter the table (compare_table.py --prior)
 # Rows per pair: every registered method (dfmsd_cli/distill/methods/, read at run time: methods
 # added later appear by themselves), fgd-warmup (--kd-warmup 100), samkd-no-sld, samkd-grid1,
 # gdetkd-no-sgfi, gdetkd-no-ckd, dfmsd-no-sal, dfmsd-no-me,
@@ -127,6 +129,17 @@ for pair in $PAIRS; do
     done >> "$jobs_file"
   done
 done
+if [ -n "${PRIOR:-}" ]; then  # runs an earlier results.json already holds are not rerun
+  python - "$PRIOR" "$jobs_file" <<'PY'
+import json, sys
+done = {(r["pair"], r["row"], str(r["seed"])) for r in json.load(open(sys.argv[1]))["runs"]
+        if r.get("status") in ("done", "skipped")}
+lines = open(sys.argv[2]).read().splitlines()
+keep = [x for x in lines if tuple(x.split()[:3]) not in done]
+open(sys.argv[2], "w").write("".join(x + "\n" for x in keep))
+print(f"{len(lines) - len(keep)} runs already in {sys.argv[1]}")
+PY
+fi
 log "$(wc -l < "$jobs_file") runs in $jobs_file ($JOBS at once)"
 jobs_list=$(cat "$jobs_file")  # this invocation's list: another one may rewrite jobs.txt
 
@@ -162,7 +175,10 @@ status=0
 xargs -P "$JOBS" -L 1 bash -c 'run_one "$@"' _ <<< "$jobs_list" || status=$?
 
 # 5. the table, results.json and the figure of the paired Δ
-python "$HERE/compare_table.py" "$OUT" --json "$OUT/results.json" --versus dfmsd > "$OUT/table.md"
+PRIOROPT=()
+if [ -n "${PRIOR:-}" ]; then PRIOROPT=(--prior "$PRIOR"); fi
+python "$HERE/compare_table.py" "$OUT" --json "$OUT/results.json" --versus dfmsd "${PRIOROPT[@]}" \
+  > "$OUT/table.md"
 dfmsd viz compare "$OUT/results.json" --figure "$OUT/delta.png" > /dev/null 2>&1 ||
   echo "(no figure: see dfmsd viz compare $OUT/results.json --figure $OUT/delta.png)"
 echo "run time: $(( $(date +%s) - start )) s wall ($JOBS at once)" | tee -a "$OUT/table.md"

@@ -11,7 +11,10 @@ the paired difference against ``none`` (the student alone) **of the same seed**:
 sign count "better on k of n", and whether a two-sided paired t-test at 5 % rejects Δ = 0
 (``t = mean / (std / √n)`` against Student's t quantile with n − 1 degrees of freedom).
 ``--json RESULTS.json`` writes every run's numbers and configuration and every row's statistics
-(read by ``dfmsd viz compare``).
+(read by ``dfmsd viz compare``). ``--prior OLD.json`` adds the finished and skipped runs of an
+earlier results.json (each marked ``"from": OLD.json``) that ROOT does not hold finished: a
+benchmark grows across sittings and machines without rerunning what it already measured
+(``examples/compare.sh`` skips those runs when ``PRIOR=OLD.json``).
 
     python examples/compare_table.py runs/compare --json runs/compare/results.json
 """
@@ -116,6 +119,28 @@ def collect(root: Path) -> list[dict[str, Any]]:
             for s in sorted(x for x in seeds if x[1:].isdigit()):
                 runs.append(read_run(row / s))
     return runs
+
+
+def merge_prior(runs: list[dict[str, Any]], prior: list[Path]) -> list[dict[str, Any]]:
+    """``runs`` plus each earlier results.json's finished/skipped runs that ``runs`` lacks.
+
+    A run under ROOT that is finished or skipped wins over an earlier record of the same
+    (pair, row, seed); an unfinished one does not (the earlier, finished record is kept).
+    """
+    key = lambda r: (r["pair"], r["row"], r["seed"])  # noqa: E731
+    have = {key(r) for r in runs if r["status"] in ("done", "skipped")}
+    out = [r for r in runs if r["status"] in ("done", "skipped")]
+    unfinished = [r for r in runs if r["status"] not in ("done", "skipped")]
+    for path in prior:
+        data = _read_json(path)
+        if not isinstance(data, dict) or not isinstance(data.get("runs"), list):
+            raise SystemExit(f"error: {path} is not a compare_table.py results.json")
+        for r in data["runs"]:
+            if r.get("status") in ("done", "skipped") and key(r) not in have:
+                have.add(key(r))
+                out.append({**r, "from": r.get("from", str(path))})
+    out += [r for r in unfinished if key(r) not in have]
+    return sorted(out, key=lambda r: (r["pair"], r["row"], r["seed"]))
 
 
 def _mean_sd(xs: list[float]) -> tuple[float, float]:
@@ -252,8 +277,16 @@ def main(argv: list[str] | None = None) -> str:
         metavar="ROW",
         help="also the paired Δ mAP of every row against ROW (repeatable)",
     )
+    ap.add_argument(
+        "--prior",
+        type=Path,
+        action="append",
+        default=[],
+        metavar="RESULTS.json",
+        help="also the finished runs of an earlier results.json that ROOT lacks (repeatable)",
+    )
     args = ap.parse_args(argv)
-    runs = collect(args.root)
+    runs = merge_prior(collect(args.root) if args.root.is_dir() else [], args.prior)
     versus = tuple(args.versus)
     pairs = aggregate(runs, versus)
     if args.json is not None:

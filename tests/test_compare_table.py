@@ -115,3 +115,28 @@ def test_paired_delta_against_another_row(table, tree):
     assert "versus" not in rows["a"] and "versus" not in rows["c"]
     md = table.main([str(tree), "--versus", "a"])
     assert "paired Δ mAP vs a" in md and "| b | -2.7 ± 3.5 | 1/3 | no |" in md
+
+
+def test_prior_results_fill_in_and_yield_to_new_runs(table, tree, tmp_path_factory):
+    """An earlier results.json adds the runs ROOT lacks (marked with where they came from); a
+    finished run under ROOT wins over the earlier record; the earlier record wins over an
+    unfinished run; a file that is not a results.json is refused."""
+    old = tmp_path_factory.mktemp("old")
+    _run(old, "het", "none", 3, 0.40)
+    _run(old, "het", "a", 3, 0.45)
+    _run(old, "het", "a", 0, 0.99)  # ROOT has het/a/s0 finished: this one must not count
+    _run(old, "het", "d", 0, 0.60)  # ROOT's het/d/s0 is unfinished: this one counts
+    prior = old / "results.json"
+    table.main([str(old), "--json", str(prior)])
+    runs = table.merge_prior(table.collect(tree), [prior])
+    by = {(r["pair"], r["row"], r["seed"]): r for r in runs}
+    assert by[("het", "a", 0)]["metrics"]["mAP"] == pytest.approx(0.12)
+    assert "from" not in by[("het", "a", 0)]
+    assert by[("het", "a", 3)]["from"] == str(prior)
+    assert by[("het", "d", 0)]["status"] == "done" and by[("het", "d", 0)]["from"] == str(prior)
+    a = table.aggregate(runs)["het"]["rows"]["a"]["delta"]["mAP"]
+    assert a["n"] == 4 and a["per_seed"]["3"] == pytest.approx(5.0)
+    bad = old / "bad.json"
+    bad.write_text("[1, 2]")
+    with pytest.raises(SystemExit, match="not a compare_table.py results.json"):
+        table.merge_prior([], [bad])
