@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import threading
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -115,6 +116,15 @@ def put_chunks(store: Any, chunks: list[tuple[RowCodec, int, np.ndarray]]) -> No
     Each chunk is a separate key, written atomically by the store (temporary file + rename
     locally, one PUT on object storage), so concurrent writers of other chunks are safe.
     """
+    root = _local_root(store)
+    if root is not None:  # a local folder: write the files here, no event-loop/thread hops
+        guard = getattr(store, "guard", None)  # store.guard.GuardedLocalStore: never re-create
+        for c, row, x in chunks:
+            data = c.encode_chunk(x)
+            if guard is not None:
+                guard()
+            _write_atomic(root / c.key(row), data)
+        return
     proto = default_buffer_prototype()
     items = [(c.key(row), proto.buffer.from_bytes(c.encode_chunk(x))) for c, row, x in chunks]
 
@@ -122,6 +132,29 @@ def put_chunks(store: Any, chunks: list[tuple[RowCodec, int, np.ndarray]]) -> No
         await asyncio.gather(*(store.set(k, b) for k, b in items))
 
     zarr_sync(_set_all())
+
+
+def _local_root(store: Any) -> Path | None:
+    """The folder of a writable zarr ``LocalStore`` (None for any other store)."""
+    if isinstance(store, zarr.storage.LocalStore) and not store.read_only:
+        return Path(store.root)
+    return None
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    """``data`` to ``path`` through a temporary file in the same folder and a rename, as zarr's
+    ``LocalStore`` writes a chunk: a reader or a killed writer never sees a torn file. Measured
+    against ``LocalStore.set`` (one thread hop and event-loop round trip per key) in
+    docs/store.md: the same files for ~a quarter of the CPU."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{threading.get_ident()}.partial")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 class LocalChunkCache:

@@ -26,7 +26,9 @@ class StoreVanished(UserError):
 class GuardedLocalStore(LocalStore):
     """``LocalStore`` whose writes require the store root's ``zarr.json`` (see module doc)."""
 
-    def _guard(self) -> None:
+    def guard(self) -> None:
+        """Raise ``StoreVanished`` unless the store's root ``zarr.json`` exists (before a write:
+        also ``store.chunks.put_chunks``'s direct local writes call it)."""
         if not (self.root / "zarr.json").is_file():
             raise StoreVanished(
                 f"store {self.root} disappeared while precompute was writing it (deleted by "
@@ -35,20 +37,20 @@ class GuardedLocalStore(LocalStore):
             )
 
     async def _open(self, *, mode=None) -> None:  # never mkdir a vanished root
-        self._guard()
+        self.guard()
         return await super()._open(mode=mode)
 
     def _ensure_open_sync(self) -> None:
         if not self._is_open:
-            self._guard()
+            self.guard()
         super()._ensure_open_sync()
 
     async def _set(self, key: str, value, exclusive: bool = False) -> None:
-        self._guard()
+        self.guard()
         await super()._set(key, value, exclusive=exclusive)
 
     def set_sync(self, key: str, value) -> None:
-        self._guard()
+        self.guard()
         super().set_sync(key, value)
 
 
