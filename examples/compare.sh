@@ -22,9 +22,10 @@
 #                       are not rerun and enter the table (compare_table.py --prior)
 # Rows per pair: every registered method (dfmsd_cli/distill/methods/, read at run time: methods
 # added later appear by themselves), fgd-warmup (--kd-warmup 100), samkd-no-sld, samkd-grid1,
-# gdetkd-no-sgfi, gdetkd-no-ckd, dfmsd-no-sal, dfmsd-no-me,
-# dfmsd-no-sfa, dfmsd-adv, dfmsd-paper. In the hom pair (one teacher) every method runs one
-# stage with gfl_tiny; dfmsd-no-sal and dfmsd-paper (= dfmsd there) are not run. A run the pair
+# gdetkd-no-sgfi, gdetkd-no-ckd, dfmsd-no-sal, dfmsd-no-me, dfmsd-no-sfa, dfmsd-adv, dfmsd-paper,
+# and (het) dfmsd-pca32: DFMSD on stores precomputed with --pca 32 (issue 18's channel
+# projection; both teachers, OUT/cache-pca32). In the hom pair (one teacher) every method runs
+# one stage with gfl_tiny; dfmsd-no-sal and dfmsd-paper (= dfmsd there) are not run. A run the pair
 # cannot serve (dfmsd distill exits 2 with a UserError, e.g. a method that needs logits of the
 # student's head family) is recorded as skipped with that message, not as a failure.
 # Pairing: every run of a seed starts from the same weights (same trunk, same seeded heads) and
@@ -50,6 +51,7 @@ PRE=${PRETRAINED_DIR:-$HERE/pretrained_students}
 DATA=$OUT/data
 CACHE=$OUT/cache
 ADVCACHE=$OUT/cache-adv
+PCACACHE=$OUT/cache-pca32
 mkdir -p "$OUT"
 start=$(date +%s)
 log() { echo "[$(date +%H:%M:%S)] $*"; }
@@ -78,6 +80,15 @@ if want dfmsd-adv; then
   dfmsd precompute --teacher $STRONG --weights "$TW/$STRONG.pth" --cache "$ADVCACHE" $P \
     --enhance-from $WEAK --adv-eps "${ADV_EPS:-4}" --adv-steps "${ADV_STEPS:-1}" \
     > "$OUT/precompute-adv.log" 2>&1 || { echo "FAILED: adv precompute (see $OUT/precompute-adv.log)"; exit 1; }
+fi
+if want dfmsd-pca32 && [[ " $PAIRS " == *" het "* ]]; then
+  # shellcheck disable=SC2086
+  {
+    dfmsd precompute --teacher $WEAK --weights "$TW/$WEAK.pth" --cache "$PCACACHE" $P --pca 32
+    dfmsd precompute --teacher $STRONG --weights "$TW/$STRONG.pth" --cache "$PCACACHE" $P \
+      --enhance-from $WEAK --store-logits --pca 32
+  } > "$OUT/precompute-pca32.log" 2>&1 ||
+    { echo "FAILED: pca precompute (see $OUT/precompute-pca32.log)"; exit 1; }
 fi
 log "data and stores ready"
 
@@ -123,6 +134,7 @@ for pair in $PAIRS; do
       if [ "$pair" = het ]; then
         echo "dfmsd-no-sal --stages $WEAK,$STRONG --epochs $E2 --method dfmsd --no-sal"
         echo "dfmsd-paper --stages $WEAK,$STRONG --epochs $E2,$E2 --method dfmsd"
+        echo "dfmsd-pca32 $SAL_STAGES --method dfmsd --cache $PCACACHE"
       fi
     } | while read -r row rest; do
       if want "$row"; then echo "$pair $row $s $S $rest $INITOPT"; fi

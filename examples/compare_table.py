@@ -31,7 +31,7 @@ from typing import Any
 
 COLUMNS = ("mAP", "APs", "APm", "APl", "mAR", "ARs", "ARm", "ARl")
 BASELINE = "none"
-NOT_PAIRS = {"data", "cache", "cache-adv"}  # compare.sh's own folders next to the pairs
+NOT_PAIRS = {"data", "cache", "cache-adv", "cache-pca32"}  # compare.sh's folders, not pairs
 PAIRS = {  # the pairs compare.sh knows; another folder with runs is shown under its own name
     "het": "heterogeneous: retina_tiny ← fcos_tiny, gfl_tiny",
     "hom": "homogeneous: gfl_tiny ← gfl_tiny",
