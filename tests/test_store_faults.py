@@ -21,6 +21,7 @@ import zarr.storage._local as zlocal
 
 from dfmsd_cli.cli import main
 from dfmsd_cli.data.synthetic import make_synthetic
+from dfmsd_cli.store import chunks
 
 N = 6
 TEACHER = "retina_tiny"
@@ -65,18 +66,32 @@ def _done(cache: Path) -> np.ndarray:
 
 
 def _fail_puts_from(monkeypatch, image: int, err: OSError) -> None:
-    """Make zarr's local writes raise ``err`` for the chunks of images >= ``image`` (block=1:
-    chunk keys ``.../c/{index}/...``), and for every write when ``image`` is 0."""
-    real = zlocal._put
+    """Make local writes — zarr's and the writer's direct chunk writes (store/chunks.py) —
+    raise ``err`` for the chunks of images >= ``image`` (block=1: chunk keys ``.../c/{index}/...``
+    or ``.../c.{index}.0...``), and for every write when ``image`` is 0."""
+    real, real_direct = zlocal._put, chunks._write_atomic
+
+    def hit(path) -> bool:
+        parts = Path(path).parts
+        if image == 0:
+            return True
+        if "c" in parts:
+            return int(parts[parts.index("c") + 1]) >= image
+        name = parts[-1]
+        return name.startswith("c.") and int(name.split(".")[1]) >= image
 
     def put(path, value, exclusive=False):
-        parts = Path(path).parts
-        k = parts.index("c") if "c" in parts else -1
-        if image == 0 or (k >= 0 and int(parts[k + 1]) >= image):
+        if hit(path):
             raise err
         return real(path, value, exclusive=exclusive)
 
+    def direct(path, data, guard=None):
+        if hit(path):
+            raise err
+        return real_direct(path, data, guard)
+
     monkeypatch.setattr(zlocal, "_put", put)
+    monkeypatch.setattr(chunks, "_write_atomic", direct)
 
 
 def test_full_disk_is_one_line_with_free_space_then_resumes(data, tmp_path, monkeypatch, capsys):

@@ -95,6 +95,10 @@ def _image_id(store: Path, index: int) -> int:
 def test_split_chunk_key():
     assert split_chunk_key("feat/orig/8/c/3/0/0/0") == ("feat/orig/8", (3, 0, 0, 0))
     assert split_chunk_key("done/c/2") == ("done", (2,))
+    assert split_chunk_key("feat/orig/8/c.3.0.0.0") == ("feat/orig/8", (3, 0, 0, 0))
+    assert split_chunk_key("c.7") == ("", (7,))
+    assert split_chunk_key("feat/orig/8/zarr.json") is None
+    assert split_chunk_key("feat/orig/8/c.x.0") is None
     assert split_chunk_key("feat/orig/8/zarr.json") is None
 
 

@@ -208,7 +208,7 @@ def test_cache_verify_catches_corruption_and_missing_marker(baseline, tmp_path, 
     shutil.copytree(baseline, path)
     problems = verify_store(path).problems
     assert problems == []
-    chunk = path / "feat" / "hflip" / "16" / "c" / "3" / "0" / "0" / "0"
+    chunk = path / "feat" / "hflip" / "16" / "c.3.0.0.0"  # per-image arrays: flat keys
     chunk.write_bytes(b"\x00garbage" * 10)
     zarr.open_group(str(path), mode="r+")["done"][5] = 0
     with pytest.raises(SystemExit) as exc:

@@ -116,7 +116,7 @@ def test_verify_names_a_damaged_chunk_on_s3(s3_server, synthetic_root):
                 env).returncode == 0  # fmt: skip
     fs = s3fs.S3FileSystem(endpoint_url=s3_server.endpoint, key=s3_server.key,
                            secret=s3_server.secret, skip_instance_cache=True)  # fmt: skip
-    key = _store(cache)[len("s3://") :] + "/feat/orig/8/c/3/0/0/0"
+    key = _store(cache)[len("s3://") :] + "/feat/orig/8/c.3.0.0.0"
     data = bytearray(fs.cat_file(key))
     data[len(data) // 2] ^= 0xFF
     fs.pipe_file(key, bytes(data))

@@ -133,3 +133,34 @@ def test_for_student_keeps_the_shared_levels(synthetic_root, tmp_path):
     )  # fmt: skip
     path = precompute(root / "annotations/instances_train2017.json", root / "train2017", o)["path"]
     assert TeacherStore.open(path).meta.strides == (8, 16, 32, 64)  # no stride-4 map
+
+
+def test_flat_chunk_keys_written_directly_and_old_nested_stores_still_work(tmp_path, monkeypatch):
+    """A new store's per-image chunk is one file ``c.I.0.0.0`` in its array's folder (no folder
+    per image), written straight to the local disk with no temporary file left behind; a store
+    created with zarr's nested keys (before ``create.FLAT_KEYS``) is still written — its folders
+    are made — and reads back exactly the same."""
+    from dfmsd_cli.store import create
+
+    new, old = tmp_path / "new.zarr", tmp_path / "old.zarr"
+    create_or_open(new, spec(), fix="x")
+    monkeypatch.setattr(create, "FLAT_KEYS", None)
+    create_or_open(old, spec(), fix="x")
+    monkeypatch.undo()
+    for path in (new, old):
+        w = StoreWriter(zarr.open_group(str(path), mode="r+"))
+        w.expect(range(4))
+        for i in range(4):
+            w.finish(result(i), w.write_chunks(result(i)))
+    s = min(spec().strides)
+    assert (new / f"feat/orig/{s}/c.2.0.0.0").is_file()
+    assert not (new / f"feat/orig/{s}/c").exists()
+    assert (old / f"feat/orig/{s}/c/2/0/0/0").is_file()
+    assert not [p for p in tmp_path.rglob("*") if p.name.endswith(".partial")]
+    a, b = TeacherStore.open(new), TeacherStore.open(old)
+    assert list(a.done()) == list(b.done()) == [1, 1, 1, 1]
+    for i in range(4):
+        for v in ("orig", "hflip"):
+            x, y = a.get(i, v), b.get(i, v)
+            for key in ("features", "att_spatial"):
+                assert all(torch.equal(x[key][k], y[key][k]) for k in x[key])

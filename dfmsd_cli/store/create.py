@@ -155,6 +155,12 @@ def store_exists(path: str | os.PathLike) -> bool:
     return (Path(path) / "zarr.json").is_file()
 
 
+# The per-image arrays' chunk keys (zarr v3 "default" encoding with "." as separator): a new
+# image's chunk is one file in the array's folder. Stores written before keep "/" and read as
+# before (the encoding is each array's metadata).
+FLAT_KEYS = {"name": "default", "separator": "."}
+
+
 def _allocate(
     group: zarr.Group, a: dict, image_ids: list[int], pca_basis: dict | None = None
 ) -> None:
@@ -170,7 +176,10 @@ def _allocate(
     checked = int(a["schema_version"]) >= schema.CHECKSUMMED_SINCE
 
     def arr(name: str, shape: tuple, chunks: tuple, dtype: str, comp=zstd) -> zarr.Array:
-        # crc32c last: zarr checks every chunk it decodes against it (store/integrity.py)
+        # crc32c last: zarr checks every chunk it decodes against it (store/integrity.py).
+        # One image per chunk: keys "c.I.0.0.0", all in the array's folder, instead of the
+        # nested "c/I/0/0/0" that costs three new folders per chunk (FLAT_KEYS, docs/store.md)
+        flat = chunks[0] == 1 and len(shape) > 1
         return group.create_array(
             name,
             shape=shape,
@@ -179,6 +188,7 @@ def _allocate(
             compressors=[comp, Crc32cCodec()] if checked else comp,
             fill_value=0,
             config=WRITE_CONFIG,
+            chunk_key_encoding=FLAT_KEYS if flat else None,
         )
 
     ids = arr("image_ids", (n,), (max(1, min(n, 1 << 16)),), "int64")

@@ -46,15 +46,20 @@ def is_checksum_error(exc: BaseException) -> bool:
 
 
 def split_chunk_key(key: str) -> tuple[str, tuple[int, ...]] | None:
-    """``"feat/orig/8/c/3/0/0/0"`` -> ``("feat/orig/8", (3, 0, 0, 0))``; None for metadata."""
-    if key.startswith("c/"):
-        array, rest = "", key[2:]
+    """``"feat/orig/8/c/3/0/0/0"`` or ``"feat/orig/8/c.3.0.0.0"`` (the per-image arrays since
+    ``create.FLAT_KEYS``) -> ``("feat/orig/8", (3, 0, 0, 0))``; None for metadata."""
+    head, _, last = key.rpartition("/")
+    if last.startswith("c."):
+        array, parts = head, last[2:].split(".")
+    elif key.startswith("c/"):
+        array, parts = "", key[2:].split("/")
     elif "/c/" in key:
         array, rest = key.rsplit("/c/", 1)
+        parts = rest.split("/")
     else:
         return None
     try:
-        return array, tuple(int(x) for x in rest.split("/"))
+        return array, tuple(int(x) for x in parts)
     except ValueError:
         return None
 
