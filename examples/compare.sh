@@ -23,10 +23,11 @@
 # Rows per pair: every registered method (dfmsd_cli/distill/methods/, read at run time: methods
 # added later appear by themselves), fgd-warmup (--kd-warmup 100), samkd-no-sld, samkd-grid1,
 # gdetkd-no-sgfi, gdetkd-no-ckd, dfmsd-no-sal, dfmsd-no-me, dfmsd-no-sfa, dfmsd-adv, dfmsd-paper,
+# none-paper (the student alone at dfmsd-paper's 2x budget, its fair baseline),
 # and (het) dfmsd-pca32: DFMSD on stores precomputed with --pca 32 (issue 18's channel
 # projection; both teachers, OUT/cache-pca32). In the hom pair (one teacher) every method runs
-# one stage with gfl_tiny; dfmsd-no-sal and dfmsd-paper (= dfmsd there) are not run. A run the pair
-# cannot serve (dfmsd distill exits 2 with a UserError, e.g. a method that needs logits of the
+# one stage with gfl_tiny; dfmsd-no-sal, dfmsd-paper and none-paper are not run there. A run
+# the pair cannot serve (dfmsd distill exits 2 with a UserError, e.g. a method that needs logits of the
 # student's head family) is recorded as skipped with that message, not as a failure.
 # Pairing: every run of a seed starts from the same weights (same trunk, same seeded heads) and
 # sees the same data order (the sampler is seeded by --seed), so Δ vs `none` is per seed.
@@ -134,6 +135,7 @@ for pair in $PAIRS; do
       if [ "$pair" = het ]; then
         echo "dfmsd-no-sal --stages $WEAK,$STRONG --epochs $E2 --method dfmsd --no-sal"
         echo "dfmsd-paper --stages $WEAK,$STRONG --epochs $E2,$E2 --method dfmsd"
+        echo "none-paper --epochs $((2 * E2)) --method none"  # the alone run at dfmsd-paper's budget
         echo "dfmsd-pca32 $SAL_STAGES --method dfmsd --cache $PCACACHE"
       fi
     } | while read -r row rest; do

@@ -38,13 +38,14 @@ PAIRS = {  # the pairs compare.sh knows; another folder with runs is shown under
 }
 ORDER = ("none", "fkd", "fgd", "fgd-warmup", "mgd", "amd", "dmkd", "pkd", "crosskd", "samkd",
          "samkd-no-sld", "samkd-grid1", "gdetkd", "gdetkd-no-sgfi", "gdetkd-no-ckd", "dfmsd",
-         "dfmsd-paper", "dfmsd-no-sal", "dfmsd-no-me", "dfmsd-no-sfa", "dfmsd-adv",
+         "none-paper", "dfmsd-paper", "dfmsd-no-sal", "dfmsd-no-me", "dfmsd-no-sfa", "dfmsd-adv",
          "dfmsd-pca32")  # fmt: skip
 LABEL = {
     "none": "student alone",
     "fgd-warmup": "FGD + KD warm-up (100 it.)",
     "dfmsd": "DFMSD",
     "dfmsd-paper": "DFMSD, paper budget (each stage the full budget: 2x steps)",
+    "none-paper": "student alone, 2x steps (dfmsd-paper's budget)",
     "dfmsd-no-sal": "DFMSD w/o SAL",
     "dfmsd-no-me": "DFMSD w/o ME",
     "dfmsd-no-sfa": "DFMSD w/o SFA",
