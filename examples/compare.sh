@@ -27,8 +27,8 @@
 # and (het) dfmsd-pca32: DFMSD on stores precomputed with --pca 32 (issue 18's channel
 # projection; both teachers, OUT/cache-pca32). In the hom pair (one teacher) every method runs
 # one stage with gfl_tiny; dfmsd-no-sal, dfmsd-paper and none-paper are not run there. A run
-# the pair cannot serve (dfmsd distill exits 2 with a UserError, e.g. a method that needs logits of the
-# student's head family) is recorded as skipped with that message, not as a failure.
+# the pair cannot serve (dfmsd distill exits 2 with a UserError, e.g. a method that needs
+# logits of the student's head family) is recorded as skipped with that message, not as a failure.
 # Pairing: every run of a seed starts from the same weights (same trunk, same seeded heads) and
 # sees the same data order (the sampler is seeded by --seed), so Δ vs `none` is per seed.
 # Rerunning resumes: data and stores are reused (precompute resumes), finished runs are kept, a
