@@ -44,12 +44,11 @@ def env(clean, tmp_path) -> dict:
 
 
 def _chunk(store: Path, array: str, index: int) -> Path:
-    c = store / array / "c"
-    files = sorted(
-        p for p in c.rglob("*") if p.is_file() and p.relative_to(c).parts[0] == str(index)
-    )
-    assert files, f"no chunk of {array} for index {index}"
-    return files[0]
+    """The file of chunk ``index`` (first axis) of ``array``, whatever its key encoding."""
+    a = zarr.open_array(str(store / array), mode="r")
+    f = store / array / a.metadata.encode_chunk_key((index,) + (0,) * (a.ndim - 1))
+    assert f.is_file(), f"no chunk of {array} for index {index}"
+    return f
 
 
 def _flip(path: Path) -> None:
