@@ -31,6 +31,7 @@ from typing import Any
 
 COLUMNS = ("mAP", "APs", "APm", "APl", "mAR", "ARs", "ARm", "ARl")
 BASELINE = "none"
+PAPER_BASELINE = "none-paper"  # the student alone at dfmsd-paper's 2x budget
 NOT_PAIRS = {"data", "cache", "cache-adv", "cache-pca32"}  # compare.sh's folders, not pairs
 PAIRS = {  # the pairs compare.sh knows; another folder with runs is shown under its own name
     "het": "heterogeneous: retina_tiny ← fcos_tiny, gfl_tiny",
@@ -200,8 +201,15 @@ def aggregate(runs: list[dict[str, Any]], versus: tuple[str, ...] = ()) -> dict[
                 xs = [100 * m[c] for m in per.values() if m[c] is not None and m[c] >= 0]
                 if xs:
                     entry["mean"][c], entry["std"][c] = (round(v, 2) for v in _mean_sd(xs))
-            if row != BASELINE and base:
-                entry["delta"] = {c: paired_delta(per, base, c) for c in COLUMNS}
+            # a 2x-budget row (dfmsd-paper) is paired with the student alone at that budget
+            own = (
+                done.get(PAPER_BASELINE)
+                if row.endswith("-paper") and row != PAPER_BASELINE
+                else None
+            )
+            if row != BASELINE and (own or base):
+                entry["baseline"] = PAPER_BASELINE if own else BASELINE
+                entry["delta"] = {c: paired_delta(per, own or base, c) for c in COLUMNS}
             for v in versus:
                 if row != v and done.get(v) and per:
                     entry.setdefault("versus", {})[v] = paired_delta(per, done[v], "mAP")
@@ -261,7 +269,8 @@ def render(pairs: dict[str, Any]) -> str:
         out += ["", *notes, ""] if notes else [""]
     out.append(
         "bbox x100 on the validation split; mean ± std over seeds; Δ = row − student alone of "
-        "the same seed (same initial weights and data order), mean ± std over seeds; better: "
+        "the same seed (same initial weights and data order), mean ± std over seeds (rows "
+        "`*-paper`: against `none-paper`, the student alone at the same 2x budget); better: "
         "seeds with Δ > 0; t 5 %: a paired t-test rejects Δ = 0."
     )
     return "\n".join(out)

@@ -140,3 +140,18 @@ def test_prior_results_fill_in_and_yield_to_new_runs(table, tree, tmp_path_facto
     bad.write_text("[1, 2]")
     with pytest.raises(SystemExit, match="not a compare_table.py results.json"):
         table.merge_prior([], [bad])
+
+
+def test_paper_budget_row_is_paired_with_the_alone_run_at_its_budget(table, tmp_path):
+    """dfmsd-paper (2x steps) is compared with none-paper (the student alone at 2x), not with
+    the 1x student alone; none-paper itself with the 1x one."""
+    for s in range(3):
+        _run(tmp_path, "het", "none", s, 0.10)
+        _run(tmp_path, "het", "none-paper", s, 0.20)
+        _run(tmp_path, "het", "dfmsd-paper", s, 0.25 + 0.01 * s)
+    rows = table.aggregate(table.collect(tmp_path))["het"]["rows"]
+    paper = rows["dfmsd-paper"]
+    assert paper["baseline"] == "none-paper"
+    assert paper["delta"]["mAP"]["mean"] == pytest.approx(6.0)
+    assert rows["none-paper"]["baseline"] == "none"
+    assert rows["none-paper"]["delta"]["mAP"]["mean"] == pytest.approx(10.0)
