@@ -68,6 +68,7 @@ FOREIGN_FLAGS = {
     "--latency",  # examples/s3_read_bench.py
     "--batch",  # examples/s3_read_bench.py
     "--versus",  # examples/compare_table.py
+    "--prior",  # examples/compare_table.py
 }
 
 
