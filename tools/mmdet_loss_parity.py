@@ -18,6 +18,7 @@ from mmdet_parity import (
     build_mmdet,
     calibrate_heads,
     load_image,
+    model_classes,
     stub_mmcv_ext,
 )
 
@@ -39,11 +40,7 @@ def loss_parity(config: str, model_name: str, size, image, seed: int) -> dict:
     h, w = size
     rgb = load_image(image, size)
     calibrate_heads(mm, np.ascontiguousarray(rgb[..., ::-1]))
-    classes = tuple(mm.dataset_meta["classes"]) if getattr(mm, "dataset_meta", None) else None
-    if classes is None:
-        from mmdet.datasets import CocoDataset
-
-        classes = tuple(CocoDataset.METAINFO["classes"])
+    classes = model_classes(mm)
     with tempfile.TemporaryDirectory() as tmp:
         dm, _ = build_dfmsd(
             model_name, mm.state_dict(), classes, Path(tmp), cfg.pretty_text,

@@ -245,6 +245,15 @@ def calibrate_heads(model, bgr: np.ndarray, passes: int = 4, softmax_std: float 
                     mod.bias[-1] = 0.0
 
 
+def model_classes(mm) -> tuple[str, ...]:
+    """The class names an MMDetection model carries, else COCO's (its configs' default)."""
+    if getattr(mm, "dataset_meta", None):
+        return tuple(mm.dataset_meta["classes"])
+    from mmdet.datasets import CocoDataset
+
+    return tuple(CocoDataset.METAINFO["classes"])
+
+
 def run_mmdet(model, bgr: np.ndarray):
     """(FPN levels, detections {boxes, scores, labels 0-based}) for one HxWx3 uint8 BGR image."""
     from mmdet.structures import DetDataSample
@@ -364,11 +373,7 @@ def parity(
     if spread and not checkpoint:
         bgr = np.ascontiguousarray(load_image(image, sizes[0])[..., ::-1])
         calibrate_heads(mm, bgr, softmax_std=softmax_std)
-    classes = tuple(mm.dataset_meta["classes"]) if getattr(mm, "dataset_meta", None) else None
-    if classes is None:
-        from mmdet.datasets import CocoDataset
-
-        classes = tuple(CocoDataset.METAINFO["classes"])
+    classes = model_classes(mm)
     with tempfile.TemporaryDirectory() as tmp:
         dm, report = build_dfmsd(
             model_name, mm.state_dict(), classes, Path(tmp), cfg.pretty_text,
