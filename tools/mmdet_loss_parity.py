@@ -7,18 +7,13 @@ Same weights, image and boxes through MMDetection's ``model.loss`` and dfmsd's
 
 from __future__ import annotations
 
-import tempfile
-from pathlib import Path
-
 import numpy as np
 import torch
 from mmdet_parity import (
-    PAIR_OPTIONS,
-    build_dfmsd,
     build_mmdet,
     calibrate_heads,
+    dfmsd_twin,
     load_image,
-    model_classes,
     stub_mmcv_ext,
 )
 
@@ -40,12 +35,7 @@ def loss_parity(config: str, model_name: str, size, image, seed: int) -> dict:
     h, w = size
     rgb = load_image(image, size)
     calibrate_heads(mm, np.ascontiguousarray(rgb[..., ::-1]))
-    classes = model_classes(mm)
-    with tempfile.TemporaryDirectory() as tmp:
-        dm, _ = build_dfmsd(
-            model_name, mm.state_dict(), classes, Path(tmp), cfg.pretty_text,
-            PAIR_OPTIONS.get(config),
-        )  # fmt: skip
+    dm, _ = dfmsd_twin(mm, cfg, config, model_name)
     boxes = torch.tensor(LOSS_BOXES) * torch.tensor([w, h, w, h], dtype=torch.float32)
     labels = torch.tensor(LOSS_LABELS)
     sample = DetDataSample(

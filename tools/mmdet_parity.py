@@ -254,6 +254,15 @@ def model_classes(mm) -> tuple[str, ...]:
     return tuple(CocoDataset.METAINFO["classes"])
 
 
+def dfmsd_twin(mm, cfg, config: str, model_name: str):
+    """``build_dfmsd`` on MMDetection model ``mm``'s own weights, classes and config."""
+    with tempfile.TemporaryDirectory() as tmp:
+        return build_dfmsd(
+            model_name, mm.state_dict(), model_classes(mm), Path(tmp), cfg.pretty_text,
+            PAIR_OPTIONS.get(config),
+        )  # fmt: skip
+
+
 def run_mmdet(model, bgr: np.ndarray):
     """(FPN levels, detections {boxes, scores, labels 0-based}) for one HxWx3 uint8 BGR image."""
     from mmdet.structures import DetDataSample
@@ -373,12 +382,7 @@ def parity(
     if spread and not checkpoint:
         bgr = np.ascontiguousarray(load_image(image, sizes[0])[..., ::-1])
         calibrate_heads(mm, bgr, softmax_std=softmax_std)
-    classes = model_classes(mm)
-    with tempfile.TemporaryDirectory() as tmp:
-        dm, report = build_dfmsd(
-            model_name, mm.state_dict(), classes, Path(tmp), cfg.pretty_text,
-            PAIR_OPTIONS.get(config),
-        )  # fmt: skip
+    dm, report = dfmsd_twin(mm, cfg, config, model_name)
     rows = []
     for size in sizes:
         rgb = load_image(image, size)
