@@ -24,8 +24,9 @@
 # added later appear by themselves), fgd-warmup (--kd-warmup 100), samkd-no-sld, samkd-grid1,
 # gdetkd-no-sgfi, gdetkd-no-ckd, dfmsd-no-sal, dfmsd-no-me, dfmsd-no-sfa, dfmsd-adv, dfmsd-paper,
 # none-paper (the student alone at dfmsd-paper's 2x budget, its fair baseline),
-# and (het) dfmsd-pca32: DFMSD on stores precomputed with --pca 32 (issue 18's channel
-# projection; both teachers, OUT/cache-pca32). In the hom pair (one teacher) every method runs
+# and (het) the store encodings of issue 18, DFMSD on stores of both teachers precomputed with:
+# dfmsd-pca32 --pca 32 (channel projection), dfmsd-uint8 --dtype uint8, dfmsd-bf16kb3 --dtype
+# bfloat16 --keepbits 3 (each in OUT/cache-NAME). In the hom pair (one teacher) every method runs
 # one stage with gfl_tiny; dfmsd-no-sal, dfmsd-paper and none-paper are not run there. A run
 # the pair cannot serve (dfmsd distill exits 2 with a UserError, e.g. a method that needs
 # logits of the student's head family) is recorded as skipped with that message, not as a failure.
@@ -52,7 +53,6 @@ PRE=${PRETRAINED_DIR:-$HERE/pretrained_students}
 DATA=$OUT/data
 CACHE=$OUT/cache
 ADVCACHE=$OUT/cache-adv
-PCACACHE=$OUT/cache-pca32
 mkdir -p "$OUT"
 start=$(date +%s)
 log() { echo "[$(date +%H:%M:%S)] $*"; }
@@ -82,15 +82,26 @@ if want dfmsd-adv; then
     --enhance-from $WEAK --adv-eps "${ADV_EPS:-4}" --adv-steps "${ADV_STEPS:-1}" \
     > "$OUT/precompute-adv.log" 2>&1 || { echo "FAILED: adv precompute (see $OUT/precompute-adv.log)"; exit 1; }
 fi
-if want dfmsd-pca32 && [[ " $PAIRS " == *" het "* ]]; then
-  # shellcheck disable=SC2086
-  {
-    dfmsd precompute --teacher $WEAK --weights "$TW/$WEAK.pth" --cache "$PCACACHE" $P --pca 32
-    dfmsd precompute --teacher $STRONG --weights "$TW/$STRONG.pth" --cache "$PCACACHE" $P \
-      --enhance-from $WEAK --store-logits --pca 32
-  } > "$OUT/precompute-pca32.log" 2>&1 ||
-    { echo "FAILED: pca precompute (see $OUT/precompute-pca32.log)"; exit 1; }
-fi
+enc_opts() {  # the precompute options of an encoding row (issue 18)
+  case $1 in
+    pca32) echo "--pca 32" ;;
+    uint8) echo "--dtype uint8" ;;
+    bf16kb3) echo "--dtype bfloat16 --keepbits 3" ;;
+  esac
+}
+ENCODINGS="pca32 uint8 bf16kb3"
+for enc in $ENCODINGS; do
+  if want "dfmsd-$enc" && [[ " $PAIRS " == *" het "* ]]; then
+    # shellcheck disable=SC2086
+    {
+      dfmsd precompute --teacher $WEAK --weights "$TW/$WEAK.pth" --cache "$OUT/cache-$enc" $P \
+        $(enc_opts "$enc")
+      dfmsd precompute --teacher $STRONG --weights "$TW/$STRONG.pth" --cache "$OUT/cache-$enc" $P \
+        --enhance-from $WEAK --store-logits $(enc_opts "$enc")
+    } > "$OUT/precompute-$enc.log" 2>&1 ||
+      { echo "FAILED: $enc precompute (see $OUT/precompute-$enc.log)"; exit 1; }
+  fi
+done
 log "data and stores ready"
 
 # 3. the jobs: one line = pair row seed student distill-options
@@ -136,7 +147,9 @@ for pair in $PAIRS; do
         echo "dfmsd-no-sal --stages $WEAK,$STRONG --epochs $E2 --method dfmsd --no-sal"
         echo "dfmsd-paper --stages $WEAK,$STRONG --epochs $E2,$E2 --method dfmsd"
         echo "none-paper --epochs $((2 * E2)) --method none"  # the alone run at dfmsd-paper's budget
-        echo "dfmsd-pca32 $SAL_STAGES --method dfmsd --cache $PCACACHE"
+        for enc in $ENCODINGS; do
+          echo "dfmsd-$enc $SAL_STAGES --method dfmsd --cache $OUT/cache-$enc"
+        done
       fi
     } | while read -r row rest; do
       if want "$row"; then echo "$pair $row $s $S $rest $INITOPT"; fi

@@ -32,7 +32,7 @@ from typing import Any
 COLUMNS = ("mAP", "APs", "APm", "APl", "mAR", "ARs", "ARm", "ARl")
 BASELINE = "none"
 PAPER_BASELINE = "none-paper"  # the student alone at dfmsd-paper's 2x budget
-NOT_PAIRS = {"data", "cache", "cache-adv", "cache-pca32"}  # compare.sh's folders, not pairs
+NOT_PAIRS = {"data"}  # and cache*: compare.sh's folders, not pairs
 PAIRS = {  # the pairs compare.sh knows; another folder with runs is shown under its own name
     "het": "heterogeneous: retina_tiny ← fcos_tiny, gfl_tiny",
     "hom": "homogeneous: gfl_tiny ← gfl_tiny",
@@ -40,7 +40,7 @@ PAIRS = {  # the pairs compare.sh knows; another folder with runs is shown under
 ORDER = ("none", "fkd", "fgd", "fgd-warmup", "mgd", "amd", "dmkd", "pkd", "crosskd", "samkd",
          "samkd-no-sld", "samkd-grid1", "gdetkd", "gdetkd-no-sgfi", "gdetkd-no-ckd", "dfmsd",
          "none-paper", "dfmsd-paper", "dfmsd-no-sal", "dfmsd-no-me", "dfmsd-no-sfa", "dfmsd-adv",
-         "dfmsd-pca32")  # fmt: skip
+         "dfmsd-pca32", "dfmsd-uint8", "dfmsd-bf16kb3")  # fmt: skip
 LABEL = {
     "none": "student alone",
     "fgd-warmup": "FGD + KD warm-up (100 it.)",
@@ -52,6 +52,8 @@ LABEL = {
     "dfmsd-no-sfa": "DFMSD w/o SFA",
     "dfmsd-adv": "DFMSD + adversarial view",
     "dfmsd-pca32": "DFMSD on --pca 32 stores",
+    "dfmsd-uint8": "DFMSD on --dtype uint8 stores",
+    "dfmsd-bf16kb3": "DFMSD on bfloat16 --keepbits 3 stores",
     "samkd-no-sld": "SAMKD w/o SLD (SFD alone)",
     "samkd-grid1": "SAMKD, one 1x1 window level",
     "gdetkd-no-sgfi": "G-DetKD w/o SGFI",
@@ -115,7 +117,8 @@ def read_run(run: Path) -> dict[str, Any]:
 def collect(root: Path) -> list[dict[str, Any]]:
     """Every run under ROOT/<pair>/<row>/s<seed> (finished, unfinished or skipped)."""
     runs = []
-    for pair in sorted(p for p in root.iterdir() if p.is_dir() and p.name not in NOT_PAIRS):
+    folders = (p for p in root.iterdir() if p.is_dir() and not p.name.startswith("cache"))
+    for pair in sorted(p for p in folders if p.name not in NOT_PAIRS):
         for row in sorted(p for p in pair.iterdir() if p.is_dir()):
             seeds = {p.name.split(".")[0] for p in row.iterdir() if p.name[:1] == "s"}
             for s in sorted(x for x in seeds if x[1:].isdigit()):

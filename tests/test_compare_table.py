@@ -49,6 +49,7 @@ def tree(tmp_path):
     t.write_text('Command exited with non-zero status 1\n{"wall_s": 5, "user_s": 3, "sys_s": 1}\n'
                  '{"wall_s": 7, "user_s": 5, "sys_s": 1}\n')  # fmt: skip
     (tmp_path / "data" / "x" / "s0").mkdir(parents=True)  # compare.sh's data folder: not a pair
+    (tmp_path / "cache-uint8" / "gfl_tiny" / "s0").mkdir(parents=True)  # a store folder: neither
     return tmp_path
 
 
