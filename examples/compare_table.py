@@ -32,7 +32,6 @@ from typing import Any
 COLUMNS = ("mAP", "APs", "APm", "APl", "mAR", "ARs", "ARm", "ARl")
 BASELINE = "none"
 PAPER_BASELINE = "none-paper"  # the student alone at dfmsd-paper's 2x budget
-NOT_PAIRS = {"data"}  # and cache*: compare.sh's folders, not pairs
 PAIRS = {  # the pairs compare.sh knows; another folder with runs is shown under its own name
     "het": "heterogeneous: retina_tiny ← fcos_tiny, gfl_tiny",
     "hom": "homogeneous: gfl_tiny ← gfl_tiny",
@@ -114,11 +113,15 @@ def read_run(run: Path) -> dict[str, Any]:
     }
 
 
+def _is_pair(name: str) -> bool:
+    """compare.sh's data and store folders (data, cache, cache-adv, cache-NAME) are not pairs."""
+    return name != "data" and not name.startswith("cache")
+
+
 def collect(root: Path) -> list[dict[str, Any]]:
     """Every run under ROOT/<pair>/<row>/s<seed> (finished, unfinished or skipped)."""
     runs = []
-    folders = (p for p in root.iterdir() if p.is_dir() and not p.name.startswith("cache"))
-    for pair in sorted(p for p in folders if p.name not in NOT_PAIRS):
+    for pair in sorted(p for p in root.iterdir() if p.is_dir() and _is_pair(p.name)):
         for row in sorted(p for p in pair.iterdir() if p.is_dir()):
             seeds = {p.name.split(".")[0] for p in row.iterdir() if p.name[:1] == "s"}
             for s in sorted(x for x in seeds if x[1:].isdigit()):
