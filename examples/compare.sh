@@ -26,7 +26,8 @@
 # none-paper (the student alone at dfmsd-paper's 2x budget, its fair baseline),
 # and (het) the store encodings of issue 18, DFMSD on stores of both teachers precomputed with:
 # dfmsd-pca32 --pca 32 (channel projection), dfmsd-uint8 --dtype uint8, dfmsd-bf16kb3 --dtype
-# bfloat16 --keepbits 3 (each in OUT/cache-NAME). In the hom pair (one teacher) every method runs
+# bfloat16 --keepbits 3, and dfmsd-float32 --dtype float32 (lossless: what the float16 default's
+# rounding alone does, the floor of store changes; each in OUT/cache-NAME). In the hom pair (one teacher) every method runs
 # one stage with gfl_tiny; dfmsd-no-sal, dfmsd-paper and none-paper are not run there. A run
 # the pair cannot serve (dfmsd distill exits 2 with a UserError, e.g. a method that needs
 # logits of the student's head family) is recorded as skipped with that message, not as a failure.
@@ -87,9 +88,10 @@ enc_opts() {  # the precompute options of an encoding row (issue 18)
     pca32) echo "--pca 32" ;;
     uint8) echo "--dtype uint8" ;;
     bf16kb3) echo "--dtype bfloat16 --keepbits 3" ;;
+    float32) echo "--dtype float32" ;;
   esac
 }
-ENCODINGS="pca32 uint8 bf16kb3"
+ENCODINGS="pca32 uint8 bf16kb3 float32"
 for enc in $ENCODINGS; do
   if want "dfmsd-$enc" && [[ " $PAIRS " == *" het "* ]]; then
     # shellcheck disable=SC2086

@@ -122,6 +122,29 @@ def test_bfloat16_store_round_trip(tmp_path):
         assert float(rel.max()) <= 2**-6 + 1e-6  # 5 kept bits: half a unit in the 5th place
 
 
+def test_float32_store_is_lossless_and_keepbits_rounds_it(tmp_path):
+    """--dtype float32 stores the teacher's values exactly (and float16's overflow is no limit);
+    with --keepbits k BitRound keeps k of float32's 23 mantissa bits; cache verify passes."""
+    from dfmsd_cli.store.inspect import verify_store
+    from dfmsd_cli.store.quantize import to_float32
+
+    x = torch.tensor([1.0, 1.1875, 1.3, 1.5, -1.8])
+    assert to_float32(x, keepbits=2).tolist() == [1.0, 1.25, 1.25, 1.5, -1.75]
+    assert to_float32(x).tolist() == x.tolist()
+    path = tmp_path / "f.zarr"
+    w = StoreWriter(create_or_open(path, spec(dtype="float32"), fix="x"))
+    big = result(1, scale=1e5)  # beyond float16's range
+    w.write(big)
+    t = TeacherStore.open(path)
+    assert t.meta.attrs["quantization"]["kind"] == "float32"
+    got = t.get(1, "orig")["features"]
+    for s, f in big.views["orig"].features.items():
+        assert torch.equal(got[s], f)
+    for i in (0, 2, 3):
+        w.write(result(i))
+    assert verify_store(path).problems == []
+
+
 def test_for_student_keeps_the_shared_levels(synthetic_root, tmp_path):
     from dfmsd_cli.data.geometry import Geometry
     from dfmsd_cli.store.precompute import PrecomputeOptions, precompute

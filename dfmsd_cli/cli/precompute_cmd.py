@@ -39,10 +39,12 @@ class PrecomputeCLI(DataOptions, GeometryOptions, BatchOptions, DeviceOptions, J
     cache: str = opt("cache", "Store root (local folder or fsspec URL): CACHE/TEACHER/SPLIT.zarr.")
     levels: str | None = opt(None, "FPN strides to store, e.g. 8,16,32,64,128 (default: all).")
     dtype: str = opt(
-        "float16", "float16, bfloat16 (float32's range) or uint8 (per-image, per-channel affine)."
+        "float16",
+        "float16, bfloat16 (float32's range), uint8 (per-image, per-channel affine) or float32 "
+        "(lossless, 2x float16's bytes).",
     )
     keepbits: int | None = opt(
-        None, "Round float16/bfloat16 mantissas to K bits before compression (smaller store)."
+        None, "Round float mantissas to K bits before compression (smaller store)."
     )
     for_student: str | None = opt(
         None, "Store only the levels this student has (e.g. retina_r50 skips a P2 map)."

@@ -43,7 +43,7 @@ def storage_dtype(dtype: str) -> str:
 def feature_codec(name: str, dtype: str):
     """Compressor of the feature-like arrays (``feat``, ``att_s``).
 
-    ``zstd``: ZstdCodec(level=3). ``blosc``: Blosc-zstd level 3 with a byte shuffle (float16;
+    ``zstd``: ZstdCodec(level=3). ``blosc``: Blosc-zstd level 3 with a byte shuffle (floats;
     a bit shuffle for uint8), which groups the exponent bytes of neighbouring values — measured
     on real-image r50 features in docs/store.md.
     """
@@ -94,6 +94,8 @@ class StoreSpec:
             quant = {"kind": "uint8-affine", "per": "image,channel", "params": "qparams"}
         elif self.dtype == "bfloat16":
             quant = {"kind": "bfloat16", "note": "upper 16 bits of float32, stored as uint16"}
+        elif self.dtype == "float32":
+            quant = {"kind": "float32", "note": "the teacher's values (lossless)"}
         else:
             quant = {"kind": "float16", "note": "cast after a |x| <= 65504 and finiteness check"}
         if self.keepbits is not None:

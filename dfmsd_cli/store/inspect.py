@@ -60,7 +60,7 @@ def store_info(path: str | Path) -> dict[str, Any]:
     complete = done == schema.DONE_OK
     n_done = int(complete.sum())
     stored = sum(store._array(a).nbytes_stored() for a in _array_names(m))
-    item = 1 if m.dtype == "uint8" else 2
+    item = schema.ITEM_BYTES[m.dtype]
     dense = 0
     sm = store.small()
     for s in m.strides:
@@ -151,7 +151,7 @@ def _check_image(store: TeacherStore, i: int) -> list[str]:
                     np.asarray(store._array(f"qparams/{v}/{s}")[i])[:, 0], dtype=torch.float64
                 )
                 tol = scale / 2 + 1e-3 + 1e-2 * want.abs()
-            else:  # float16 / bfloat16, possibly bit-rounded to k mantissa bits
+            else:  # float16 / bfloat16 / float32, possibly bit-rounded to k mantissa bits
                 keep = m.attrs.get("quantization", {}).get("keepbits")
                 rel = max(1e-2, 2.0 ** -(keep + 1)) if keep else 1e-2
                 tol = 1e-3 + rel * want.abs()

@@ -76,7 +76,7 @@ def _codecs() -> dict[str, Any]:
 
 # name -> (encode (C,h,w) float32 -> (stored array, side bytes), decode stored -> float32)
 def _encodings() -> dict[str, tuple[Any, Any]]:
-    from dfmsd_cli.store.quantize import from_bfloat16, to_bfloat16, to_float16
+    from dfmsd_cli.store.quantize import from_bfloat16, to_bfloat16, to_float16, to_float32
 
     def uint8(f):
         q, p = quantize_uint8(f)
@@ -86,6 +86,7 @@ def _encodings() -> dict[str, tuple[Any, Any]]:
         "float16": (lambda f: (to_float16(f), None), lambda x, p: torch.from_numpy(x).float()),
         "bfloat16": (lambda f: (to_bfloat16(f), None), lambda x, p: from_bfloat16(x)),
         "uint8": (uint8, lambda x, p: dequantize_uint8(x, p)),
+        "float32": (lambda f: (to_float32(f), None), lambda x, p: torch.from_numpy(x)),
     }
     for k in (7, 5, 3):
         out[f"float16+keep{k}"] = (

@@ -105,7 +105,7 @@ def _check_options(o: PrecomputeOptions) -> list[str]:
     if o.dtype not in schema.DTYPES:
         raise UserError(
             f"unknown --dtype '{o.dtype}'{suggest(o.dtype, schema.DTYPES)}: use float16, "
-            "bfloat16 or uint8"
+            "bfloat16, uint8 or float32"
         )
     check_keepbits(o.dtype, o.keepbits)
     views = list(dict.fromkeys(o.views))

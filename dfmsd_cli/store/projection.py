@@ -12,6 +12,7 @@ import torch
 
 from dfmsd_cli.store import schema
 from dfmsd_cli.store.create import store_exists
+from dfmsd_cli.store.quantize import FLOAT_DTYPES
 from dfmsd_cli.store.reader import TeacherStore
 
 if TYPE_CHECKING:
@@ -44,6 +45,7 @@ EXPECTED_RATIO = {
     ("blosc", "float16", 3): 0.34,
     ("blosc", "bfloat16", 5): 0.465,
     ("blosc", "bfloat16", 3): 0.335,
+    ("blosc", "float32", None): 0.80,  # 6 real val images at 1333×800 (bench store, quant)
 }
 
 
@@ -63,7 +65,7 @@ def expected_ratio(codec: str, dtype: str, keepbits: int | None) -> float:
     if (codec, dtype, keepbits) in EXPECTED_RATIO:
         return EXPECTED_RATIO[(codec, dtype, keepbits)]
     known = sorted(
-        (k or {"float16": 10, "bfloat16": 7}.get(dtype, 8), r)
+        (k or FLOAT_DTYPES.get(dtype, 8), r)
         for (c, d, k), r in EXPECTED_RATIO.items()
         if c == codec and d == dtype
     )
@@ -82,7 +84,7 @@ def plan_summary(
 ) -> dict[str, float]:
     """Raw bytes of the planned store, from the images' sizes: features (C channels, or K with
     ``--pca``) + spatial statistics, and ``logit_channels`` (A·K) float16 logits per position."""
-    item = 1 if o.dtype == "uint8" else 2
+    item = schema.ITEM_BYTES[o.dtype]
     cf = getattr(o, "pca", None) or channels
     feat = logits = 0
     for i in range(len(ds.image_ids)):

@@ -52,14 +52,14 @@ def check_finite_range(x: torch.Tensor, what: str, limit: float | None = FLOAT16
             )
 
 
-FLOAT_DTYPES = {"float16": 10, "bfloat16": 7}  # mantissa bits of each float encoding
+FLOAT_DTYPES = {"float16": 10, "bfloat16": 7, "float32": 23}  # mantissa bits of each float encoding
 
 
 def check_keepbits(dtype: str, keepbits: int | None) -> None:
     if keepbits is None:
         return
     if dtype not in FLOAT_DTYPES:
-        raise UserError(f"--keepbits applies to float16 or bfloat16, not --dtype {dtype}")
+        raise UserError(f"--keepbits applies to float16, bfloat16 or float32, not --dtype {dtype}")
     if not 0 < keepbits <= FLOAT_DTYPES[dtype]:
         raise UserError(
             f"--keepbits {keepbits}: {dtype} has {FLOAT_DTYPES[dtype]} mantissa bits; use "
@@ -74,6 +74,16 @@ def to_float16(x: torch.Tensor, what: str = "an image", keepbits: int | None = N
     out = x.to(torch.float16).cpu().numpy()
     if keepbits is not None and keepbits < FLOAT_DTYPES["float16"]:
         out = np.asarray(BitRound(keepbits).encode(out)).view(np.float16)
+    return out
+
+
+def to_float32(x: torch.Tensor, what: str = "an image", keepbits: int | None = None) -> np.ndarray:
+    """The float32 map itself (finiteness checked; lossless); ``keepbits`` rounds the mantissa
+    to k of its 23 bits (numcodecs BitRound)."""
+    check_finite_range(x, what, limit=None)
+    out = np.ascontiguousarray(x.float().cpu().numpy())
+    if keepbits is not None and keepbits < FLOAT_DTYPES["float32"]:
+        out = np.asarray(BitRound(keepbits).encode(out)).view(np.float32)
     return out
 
 

@@ -428,7 +428,7 @@ class TeacherStore(GatherMixin):
             elif m.dtype == "bfloat16":
                 f = from_bfloat16(raw)
             else:
-                f = torch.from_numpy(raw.astype(np.float32))
+                f = torch.from_numpy(raw.astype(np.float32, copy=False))
             if m.pca:  # K stored components -> the C channels every consumer expects
                 f = reconstruct(f, *self.pca_basis(s))
             sp = torch.from_numpy(got[f"att_s/{view}/{s}"])

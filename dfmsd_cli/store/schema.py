@@ -19,7 +19,7 @@ Arrays (N images, ``i`` = index into the ordered COCO image ids; per view ``v`` 
 ``size``                       (N, 2) int32        resized (h, w) before padding
 ``transposed``                 (N,) bool           portrait maps are stored transposed
 ``valid/{s}``                  (N, 2) int32        map size (h_s, w_s) = ceil(H/s), ceil(W/s)
-``feat/{v}/{s}``               (N, C, Hc, Wc)      float16 or uint8, one image per chunk
+``feat/{v}/{s}``               (N, C, Hc, Wc)      the --dtype encoding, one image per chunk
 ``qparams/{v}/{s}``            (N, C, 2) float32   uint8 only: per-channel (scale, offset)
 ``att_s/{v}/{s}``              (N, Hc, Wc) f32     mean_c |F| (raw), stored like ``feat``
 ``att_c/{v}/{s}``              (N, C) float32      mean over the valid positions of |F| (raw)
@@ -69,7 +69,9 @@ ATTR_KEY = "dfmsd"
 
 DONE_PENDING, DONE_OK, DONE_UNREADABLE = 0, 1, 2
 VIEWS_ALL = ("orig", "hflip", "me", "adv")
-DTYPES = ("float16", "uint8", "bfloat16")
+DTYPES = ("float16", "uint8", "bfloat16", "float32")
+# Bytes per stored feature value of each encoding (float32: the teacher's own values, lossless)
+ITEM_BYTES = {"float16": 2, "uint8": 1, "bfloat16": 2, "float32": 4}
 
 # Fields whose mismatch makes a store unusable for a request, with a human name each.
 FINGERPRINT_FIELDS: dict[str, str] = {

@@ -38,7 +38,7 @@ from dfmsd_cli.store.create import (  # noqa: F401  re-exported: the store's wri
     store_exists,
 )
 from dfmsd_cli.store.pca import image_stat, project, split_basis
-from dfmsd_cli.store.quantize import quantize_uint8, to_bfloat16, to_float16
+from dfmsd_cli.store.quantize import quantize_uint8, to_bfloat16, to_float16, to_float32
 from dfmsd_cli.store.statistics import raw_statistics
 
 # ---------------------------------------------------------------------------------- per image
@@ -157,6 +157,8 @@ class StoreWriter:
                     data = to_float16(kept, what, keep)
                 elif a["dtype"] == "bfloat16":
                     data = to_bfloat16(kept, what, keep)
+                elif a["dtype"] == "float32":
+                    data = to_float32(kept, what, keep)
                 else:
                     data, rows[f"qparams/{v}/{s}"] = quantize_uint8(kept, what)
                 chunks.append((f"feat/{v}/{s}", _place(data, hc, wc, transposed)))
