@@ -158,6 +158,16 @@ def test_for_student_keeps_the_shared_levels(synthetic_root, tmp_path):
     assert TeacherStore.open(path).meta.strides == (8, 16, 32, 64)  # no stride-4 map
 
 
+def test_unused_levels_note_names_the_share_and_the_fix():
+    """A stride-4 teacher level, which no single-stage student reads, is noted with its share of
+    the feature values (by hand at 64x64: 16*16 of 16*16+8*8+4*4+2*2+1*1 = 256/341)."""
+    from dfmsd_cli.store.precompute import unused_levels_note
+
+    note = unused_levels_note("cmr_tiny", [4, 8, 16, 32, 64], (64, 64))
+    assert "stride 4 is 75%" in note and "--for-student" in note
+    assert unused_levels_note("gfl_tiny", [8, 16, 32, 64, 128], (64, 64)) is None
+
+
 def test_flat_chunk_keys_written_directly_and_old_nested_stores_still_work(tmp_path, monkeypatch):
     """A new store's per-image chunk is one file ``c.I.0.0.0`` in its array's folder (no folder
     per image), written straight to the local disk with no temporary file left behind; a store

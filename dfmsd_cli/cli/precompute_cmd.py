@@ -138,7 +138,7 @@ def precompute_cmd(o: PrecomputeCLI) -> None:
         max_images=o.max_images,
         strict=o.strict,
     )
-    summary = precompute(ann_file, image_dir, opts, dry_run=dry_run)
+    summary = precompute(ann_file, image_dir, opts, dry_run=dry_run, warn=console.print)
     if not dry_run and "://" not in cache:
         write_config(Path(cache) / teacher, record(o), "precompute")
     table = Table(title=f"precompute {teacher} / {split}" + (" (dry run)" if dry_run else ""))

@@ -150,6 +150,29 @@ def _student_levels(student: str, strides: list[int], teacher: str) -> list[int]
     return keep
 
 
+def unused_levels_note(
+    teacher: str, strides: list[int], pad_size: tuple[int, int], reference: str = "retina_r50"
+) -> str | None:
+    """A note when the teacher stores levels a single-stage student (RetinaNet, FCOS, GFL,
+    RepPoints: the strides of ``reference``) cannot read, e.g. a Cascade R-CNN teacher's
+    stride-4 map, with those levels' share of the feature bytes at ``pad_size`` (h, w)."""
+    from dfmsd_cli.models import get_spec
+
+    dense = set(get_spec(reference).strides)
+    extra = [s for s in strides if s not in dense]
+    if not extra:
+        return None
+    h, w = pad_size
+    cells = {s: -(-h // s) * -(-w // s) for s in strides}
+    share = sum(cells[s] for s in extra) / sum(cells.values())
+    levels = ",".join(map(str, extra))
+    return (
+        f"note: {teacher}'s stride {levels} is {share:.0%} of this store's feature values and no "
+        f"single-stage student ({reference}, fcos, gfl, reppoints) reads it: for such a student "
+        "add --for-student NAME (docs/store.md)"
+    )
+
+
 def _rank_shard(shard: tuple[int, int]) -> tuple[int, int]:
     """Combine ``--shard I/N`` with torchrun's RANK/WORLD_SIZE into one (part, parts)."""
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
@@ -187,12 +210,14 @@ def precompute(
     options: PrecomputeOptions,
     dry_run: bool = False,
     on_batch: Callable[[], None] | None = None,
+    warn: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Write (or resume) the store of ``options.teacher`` for one split; returns a summary.
 
     The summary holds path, images (total, in this shard, written now, done, unreadable),
     wall time, teacher forward time, and for ``dry_run`` the projected bytes and seconds
-    (nothing is written then). ``on_batch`` is called after each teacher batch is queued.
+    (nothing is written then). ``on_batch`` is called after each teacher batch is queued;
+    ``warn`` receives notes before the pass (e.g. levels no single-stage student reads).
     """
     o = options
     views = _check_options(o)
@@ -244,6 +269,10 @@ def precompute(
         ratios, weak_done = _weaker_ratios(o, ds, ann_sha)
         enhance_cfg = {**o.enhance.to_dict(), "source": o.enhance_from}
 
+    if warn is not None and not (o.for_student or o.levels):
+        note = unused_levels_note(o.teacher, strides, pad_sizes[0])
+        if note:
+            warn(note)
     if dry_run:
         return _dry_run(ds, o, model, device, strides, views, start, stop, pad_sizes, path)
 
