@@ -22,7 +22,8 @@
 #                       are not rerun and enter the table (compare_table.py --prior)
 # Rows per pair: every registered method (dfmsd_cli/distill/methods/, read at run time: methods
 # added later appear by themselves), fgd-warmup (--kd-warmup 100), samkd-no-sld, samkd-grid1,
-# gdetkd-no-sgfi, gdetkd-no-ckd, dfmsd-no-sal, dfmsd-no-me, dfmsd-no-sfa, dfmsd-adv, dfmsd-paper,
+# gdetkd-no-sgfi, gdetkd-no-ckd, dfmsd-no-sal, dfmsd-no-me, dfmsd-no-sfa, dfmsd-adv, dfmsd-lr (--lr
+# 0.0200001 for 0.02: a change of no consequence, the floor of the paired Δ), dfmsd-paper,
 # none-paper (the student alone at dfmsd-paper's 2x budget, its fair baseline),
 # and (het) the store encodings of issue 18, DFMSD on stores of both teachers precomputed with:
 # dfmsd-pca32 --pca 32 (channel projection), dfmsd-uint8 --dtype uint8, dfmsd-bf16kb3 --dtype
@@ -145,6 +146,8 @@ for pair in $PAIRS; do
       echo "dfmsd-no-me $SAL_STAGES --method dfmsd --no-me"
       echo "dfmsd-no-sfa $SAL_STAGES --method dfmsd --no-sfa"
       echo "dfmsd-adv $SAL_STAGES --method dfmsd --adv --cache $ADVCACHE"
+      # the benchmark's own floor: DFMSD with the learning rate changed in its 6th digit
+      echo "dfmsd-lr $SAL_STAGES --method dfmsd --lr 0.0200001"
       if [ "$pair" = het ]; then
         echo "dfmsd-no-sal --stages $WEAK,$STRONG --epochs $E2 --method dfmsd --no-sal"
         echo "dfmsd-paper --stages $WEAK,$STRONG --epochs $E2,$E2 --method dfmsd"

@@ -39,7 +39,7 @@ PAIRS = {  # the pairs compare.sh knows; another folder with runs is shown under
 ORDER = ("none", "fkd", "fgd", "fgd-warmup", "mgd", "amd", "dmkd", "pkd", "crosskd", "samkd",
          "samkd-no-sld", "samkd-grid1", "gdetkd", "gdetkd-no-sgfi", "gdetkd-no-ckd", "dfmsd",
          "none-paper", "dfmsd-paper", "dfmsd-no-sal", "dfmsd-no-me", "dfmsd-no-sfa", "dfmsd-adv",
-         "dfmsd-pca32", "dfmsd-uint8", "dfmsd-bf16kb3", "dfmsd-float32")  # fmt: skip
+         "dfmsd-pca32", "dfmsd-uint8", "dfmsd-bf16kb3", "dfmsd-float32", "dfmsd-lr")  # fmt: skip
 LABEL = {
     "none": "student alone",
     "fgd-warmup": "FGD + KD warm-up (100 it.)",
@@ -53,7 +53,8 @@ LABEL = {
     "dfmsd-pca32": "DFMSD on --pca 32 stores",
     "dfmsd-uint8": "DFMSD on --dtype uint8 stores",
     "dfmsd-bf16kb3": "DFMSD on bfloat16 --keepbits 3 stores",
-    "dfmsd-float32": "DFMSD on --dtype float32 stores (lossless: the noise floor)",
+    "dfmsd-float32": "DFMSD on --dtype float32 stores (lossless)",
+    "dfmsd-lr": "DFMSD, --lr 0.0200001 (a change of no consequence)",
     "samkd-no-sld": "SAMKD w/o SLD (SFD alone)",
     "samkd-grid1": "SAMKD, one 1x1 window level",
     "gdetkd-no-sgfi": "G-DetKD w/o SGFI",
