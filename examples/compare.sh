@@ -28,8 +28,8 @@
 # and (het) the store encodings of issue 18, DFMSD on stores of both teachers precomputed with:
 # dfmsd-pca32 --pca 32 (channel projection), dfmsd-uint8 --dtype uint8, dfmsd-bf16kb3 --dtype
 # bfloat16 --keepbits 3, and dfmsd-float32 --dtype float32 (lossless: what the float16 default's
-# rounding alone does, the floor of store changes; each in OUT/cache-NAME). In the hom pair (one teacher) every method runs
-# one stage with gfl_tiny; dfmsd-no-sal, dfmsd-paper and none-paper are not run there. A run
+# rounding alone does, the floor of store changes; each in OUT/cache-NAME). In the hom pair (one
+# teacher) every method runs one stage with gfl_tiny; dfmsd-no-sal, dfmsd-paper and none-paper are not run there. A run
 # the pair cannot serve (dfmsd distill exits 2 with a UserError, e.g. a method that needs
 # logits of the student's head family) is recorded as skipped with that message, not as a failure.
 # Pairing: every run of a seed starts from the same weights (same trunk, same seeded heads) and

@@ -175,7 +175,9 @@ def test_store_written_before_checksums_still_opens(synthetic_root, tmp_path, mo
     assert code == 0 and "unchecksummed" in out, out
 
 
-@pytest.mark.parametrize("dtype,codec", [("float16", "blosc"), ("uint8", "zstd")])
+@pytest.mark.parametrize(
+    "dtype,codec", [("float16", "blosc"), ("uint8", "zstd"), ("float32", "blosc")]
+)
 def test_fast_row_path_equals_zarr(synthetic_root, tmp_path, monkeypatch, dtype, codec):
     """store/chunks.py decodes exactly what zarr's getitem returns, for every array and view."""
     from dfmsd_cli.store import chunks

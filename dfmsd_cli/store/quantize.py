@@ -106,6 +106,10 @@ def from_bfloat16(u: np.ndarray | torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(u.view(np.int16)).view(torch.bfloat16).float()
 
 
+# The float encodings by --dtype: (map, what, keepbits) -> the stored array (uint8 is affine)
+FLOAT_ENCODERS = {"float16": to_float16, "bfloat16": to_bfloat16, "float32": to_float32}
+
+
 def quantize_uint8(x: torch.Tensor, what: str = "an image") -> tuple[np.ndarray, np.ndarray]:
     """Per-channel affine uint8 of a (C, h, w) map: returns (q uint8 (C,h,w), params (C,2)).
 

@@ -38,7 +38,7 @@ from dfmsd_cli.store.create import (  # noqa: F401  re-exported: the store's wri
     store_exists,
 )
 from dfmsd_cli.store.pca import image_stat, project, split_basis
-from dfmsd_cli.store.quantize import quantize_uint8, to_bfloat16, to_float16, to_float32
+from dfmsd_cli.store.quantize import FLOAT_ENCODERS, quantize_uint8, to_float16
 from dfmsd_cli.store.statistics import raw_statistics
 
 # ---------------------------------------------------------------------------------- per image
@@ -153,12 +153,8 @@ class StoreWriter:
                 if self._pca is not None:
                     kept = project(f, *self._pca[s])
                     rows[f"pca_stat/{v}/{s}"] = image_stat(f, kept, *self._pca[s])
-                if a["dtype"] == "float16":
-                    data = to_float16(kept, what, keep)
-                elif a["dtype"] == "bfloat16":
-                    data = to_bfloat16(kept, what, keep)
-                elif a["dtype"] == "float32":
-                    data = to_float32(kept, what, keep)
+                if a["dtype"] in FLOAT_ENCODERS:
+                    data = FLOAT_ENCODERS[a["dtype"]](kept, what, keep)
                 else:
                     data, rows[f"qparams/{v}/{s}"] = quantize_uint8(kept, what)
                 chunks.append((f"feat/{v}/{s}", _place(data, hc, wc, transposed)))
