@@ -86,15 +86,16 @@ def assert_same_store(a: Path, b: Path) -> None:
         assert np.array_equal(xa[k], xb[k]), f"array {k} differs"
 
 
-def _run(data: Path, cache: Path, shard: tuple[int, int], delay: float) -> None:
+def _run(data: Path, cache: Path, shard: tuple[int, int], delay: float, kw: dict) -> None:
     """Child-process body: a real, separate writer process (spawned: a forked child can inherit
     torch's intra-op thread pool in a broken state, "Invalid thread pool!");
     ``delay`` seconds after each batch keep it running long enough to be killed mid-way."""
-    precompute(*_files(data), _opts(cache, shard=shard), on_batch=lambda: time.sleep(delay))
+    opts = _opts(cache, shard=shard, **kw)
+    precompute(*_files(data), opts, on_batch=lambda: time.sleep(delay))
 
 
-def _spawn(data: Path, cache: Path, shard=(0, 1), delay=0.0) -> mp.Process:
-    p = mp.get_context("spawn").Process(target=_run, args=(data, cache, shard, delay))
+def _spawn(data: Path, cache: Path, shard=(0, 1), delay=0.0, **kw) -> mp.Process:
+    p = mp.get_context("spawn").Process(target=_run, args=(data, cache, shard, delay, kw))
     p.start()
     return p
 
@@ -127,7 +128,29 @@ def test_features_are_the_teacher_on_each_image_alone(data, baseline):
 
 
 def test_sigkill_then_resume_equals_uninterrupted(data, baseline, tmp_path):
-    p = _spawn(data, tmp_path, delay=0.3)
+    _kill_resume_and_compare(data, baseline, tmp_path)
+
+
+# every other encoding: the resume mechanism is dtype-agnostic, this shows it (issue 18)
+ENCODINGS = [
+    {"dtype": "uint8"},
+    {"dtype": "bfloat16", "keepbits": 3},
+    {"dtype": "float32"},
+    {"dtype": "float16", "keepbits": 5, "store_logits": True},
+    {"dtype": "uint8", "pca": 8},
+]
+
+
+@pytest.mark.slow  # a baseline, a killed and a resumed precompute per encoding
+@pytest.mark.parametrize("kw", ENCODINGS, ids=lambda kw: "-".join(f"{v}" for v in kw.values()))
+def test_sigkill_then_resume_equals_uninterrupted_for_every_encoding(data, tmp_path, kw):
+    base = Path(precompute(*_files(data), _opts(tmp_path / "base", **kw))["path"])
+    _kill_resume_and_compare(data, base, tmp_path / "run", **kw)
+    assert verify_store(tmp_path / "run" / "retina_tiny" / "train2017.zarr").problems == []
+
+
+def _kill_resume_and_compare(data: Path, baseline: Path, tmp_path: Path, **kw) -> None:
+    p = _spawn(data, tmp_path, delay=0.3, **kw)
     store = tmp_path / "retina_tiny" / "train2017.zarr"
     deadline = time.time() + 300  # a wait limit, not a timing check: slow under load
     killed_at = None
@@ -143,7 +166,7 @@ def test_sigkill_then_resume_equals_uninterrupted(data, baseline, tmp_path):
     assert killed_at is not None and p.exitcode == -signal.SIGKILL
     done = np.asarray(zarr.open_group(str(store), mode="r")["done"][:])
     assert (done == 1).sum() < N_IMAGES
-    summary = precompute(*_files(data), _opts(tmp_path))  # resume
+    summary = precompute(*_files(data), _opts(tmp_path, **kw))  # resume
     assert 0 < summary["written"] < N_IMAGES and summary["done"] == N_IMAGES
     assert_same_store(store, baseline)
 

@@ -71,6 +71,12 @@ def _codecs() -> dict[str, Any]:
     out["blosc-zstd3-bitshuffle"] = numcodecs.Blosc(
         cname="zstd", clevel=3, shuffle=numcodecs.Blosc.BITSHUFFLE
     )
+    try:  # PCodec (pcodec, a numerical-sequence codec): optional, measured when installed
+        from numcodecs.pcodec import PCodec
+
+        out["pcodec-8"] = PCodec(level=8)
+    except ImportError:
+        pass
     return out
 
 
@@ -98,6 +104,12 @@ def _encodings() -> dict[str, tuple[Any, Any]]:
             lambda f, k=k: (to_bfloat16(f, keepbits=k), None),
             lambda x, p: from_bfloat16(x),
         )
+    for d in (2, 1):  # numcodecs Quantize: round to an ABSOLUTE step 2^-ceil(d·log2 10), float16
+        q = numcodecs.Quantize(digits=d, dtype="<f4", astype="<f2")
+        out[f"float16+quantize{d}"] = (
+            lambda f, q=q: (np.asarray(q.encode(f.numpy().astype(np.float32))), None),
+            lambda x, p: torch.from_numpy(x.astype(np.float32)),
+        )
     return out
 
 
@@ -123,7 +135,9 @@ def quantization_report(
         sfeats = student(x, [size]).features if student is not None else None
         hp, wp = x.shape[-2:]
         transposed = hp > wp
-        loss = dict.fromkeys(["float32", *encodings], 0.0)
+        # the reference sum has its own key: "float32" is also an encoding (stored exactly)
+        ref = 0.0
+        loss = dict.fromkeys(encodings, 0.0)
         for s in model.strides:
             f = feats[s][0].float()
             raw_f32 += f.numel() * 4
@@ -131,20 +145,27 @@ def quantization_report(
             st = None
             if sfeats is not None and sfeats[s].shape == feats[s].shape:
                 st = sfeats[s][0].float()
-                loss["float32"] += float((st - f).pow(2).sum())
+                ref += float((st - f).pow(2).sum())
             for e, (encode, decode) in encodings.items():
                 stored, side = encode(f)
                 chunk = np.ascontiguousarray(_place(stored, hc, wc, transposed))
                 default = "blosc-zstd3-bitshuffle" if e == "uint8" else "blosc-zstd3-shuffle"
                 for cname, codec in codecs.items():
-                    t0 = time.perf_counter()
-                    blob = codec.encode(chunk)
-                    if cname == default:
-                        enc_time[e] = enc_time.get(e, 0.0) + time.perf_counter() - t0
-                        t0 = time.perf_counter()
-                        codec.decode(blob)
-                        dec_time[e] = dec_time.get(e, 0.0) + time.perf_counter() - t0
                     key = f"{e}/{cname}"
+                    t0 = time.perf_counter()
+                    try:
+                        blob = codec.encode(chunk)
+                    except Exception:  # noqa: BLE001 - e.g. PCodec refuses 8-bit types
+                        nbytes[key] = math.nan
+                        continue
+                    t1 = time.perf_counter()
+                    codec.decode(blob)
+                    t2 = time.perf_counter()
+                    enc_time[key] = enc_time.get(key, 0.0) + t1 - t0
+                    dec_time[key] = dec_time.get(key, 0.0) + t2 - t1
+                    if cname == default:
+                        enc_time[e] = enc_time.get(e, 0.0) + t1 - t0
+                        dec_time[e] = dec_time.get(e, 0.0) + t2 - t1
                     nbytes[key] = (
                         nbytes.get(key, 0) + len(blob) + (side.nbytes if side is not None else 0)
                     )
@@ -152,9 +173,9 @@ def quantization_report(
                 err[e].append(relative_rmse(back, f))
                 if st is not None:
                     loss[e] += float((st - back).pow(2).sum())
-        if sfeats is not None and loss["float32"] > 0:
+        if sfeats is not None and ref > 0:
             for e in encodings:
-                loss_change[e].append(abs(loss[e] - loss["float32"]) / loss["float32"])
+                loss_change[e].append(abs(loss[e] - ref) / ref)
     n = len(indices)
     out: dict[str, Any] = {"images": n, "raw_float32_bytes_per_image": raw_f32 / n, "encodings": {}}
     for e in encodings:
@@ -168,6 +189,11 @@ def quantization_report(
             "encode_MBps": raw_f32 / 2 / 1e6 / max(enc_time[e], 1e-9),
             "decode_MBps": raw_f32 / 2 / 1e6 / max(dec_time[e], 1e-9),
             "codecs": {c: nbytes[f"{e}/{c}"] / n for c in codecs},
+            "codec_MBps": {  # encode, decode MB/s of the raw float16 size, every codec
+                c: [raw_f32 / 2 / 1e6 / max(enc_time[k], 1e-9), raw_f32 / 2 / 1e6 / max(dec_time[k], 1e-9)]
+                for c in codecs
+                if (k := f"{e}/{c}") in enc_time
+            },
         }
     return out
 
