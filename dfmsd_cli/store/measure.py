@@ -178,6 +178,7 @@ def quantization_report(
                 loss_change[e].append(abs(loss[e] - ref) / ref)
     n = len(indices)
     out: dict[str, Any] = {"images": n, "raw_float32_bytes_per_image": raw_f32 / n, "encodings": {}}
+    mb = raw_f32 / 2 / 1e6  # the raw float16 size, the unit of every MB/s figure
     for e in encodings:
         default = "blosc-zstd3-bitshuffle" if e == "uint8" else "blosc-zstd3-shuffle"
         out["encodings"][e] = {
@@ -190,7 +191,7 @@ def quantization_report(
             "decode_MBps": raw_f32 / 2 / 1e6 / max(dec_time[e], 1e-9),
             "codecs": {c: nbytes[f"{e}/{c}"] / n for c in codecs},
             "codec_MBps": {  # encode, decode MB/s of the raw float16 size, every codec
-                c: [raw_f32 / 2 / 1e6 / max(enc_time[k], 1e-9), raw_f32 / 2 / 1e6 / max(dec_time[k], 1e-9)]
+                c: [mb / max(enc_time[k], 1e-9), mb / max(dec_time[k], 1e-9)]
                 for c in codecs
                 if (k := f"{e}/{c}") in enc_time
             },
