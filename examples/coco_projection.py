@@ -47,6 +47,11 @@ rows = [
         "bfloat16 --keepbits 3 --for-student",
         {"for_student": "retina_r50", "dtype": "bfloat16", "keepbits": 3},
     ),  # fmt: skip
+    ("float16 --codec pcodec --for-student", {"for_student": "retina_r50", "codec": "pcodec"}),
+    (
+        "bfloat16 --keepbits 3 --codec pcodec --for-student",
+        {"for_student": "retina_r50", "dtype": "bfloat16", "keepbits": 3, "codec": "pcodec"},
+    ),  # fmt: skip
     ("float16 --pca 128 --for-student", {"for_student": "retina_r50", "pca": 128}),
     ("float16 --pca 64 --for-student", {"for_student": "retina_r50", "pca": 64}),
     ("float16 --pca 32 --for-student", {"for_student": "retina_r50", "pca": 32}),

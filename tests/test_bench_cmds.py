@@ -90,7 +90,7 @@ def test_bench_precompute_cli_json(data, tmp_path):
     assert res.exit_code == 0, res.output
     printed = json.loads(out.read_text())
     assert "precompute" in res.stdout  # --json PATH: the tables are still printed
-    for dt in ("float16", "uint8"):
+    for dt in ("float16", "uint8", "float16-pcodec"):
         p = printed["precompute"][dt]
         assert p["ratio"] > 0 and p["bytes_per_image"] > 0 and p["teacher_only_s"] > 0
     assert printed["memory"]["peak_rss_mb"] > 0

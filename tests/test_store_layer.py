@@ -78,6 +78,8 @@ def result(i: int, views=("orig", "hflip"), scale: float = 1.0) -> ImageResult:
         ("uint8", "zstd", 2.5e-2),
         ("float16", "blosc", 2e-3),
         ("uint8", "blosc", 2.5e-2),
+        ("float16", "pcodec", 2e-3),
+        ("bfloat16", "pcodec", 8e-3),
     ],
 )
 def test_round_trip(tmp_path, dtype, codec, tol):

@@ -49,3 +49,21 @@ def test_every_codec_row_is_measured_or_marked_refused(report):
                 assert name == "uint8" and codec.startswith("pcodec")
             else:
                 assert nbytes > 0 and codec in e["codec_MBps"]
+
+
+def test_direct_decode_reads_the_chunks_get_reads(tiny_cache):
+    """``read_overhead``'s floor decodes the same chunks ``TeacherStore.get`` does (flat chunk
+    keys included), and both are timed."""
+    from dfmsd_cli.store.measure import _decode_direct, read_overhead
+    from dfmsd_cli.store.reader import TeacherStore
+
+    path = tiny_cache / "retina_tiny" / "train2017.zarr"
+    store = TeacherStore.open(path)
+    for i in (0, 1):
+        direct, got = _decode_direct(store, i, "orig"), store.get(i, "orig")
+        for s, f in got["features"].items():
+            assert float(abs(direct[f"feat/orig/{s}"]).sum()) == pytest.approx(
+                float(f.abs().sum()), rel=1e-6
+            )
+    r = read_overhead(str(path), repeats=1)
+    assert r["images"] == 12 and r["get_ms"] > 0 and r["direct_decode_ms"] > 0

@@ -138,6 +138,7 @@ ENCODINGS = [
     {"dtype": "float32"},
     {"dtype": "float16", "keepbits": 5, "store_logits": True},
     {"dtype": "uint8", "pca": 8},
+    {"dtype": "bfloat16", "codec": "pcodec"},
 ]
 
 

@@ -197,3 +197,44 @@ def test_flat_chunk_keys_written_directly_and_old_nested_stores_still_work(tmp_p
             x, y = a.get(i, v), b.get(i, v)
             for key in ("features", "att_spatial"):
                 assert all(torch.equal(x[key][k], y[key][k]) for k in x[key])
+
+
+def test_pcodec_store_holds_the_same_values_as_blosc_and_zarr_reads_it(tmp_path):
+    """--codec pcodec is lossless for its dtype: the fast path and zarr's own reads give the
+    blosc store's values bit for bit; its chunks carry crc32c (a flipped byte is named)."""
+    from dfmsd_cli.store.inspect import verify_store
+
+    paths = {c: tmp_path / f"{c}.zarr" for c in ("blosc", "pcodec")}
+    for codec, path in paths.items():
+        w = StoreWriter(create_or_open(path, spec(codec=codec, dtype="bfloat16"), fix="x"))
+        for i in range(4):
+            w.write(result(i))
+    a, b = (zarr.open_group(str(p), mode="r") for p in paths.values())
+    names = [f"feat/{v}/{s}" for v in ("orig", "hflip") for s in (8, 16)] + ["att_s/orig/8"]
+    for name in names:
+        assert [type(c).__name__ for c in b[name].metadata.codecs] == ["PCodec", "Crc32cCodec"]
+        np.testing.assert_array_equal(np.asarray(b[name][:]), np.asarray(a[name][:]))
+    ta, tb = TeacherStore.open(paths["blosc"]), TeacherStore.open(paths["pcodec"])
+    for i in range(4):
+        for s, f in ta.get(i, "hflip")["features"].items():
+            assert torch.equal(tb.get(i, "hflip")["features"][s], f)
+    assert verify_store(paths["pcodec"]).problems == []
+    chunk = next((paths["pcodec"] / "feat" / "orig" / "8").glob("c.1.*"))
+    data = bytearray(chunk.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    chunk.write_bytes(bytes(data))
+    assert any("feat/orig/8" in p for p in verify_store(paths["pcodec"]).problems)
+
+
+def test_pcodec_refuses_uint8_and_names_a_missing_package(tmp_path, monkeypatch):
+    import sys
+
+    import pytest
+
+    from dfmsd_cli.errors import UserError
+
+    with pytest.raises(UserError, match="--codec pcodec does not take --dtype uint8"):
+        create_or_open(tmp_path / "u.zarr", spec(codec="pcodec", dtype="uint8"), fix="x")
+    monkeypatch.setitem(sys.modules, "pcodec", None)  # as if not installed
+    with pytest.raises(UserError, match=r"pip install 'dfmsd\[pcodec\]'"):
+        create_or_open(tmp_path / "p.zarr", spec(codec="pcodec"), fix="x")

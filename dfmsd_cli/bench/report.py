@@ -20,7 +20,7 @@ def _kb(v: Any) -> str:
 
 def precompute_tables(r: dict[str, Any]) -> list[Table]:
     t = Table(title=f"precompute {r['teacher']} on {r['images']} images ({r['img_scale']})")
-    for c in ("dtype", "teacher only s", "precompute s", "loop ÷ teacher", "total ÷ teacher",
+    for c in ("encoding", "teacher only s", "precompute s", "loop ÷ teacher", "total ÷ teacher",
               "CPU ÷ teacher CPU", "bytes/image", "compression", "h / 118k images"):  # fmt: skip
         t.add_column(c, justify="right")
     h = r.get("hours_per_118k_images")

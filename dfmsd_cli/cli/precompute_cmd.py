@@ -77,7 +77,10 @@ class PrecomputeCLI(DataOptions, GeometryOptions, BatchOptions, DeviceOptions, J
     topk: int = opt(100, "Teacher detections kept per image and view.")
     score_thr: float = opt(0.3, "Score threshold of the candidate-box area ratio.")
     block: int = opt(64, "Images per chunk of the small arrays.")
-    codec: str = opt("blosc", "Feature compressor: blosc (zstd 3 + shuffle) or zstd (level 3).")
+    codec: str = opt(
+        "blosc",
+        "Feature compressor: blosc (zstd 3 + shuffle), zstd (level 3) or pcodec (4-10% smaller on float features; pip install 'dfmsd[pcodec]'; not with uint8).",
+    )
     writer_threads: int = opt(2, "Threads compressing and writing feature chunks.")
     seed: int = opt(0, "Seed of a random-init teacher and of ME.")
     max_images: int | None = opt(None, "Only the first N images (quick runs).")

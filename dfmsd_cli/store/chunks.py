@@ -33,6 +33,8 @@ import zarr
 from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync as zarr_sync
 
+from dfmsd_cli.errors import UserError
+
 
 class ChecksumMismatch(ValueError):
     """Stored and computed checksum do not match (the text zarr's own codec uses)."""
@@ -56,6 +58,17 @@ class RowCodec:
         if getattr(meta, "zarr_format", 3) != 3 or tuple(array.chunks[1:]) != array.shape[1:]:
             return None
         names = [type(c).__name__ for c in meta.codecs]
+        if names and names[0] == "PCodec":  # pcodec serializes the array: no bytes codec
+            if names[1:] not in ([], ["Crc32cCodec"]):
+                return None
+            return cls(
+                path=array.path,
+                dtype=np.dtype(array.dtype),
+                chunk=tuple(array.chunks),
+                compressor=numcodecs.get_codec(pcodec_config(meta.codecs[0])),
+                crc=len(names) == 2,
+                encode_key=meta.encode_chunk_key,
+            )
         if len(names) not in (2, 3) or names[0] != "BytesCodec":
             return None
         if len(names) == 3 and names[2] != "Crc32cCodec":
@@ -108,6 +121,20 @@ class RowCodec:
 
 def _name(x: Any) -> str:
     return str(getattr(x, "value", x))
+
+
+def pcodec_config(codec: Any) -> dict:
+    """numcodecs config of zarr's PCodec wrapper (``{"id": "pcodec", "level": 8, ...}``): the
+    same codec zarr calls, so the bytes are the same either way."""
+    cfg = dict(codec.to_dict().get("configuration") or {})
+    cfg.pop("id", None)
+    try:
+        import pcodec  # noqa: F401
+    except ImportError as exc:
+        raise UserError(
+            "this store was written with --codec pcodec: pip install 'dfmsd[pcodec]' to read it"
+        ) from exc
+    return {"id": "pcodec", **cfg}
 
 
 def put_chunks(store: Any, chunks: list[tuple[RowCodec, int, np.ndarray]]) -> None:

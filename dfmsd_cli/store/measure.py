@@ -29,6 +29,7 @@ from torch.utils.data import DataLoader
 from dfmsd_cli.data.coco import CocoDetection
 from dfmsd_cli.data.geometry import Geometry, apply_view_image, pad_batch
 from dfmsd_cli.models.checkpoint import load_teacher
+from dfmsd_cli.store.chunks import RowCodec
 from dfmsd_cli.store.dataset import StoreDataset
 from dfmsd_cli.store.precompute import PrecomputeOptions, precompute
 from dfmsd_cli.store.quantize import dequantize_uint8, quantize_uint8, relative_rmse
@@ -199,6 +200,19 @@ def quantization_report(
     return out
 
 
+def _precompute_encodings() -> dict[str, tuple[str, str]]:
+    """Whole stores measured by ``bench precompute``: name -> (dtype, codec); the PCodec row
+    when pcodec is installed."""
+    out = {"float16": ("float16", "blosc"), "uint8": ("uint8", "blosc")}
+    try:
+        import pcodec  # noqa: F401
+
+        out["float16-pcodec"] = ("float16", "pcodec")
+    except ImportError:
+        pass
+    return out
+
+
 @torch.inference_mode()
 def teacher_only(
     model, ds: CocoDetection, batches: list[list[int]], num_workers: int
@@ -301,12 +315,11 @@ def _decode_direct(store, index: int, view: str) -> dict[str, np.ndarray]:
     for name in names:
         a = store._array(name)
         block = a.chunks[0]
-        key = "/".join([str(index // block)] + ["0"] * (len(a.shape) - 1))
-        data = (root / name / "c" / key).read_bytes()
-        comp, *rest = a.compressors
-        data = data[:-4] if rest and type(rest[-1]).__name__ == "Crc32cCodec" else data
-        codec = numcodecs.Blosc() if type(comp).__name__ == "BloscCodec" else numcodecs.Zstd()
-        x = np.frombuffer(codec.decode(data), dtype=a.dtype).reshape(a.chunks)
+        codec = RowCodec.of(a)  # the chunk's key and codec chain (blosc/zstd/pcodec [+crc32c])
+        data = (root / codec.key(index)).read_bytes()
+        data = data[:-4] if codec.crc else data  # unchecked: the floor is decoding alone
+        x = np.empty(a.chunks, dtype=codec.dtype)
+        codec.compressor.decode(data, out=x)
         out[name] = x[index % block]
         if name.startswith("feat/"):
             out[name] = out[name].astype(np.float32)
@@ -407,12 +420,13 @@ def bench_store(
     stores = {}
     if "precompute" in parts or "read" in parts:
         res["precompute"] = {}
-        for dtype in ("float16", "uint8"):
+        for name, (dtype, codec) in _precompute_encodings().items():
             opts = PrecomputeOptions(
                 teacher=teacher,
-                split=f"bench-{dtype}",
+                split=f"bench-{name}",
                 cache=str(work / "cache"),
                 dtype=dtype,
+                codec=codec,
                 geometry=geometry,
                 batch_size=batch_size,
                 num_workers=num_workers,
@@ -427,15 +441,17 @@ def bench_store(
             info = store_info(r["store"])
             r["bytes_per_image"] = info["bytes_per_image"]
             r["compression_ratio"] = info["compression_ratio"]
-            res["precompute"][dtype] = r
-            stores[dtype] = r["store"]
-            log(f"precompute {dtype}: {r}")
+            res["precompute"][name] = r
+            stores[name] = r["store"]
+            log(f"precompute {name}: {r}")
     if "read" in parts:
         res["read"] = {
             dt: read_throughput(p, num_workers=num_workers, batch_size=batch_size, epochs=3)
             for dt, p in stores.items()
         }
         res["read_one_sample"] = read_overhead(stores["float16"])
+        if "float16-pcodec" in stores:
+            res["read_one_sample_pcodec"] = read_overhead(stores["float16-pcodec"])
         log(f"one sample: {res['read_one_sample']}")
         rate = student_step_rate(stu, ds, idx[: 2 * batch_size], batch_size)
         res["student_train_images_per_s"] = rate

@@ -62,6 +62,7 @@ from dfmsd_cli.store.writer import (
     StoreSpec,
     StoreWriter,
     create_or_open,
+    feature_codec,
     store_exists,
 )
 from dfmsd_cli.utils.io import sha256_file
@@ -126,7 +127,11 @@ def _check_options(o: PrecomputeOptions) -> list[str]:
     if "me" in views and not o.enhance_from:
         raise UserError("view 'me' needs the weaker teacher's area ratios: add --enhance-from NAME")
     if o.codec not in CODECS:
-        raise UserError(f"unknown --codec '{o.codec}'{suggest(o.codec, CODECS)}: use zstd or blosc")
+        raise UserError(
+            f"unknown --codec '{o.codec}'{suggest(o.codec, CODECS)}: use {', '.join(CODECS)}"
+        )
+    if o.codec == "pcodec":
+        feature_codec(o.codec, o.dtype)  # before any teacher pass: uint8, pcodec not installed
     if o.batch_size < 1 or o.block < 1 or o.topk < 1:
         raise UserError("--batch-size, --block and --topk must be >= 1")
     return views

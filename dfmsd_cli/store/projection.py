@@ -46,6 +46,16 @@ EXPECTED_RATIO = {
     ("blosc", "bfloat16", 5): 0.465,
     ("blosc", "bfloat16", 3): 0.335,
     ("blosc", "float32", None): 0.80,  # 6 real val images at 1333×800 (bench store, quant)
+    # --codec pcodec (level 8): the blosc entry × pcodec/blosc bytes measured on the same 6
+    # real val images at 1333×800 (bench store, quant; docs/store.md)
+    ("pcodec", "float16", None): 0.724,  # × 0.965
+    ("pcodec", "float16", 7): 0.541,  # × 0.902
+    ("pcodec", "float16", 5): 0.454,  # × 0.966
+    ("pcodec", "float16", 3): 0.316,  # × 0.930
+    ("pcodec", "bfloat16", None): 0.530,  # × 0.898
+    ("pcodec", "bfloat16", 5): 0.413,  # × 0.888
+    ("pcodec", "bfloat16", 3): 0.309,  # × 0.922
+    ("pcodec", "float32", None): 0.770,  # × 0.963
 }
 
 
