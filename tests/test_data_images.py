@@ -142,6 +142,7 @@ def test_load_time_failure_never_crashes_a_loader(tmp_path):
         strict[2]
 
 
+@pytest.mark.slow  # spawned DataLoader workers
 def test_dataset_pickles_and_runs_in_spawned_workers(tmp_path):
     ann, img_dir = _root(tmp_path)
     _corrupt_png(img_dir / "0.png")

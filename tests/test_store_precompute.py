@@ -127,6 +127,7 @@ def test_features_are_the_teacher_on_each_image_alone(data, baseline):
     assert info["done"] == N_IMAGES and info["bytes_on_disk"] > 0
 
 
+@pytest.mark.slow  # a spawned writer process, killed
 def test_sigkill_then_resume_equals_uninterrupted(data, baseline, tmp_path):
     _kill_resume_and_compare(data, baseline, tmp_path)
 
@@ -172,6 +173,7 @@ def _kill_resume_and_compare(data: Path, baseline: Path, tmp_path: Path, **kw) -
     assert_same_store(store, baseline)
 
 
+@pytest.mark.slow  # two spawned writer processes
 def test_two_shard_processes_equal_one(data, baseline, tmp_path):
     procs = [_spawn(data, tmp_path, shard=(k, 2)) for k in range(2)]
     for p in procs:
