@@ -219,6 +219,10 @@ def test_pcodec_store_holds_the_same_values_as_blosc_and_zarr_reads_it(tmp_path)
         for s, f in ta.get(i, "hflip")["features"].items():
             assert torch.equal(tb.get(i, "hflip")["features"][s], f)
     assert verify_store(paths["pcodec"]).problems == []
+    from dfmsd_cli.store.inspect import store_info
+
+    assert store_info(paths["pcodec"])["codec"] == "pcodec"
+    assert store_info(paths["blosc"])["dtype"] == "bfloat16"
     chunk = next((paths["pcodec"] / "feat" / "orig" / "8").glob("c.1.*"))
     data = bytearray(chunk.read_bytes())
     data[len(data) // 2] ^= 0xFF

@@ -48,7 +48,11 @@ def info_cmd(o: InfoOptions) -> None:
         ("views", ",".join(info["views"])),
         ("levels", ",".join(map(str, info["levels"]))),
         ("channels", str(info["channels"])),
-        ("dtype", info["dtype"]),
+        (
+            "dtype",
+            info["dtype"] + (f" (keepbits {info['keepbits']})" if info.get("keepbits") else ""),
+        ),
+        ("codec", str(info.get("codec") or "-")),
         ("images done/total", f"{info['done']}/{info['images']}"),
         ("unreadable", str(info["unreadable"])),
         ("size on disk", format_bytes(info["bytes_on_disk"])),

@@ -75,6 +75,8 @@ def store_info(path: str | Path) -> dict[str, Any]:
         "levels": list(m.strides),
         "channels": m.channels,
         "dtype": m.dtype,
+        "keepbits": m.attrs.get("quantization", {}).get("keepbits"),
+        "codec": m.attrs.get("codec", {}).get("name"),
         "images": m.num_images,
         "done": n_done,
         "pending": int((done == schema.DONE_PENDING).sum()),
