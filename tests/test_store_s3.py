@@ -106,6 +106,22 @@ def test_cache_info_and_verify_on_s3(s3_server, remote_cache, tmp_path):
 
 @needs_s3
 @pytest.mark.slow
+def test_pcodec_store_on_s3_equals_local_and_verifies(s3_server, synthetic_root, tmp_path):
+    """--codec pcodec through the object-storage write and read paths."""
+    enc = ["--codec", "pcodec", "--dtype", "bfloat16", "--max-images", "4"]
+    cache, env = _url(s3_server), s3_server.env()
+    r = _run(["precompute", *PRE, *enc, "--data", str(synthetic_root), "--cache", cache], env)
+    assert r.returncode == 0, r.stderr
+    local = tmp_path / "c"
+    args = ["precompute", *PRE, *enc, "--data", str(synthetic_root), "--cache", str(local)]
+    assert _run(args, env).returncode == 0
+    _same(s3_server, _store(cache), _store(str(local)))
+    r = _run(["cache", "verify", _store(cache)], env)
+    assert r.returncode == 0 and "OK" in r.stderr + r.stdout, r.stderr
+
+
+@needs_s3
+@pytest.mark.slow
 def test_verify_names_a_damaged_chunk_on_s3(s3_server, synthetic_root):
     """A chunk altered on the object store fails its crc32c: verify exits 1 naming it."""
     import s3fs
