@@ -50,9 +50,9 @@ def feature_codec(name: str, dtype: str):
     a bit shuffle for uint8), which groups the exponent bytes of neighbouring values — measured
     on real-image r50 features in docs/store.md.
     ``pcodec``: PCodec level 8 (pcodec, a codec for numerical sequences; zarr's numcodecs
-    wrapper): an array-to-bytes codec that replaces zarr's ``bytes`` serializer, 4-10 % smaller
-    than blosc on float16/bfloat16 features. It refuses 8-bit values (``--dtype uint8``) and
-    needs the optional ``pcodec`` package.
+    wrapper): an array-to-bytes codec that replaces zarr's ``bytes`` serializer, 3-11 % smaller
+    than blosc on real-image float16/bfloat16 features (docs/store.md). It refuses 8-bit
+    values (``--dtype uint8``) and needs the optional ``pcodec`` package.
     """
     if name == "zstd":
         return ZstdCodec(level=ZSTD_LEVEL)
