@@ -204,3 +204,29 @@ def test_fast_row_path_equals_zarr(synthetic_root, tmp_path, monkeypatch, dtype,
         assert a["area_ratio"] == b["area_ratio"] and a["valid"] == b["valid"]
         transposed += a["pad_size"][0] > a["pad_size"][1]
     assert transposed > 0  # portrait images (stored transposed) are covered
+
+
+def test_local_reads_skip_zarrs_per_key_thread_hop(env, monkeypatch):
+    """A local store's chunk files are read in the caller's thread (store/chunks.py): after
+    the arrays are open, a sample's read never calls zarr's LocalStore.get (a worker-thread hop
+    per key, which cost 2-3x the decoding on demo-sized samples)."""
+    from zarr.storage import LocalStore
+
+    from dfmsd_cli.store.chunks import _local_read_root
+    from dfmsd_cli.store.integrity import ChunkGuard
+
+    t = TeacherStore.open(env["store"])
+    want = t.get(1, "orig")
+    boxes = _chunk(env["store"], "det/orig/boxes", 0)
+    assert _local_read_root(ChunkGuard(LocalStore(str(env["store"])))) == Path(env["store"])
+
+    async def no_get(self, *a, **k):
+        raise AssertionError("LocalStore.get called on the fast path")
+
+    monkeypatch.setattr(LocalStore, "get", no_get)
+    got = t.get(1, "orig")
+    for s, f in want["features"].items():
+        assert torch.equal(got["features"][s], f)
+    boxes.unlink()  # a missing chunk is still named
+    with pytest.raises(UserError, match="missing"):
+        t.get(1, "orig")

@@ -287,25 +287,58 @@ def fetch_rows(
 def _fetch_plain(
     store: Any, wanted: list[tuple[RowCodec, int]]
 ) -> list[np.ndarray | BaseException | None]:
-    """``fetch_rows`` without a bound or a local copy (local stores): the leanest path."""
+    """``fetch_rows`` without a bound or a local copy: the leanest path. A local folder's
+    chunk files are read here, in the caller's thread (as ``put_chunks`` writes them): zarr's
+    ``LocalStore.get`` hops to a worker thread per key, which cost more CPU than decoding a
+    demo-sized sample (``dfmsd bench store``: ``read_one_sample``)."""
     keys = list(dict.fromkeys(codec.key(row) for codec, row in wanted))
-    proto = default_buffer_prototype()
+    root = _local_read_root(store)
+    if root is not None:
+        got: dict[str, Any] = {k: _read_file(root / k) for k in keys}
+    else:
+        proto = default_buffer_prototype()
 
-    async def _get_all() -> list:
-        return await asyncio.gather(*(store.get(k, proto) for k in keys), return_exceptions=True)
+        async def _get_all() -> list:
+            return await asyncio.gather(
+                *(store.get(k, proto) for k in keys), return_exceptions=True
+            )
 
-    got = dict(zip(keys, zarr_sync(_get_all()), strict=True))
+        got = {
+            k: b if b is None or isinstance(b, BaseException) else b.to_bytes()
+            for k, b in zip(keys, zarr_sync(_get_all()), strict=True)
+        }
     out: list[np.ndarray | BaseException | None] = []
     for codec, row in wanted:
-        buf = got[codec.key(row)]
-        if buf is None or isinstance(buf, BaseException):
-            out.append(buf)
+        data = got[codec.key(row)]
+        if data is None or isinstance(data, BaseException):
+            out.append(data)
             continue
         try:
-            out.append(codec.decode_row(buf.to_bytes(), row))
+            out.append(codec.decode_row(data, row))
         except Exception as exc:  # noqa: BLE001 - handed to the caller with its context
             out.append(exc)
     return out
+
+
+def _local_read_root(store: Any) -> Path | None:
+    """The folder of a zarr ``LocalStore`` (read-only or not), also behind wrappers whose reads
+    return the wrapped store's bytes unchanged (``transparent_reads``, e.g. the reader's
+    ``integrity.ChunkGuard``: a missing chunk is None here either way); None otherwise."""
+    while getattr(store, "transparent_reads", False):
+        store = store._store
+    if isinstance(store, zarr.storage.LocalStore):
+        return Path(store.root)
+    return None
+
+
+def _read_file(path: Path) -> bytes | BaseException | None:
+    """A chunk file's bytes; None when it does not exist (zarr's ``get`` of a missing key)."""
+    try:
+        return path.read_bytes()
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except OSError as exc:  # handed to the caller, as zarr's gather would
+        return exc
 
 
 def _decodes(codec: RowCodec, data: bytes) -> bool:

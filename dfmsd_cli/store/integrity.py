@@ -67,6 +67,8 @@ def split_chunk_key(key: str) -> tuple[str, tuple[int, ...]] | None:
 class ChunkGuard(WrapperStore):
     """A zarr store wrapper that records the chunk keys a read wanted but did not find."""
 
+    transparent_reads = True  # get returns the wrapped store's bytes: chunks.fetch_rows may bypass
+
     def __init__(self, store: Any, missing: set[str] | None = None) -> None:
         super().__init__(store)
         self.missing: set[str] = set() if missing is None else missing
