@@ -123,17 +123,27 @@ def _name(x: Any) -> str:
     return str(getattr(x, "value", x))
 
 
+def pcodec_available() -> bool:
+    """Whether the optional ``pcodec`` package (``--codec pcodec``) is installed."""
+    try:
+        import pcodec  # noqa: F401  numcodecs' wrapper imports it only when it encodes
+    except ImportError:
+        return False
+    return True
+
+
+def require_pcodec(what: str) -> None:
+    """A one-line UserError naming the fix when ``pcodec`` is missing; ``what`` needs it."""
+    if not pcodec_available():
+        raise UserError(f"{what} needs the pcodec package: pip install 'dfmsd[pcodec]'")
+
+
 def pcodec_config(codec: Any) -> dict:
     """numcodecs config of zarr's PCodec wrapper (``{"id": "pcodec", "level": 8, ...}``): the
     same codec zarr calls, so the bytes are the same either way."""
+    require_pcodec("reading this --codec pcodec store")
     cfg = dict(codec.to_dict().get("configuration") or {})
     cfg.pop("id", None)
-    try:
-        import pcodec  # noqa: F401
-    except ImportError as exc:
-        raise UserError(
-            "this store was written with --codec pcodec: pip install 'dfmsd[pcodec]' to read it"
-        ) from exc
     return {"id": "pcodec", **cfg}
 
 
@@ -143,9 +153,10 @@ def put_chunks(store: Any, chunks: list[tuple[RowCodec, int, np.ndarray]]) -> No
     Each chunk is a separate key, written atomically by the store (temporary file + rename
     locally, one PUT on object storage), so concurrent writers of other chunks are safe.
     """
-    root = _local_root(store)
-    if root is not None:  # a local folder: write the files here, no event-loop/thread hops
-        guard = getattr(store, "guard", None)  # store.guard.GuardedLocalStore: never re-create
+    local = _local_store(store)
+    if local is not None and not local.read_only:  # write the files here: no thread hops
+        root = Path(local.root)
+        guard = getattr(local, "guard", None)  # store.guard.GuardedLocalStore: never re-create
         for c, row, x in chunks:
             _write_atomic(root / c.key(row), c.encode_chunk(x), guard)
         return
@@ -158,11 +169,13 @@ def put_chunks(store: Any, chunks: list[tuple[RowCodec, int, np.ndarray]]) -> No
     zarr_sync(_set_all())
 
 
-def _local_root(store: Any) -> Path | None:
-    """The folder of a writable zarr ``LocalStore`` (None for any other store)."""
-    if isinstance(store, zarr.storage.LocalStore) and not store.read_only:
-        return Path(store.root)
-    return None
+def _local_store(store: Any) -> zarr.storage.LocalStore | None:
+    """The zarr ``LocalStore`` under ``store`` — itself, or behind wrappers whose reads return
+    the wrapped store's bytes unchanged (``transparent_reads``, e.g. the reader's
+    ``integrity.ChunkGuard``: a missing chunk is None here either way) — or None."""
+    while getattr(store, "transparent_reads", False):
+        store = store._store
+    return store if isinstance(store, zarr.storage.LocalStore) else None
 
 
 def _write_atomic(path: Path, data: bytes, guard: Callable[[], None] | None = None) -> None:
@@ -292,9 +305,9 @@ def _fetch_plain(
     ``LocalStore.get`` hops to a worker thread per key, which cost more CPU than decoding a
     demo-sized sample (``dfmsd bench store``: ``read_one_sample``)."""
     keys = list(dict.fromkeys(codec.key(row) for codec, row in wanted))
-    root = _local_read_root(store)
-    if root is not None:
-        got: dict[str, Any] = {k: _read_file(root / k) for k in keys}
+    local = _local_store(store)
+    if local is not None:
+        got: dict[str, Any] = {k: _read_file(Path(local.root) / k) for k in keys}
     else:
         proto = default_buffer_prototype()
 
@@ -318,17 +331,6 @@ def _fetch_plain(
         except Exception as exc:  # noqa: BLE001 - handed to the caller with its context
             out.append(exc)
     return out
-
-
-def _local_read_root(store: Any) -> Path | None:
-    """The folder of a zarr ``LocalStore`` (read-only or not), also behind wrappers whose reads
-    return the wrapped store's bytes unchanged (``transparent_reads``, e.g. the reader's
-    ``integrity.ChunkGuard``: a missing chunk is None here either way); None otherwise."""
-    while getattr(store, "transparent_reads", False):
-        store = store._store
-    if isinstance(store, zarr.storage.LocalStore):
-        return Path(store.root)
-    return None
 
 
 def _read_file(path: Path) -> bytes | BaseException | None:

@@ -15,7 +15,6 @@ import os
 import shutil
 import time
 import uuid
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,6 +26,7 @@ from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 
 from dfmsd_cli.errors import UserError
 from dfmsd_cli.store import schema
+from dfmsd_cli.store.chunks import require_pcodec
 from dfmsd_cli.store.guard import GuardedLocalStore, incomplete_store_error
 from dfmsd_cli.store.remote import is_remote, open_zarr_store, remote_errors
 
@@ -70,21 +70,15 @@ def feature_codec(name: str, dtype: str):
 
 
 def pcodec_codec(level: int):
-    """zarr's PCodec array-to-bytes codec (the ``pcodec`` package must be installed)."""
+    """zarr's PCodec array-to-bytes codec (the ``pcodec`` package must be installed). zarr's
+    "numcodecs codecs are not in the zarr v3 specification" warning is silenced once, in
+    ``dfmsd_cli/store/__init__.py``."""
+    require_pcodec("--codec pcodec")
     try:
-        import pcodec  # noqa: F401  the numcodecs wrapper imports it only when encoding
-    except ImportError as exc:
-        raise UserError(
-            "--codec pcodec needs the pcodec package: pip install 'dfmsd[pcodec]' "
-            "(or use --codec blosc)"
-        ) from exc
-    with warnings.catch_warnings():  # "numcodecs codecs are not in the zarr v3 specification"
-        warnings.simplefilter("ignore")
-        try:
-            from zarr.codecs.numcodecs import PCodec  # zarr >= 3.1.3
-        except ImportError:  # pragma: no cover - older zarr
-            from numcodecs.zarr3 import PCodec
-        return PCodec(level=level)
+        from zarr.codecs.numcodecs import PCodec  # zarr >= 3.1.3
+    except ImportError:  # pragma: no cover - older zarr
+        from numcodecs.zarr3 import PCodec
+    return PCodec(level=level)
 
 
 @dataclass
@@ -218,18 +212,16 @@ def _allocate(
             codecs = {"serializer": comp, "compressors": [Crc32cCodec()] if checked else None}
         else:
             codecs = {"compressors": [comp, Crc32cCodec()] if checked else comp}
-        with warnings.catch_warnings():  # zarr warns that numcodecs codecs are not in its spec
-            warnings.simplefilter("ignore")
-            return group.create_array(
-                name,
-                shape=shape,
-                chunks=chunks,
-                dtype=dtype,
-                fill_value=0,
-                config=WRITE_CONFIG,
-                chunk_key_encoding=FLAT_KEYS if flat else None,
-                **codecs,
-            )
+        return group.create_array(
+            name,
+            shape=shape,
+            chunks=chunks,
+            dtype=dtype,
+            fill_value=0,
+            config=WRITE_CONFIG,
+            chunk_key_encoding=FLAT_KEYS if flat else None,
+            **codecs,
+        )
 
     ids = arr("image_ids", (n,), (max(1, min(n, 1 << 16)),), "int64")
     ids[:] = np.asarray(image_ids, dtype=np.int64)

@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader
 from dfmsd_cli.data.coco import CocoDetection
 from dfmsd_cli.data.geometry import Geometry, apply_view_image, pad_batch
 from dfmsd_cli.models.checkpoint import load_teacher
-from dfmsd_cli.store.chunks import RowCodec
+from dfmsd_cli.store.chunks import RowCodec, pcodec_available
 from dfmsd_cli.store.dataset import StoreDataset
 from dfmsd_cli.store.precompute import PrecomputeOptions, precompute
 from dfmsd_cli.store.quantize import dequantize_uint8, quantize_uint8, relative_rmse
@@ -72,12 +72,8 @@ def _codecs() -> dict[str, Any]:
     out["blosc-zstd3-bitshuffle"] = numcodecs.Blosc(
         cname="zstd", clevel=3, shuffle=numcodecs.Blosc.BITSHUFFLE
     )
-    try:  # PCodec (pcodec, a numerical-sequence codec): optional, measured when installed
-        from numcodecs.pcodec import PCodec
-
-        out["pcodec-8"] = PCodec(level=8)
-    except ImportError:
-        pass
+    if pcodec_available():  # PCodec (a numerical-sequence codec): optional
+        out["pcodec-8"] = numcodecs.get_codec({"id": "pcodec", "level": 8})
     return out
 
 
@@ -150,7 +146,6 @@ def quantization_report(
             for e, (encode, decode) in encodings.items():
                 stored, side = encode(f)
                 chunk = np.ascontiguousarray(_place(stored, hc, wc, transposed))
-                default = "blosc-zstd3-bitshuffle" if e == "uint8" else "blosc-zstd3-shuffle"
                 for cname, codec in codecs.items():
                     key = f"{e}/{cname}"
                     t0 = time.perf_counter()
@@ -164,9 +159,6 @@ def quantization_report(
                     t2 = time.perf_counter()
                     enc_time[key] = enc_time.get(key, 0.0) + t1 - t0
                     dec_time[key] = dec_time.get(key, 0.0) + t2 - t1
-                    if cname == default:
-                        enc_time[e] = enc_time.get(e, 0.0) + t1 - t0
-                        dec_time[e] = dec_time.get(e, 0.0) + t2 - t1
                     nbytes[key] = (
                         nbytes.get(key, 0) + len(blob) + (side.nbytes if side is not None else 0)
                     )
@@ -188,8 +180,8 @@ def quantization_report(
             "relative_rmse_mean": float(np.mean(err[e])),
             "relative_rmse_max": float(np.max(err[e])),
             "loss_relative_change_mean": float(np.mean(loss_change[e])) if loss_change[e] else None,
-            "encode_MBps": raw_f32 / 2 / 1e6 / max(enc_time[e], 1e-9),
-            "decode_MBps": raw_f32 / 2 / 1e6 / max(dec_time[e], 1e-9),
+            "encode_MBps": mb / max(enc_time[f"{e}/{default}"], 1e-9),
+            "decode_MBps": mb / max(dec_time[f"{e}/{default}"], 1e-9),
             "codecs": {c: nbytes[f"{e}/{c}"] / n for c in codecs},
             "codec_MBps": {  # encode, decode MB/s of the raw float16 size, every codec
                 c: [mb / max(enc_time[k], 1e-9), mb / max(dec_time[k], 1e-9)]
@@ -204,12 +196,8 @@ def _precompute_encodings() -> dict[str, tuple[str, str]]:
     """Whole stores measured by ``bench precompute``: name -> (dtype, codec); the PCodec row
     when pcodec is installed."""
     out = {"float16": ("float16", "blosc"), "uint8": ("uint8", "blosc")}
-    try:
-        import pcodec  # noqa: F401
-
+    if pcodec_available():
         out["float16-pcodec"] = ("float16", "pcodec")
-    except ImportError:
-        pass
     return out
 
 
