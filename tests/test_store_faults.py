@@ -69,7 +69,7 @@ def _fail_puts_from(monkeypatch, image: int, err: OSError) -> None:
     """Make local writes — zarr's and the writer's direct chunk writes (store/chunks.py) —
     raise ``err`` for the chunks of images >= ``image`` (block=1: chunk keys ``.../c/{index}/...``
     or ``.../c.{index}.0...``), and for every write when ``image`` is 0."""
-    real, real_direct = zlocal._put, chunks._write_atomic
+    real, real_new, real_atomic = zlocal._put, chunks._write_chunk, chunks._write_atomic
 
     def hit(path) -> bool:
         parts = Path(path).parts
@@ -85,13 +85,17 @@ def _fail_puts_from(monkeypatch, image: int, err: OSError) -> None:
             raise err
         return real(path, value, exclusive=exclusive)
 
-    def direct(path, data, guard=None):
-        if hit(path):
-            raise err
-        return real_direct(path, data, guard)
+    def direct(real_direct):
+        def write(path, data, guard=None):
+            if hit(path):
+                raise err
+            return real_direct(path, data, guard)
+
+        return write
 
     monkeypatch.setattr(zlocal, "_put", put)
-    monkeypatch.setattr(chunks, "_write_atomic", direct)
+    monkeypatch.setattr(chunks, "_write_chunk", direct(real_new))
+    monkeypatch.setattr(chunks, "_write_atomic", direct(real_atomic))
 
 
 def test_full_disk_is_one_line_with_free_space_then_resumes(data, tmp_path, monkeypatch, capsys):

@@ -231,3 +231,35 @@ def test_local_reads_skip_zarrs_per_key_thread_hop(env, monkeypatch):
     boxes.unlink()  # a missing chunk is still named
     with pytest.raises(UserError, match="missing"):
         t.get(1, "orig")
+
+
+def test_torn_chunk_of_a_pending_image_is_replaced(env, clean, monkeypatch):
+    """A new chunk is written in place (store/chunks.py ``_write_chunk``): a write killed
+    half-way leaves a torn file of an image whose marker is not set. Resuming replaces it
+    (through a temporary file and a rename) and the store equals an uninterrupted one."""
+    from dfmsd_cli.store import chunks
+    from dfmsd_cli.store.repair import reset_markers
+
+    store = env["store"]
+    torn = _chunk(store, "feat/orig/8", 5)
+    other = _chunk(store, "att_s/orig/16", 5)
+    t = TeacherStore.open(store)
+    reset_markers(t, [5])  # as if image 5 was in flight when the process died
+    torn.write_bytes(torn.read_bytes()[:7])  # torn mid-write
+    other.unlink()  # never reached
+    renamed: list[Path] = []
+    real = chunks._write_atomic
+
+    def atomic(path, data, guard=None):
+        renamed.append(Path(path))
+        return real(path, data, guard)
+
+    monkeypatch.setattr(chunks, "_write_atomic", atomic)
+    _precompute(env["root"], env["cache"])
+    assert torn in renamed and other not in renamed  # existing: replaced; new: in place
+    assert _chunk(store, "done", 5 // 4) in renamed  # block chunks (read on resume): always atomic
+    assert not list(torn.parent.glob(".*partial"))
+    ref = zarr.open_group(str(clean[1] / "retina_tiny" / "train2017.zarr"), mode="r")
+    got = zarr.open_group(str(store), mode="r")
+    for name in ("feat/orig/8", "att_s/orig/16", "done"):
+        assert np.array_equal(np.asarray(ref[name][:]), np.asarray(got[name][:])), name

@@ -4,7 +4,8 @@
 Per image, ``StoreWriter.write`` stores every view and level, the attention statistics, the
 top-K detections, the area ratio and (ME view) the enhancement parameters, and only then the
 completion marker ``done[i] = 1``: a process killed at any moment leaves that image pending,
-never half-complete (zarr's local store writes each chunk to a temporary file and renames it).
+never half-complete (a chunk file is replaced through a temporary file and a rename; a new
+one, of a still-pending image, is written in place: ``store/chunks.py``).
 
 ``BackgroundWriter`` runs the writes in threads fed by a bounded queue so the teacher's next
 forward pass overlaps quantisation, compression and IO (the codecs and numpy release the GIL):
@@ -175,8 +176,8 @@ class StoreWriter:
             delta = np.asarray(r.adv["delta"], dtype=np.int8)
             chunks.append(("adv/delta", _place(delta, hi, wi, transposed)))
         fast = [(self._codec(n), i, x[None]) for n, x in chunks if self._codec(n) is not None]
-        if fast:
-            put_chunks(self.group.store, fast)
+        if fast:  # image i is pending until finish(): a new chunk may be written in place
+            put_chunks(self.group.store, fast, pending_only=True)
         for n, x in chunks:
             if self._codec(n) is None:
                 self._a(n)[i] = x
@@ -247,6 +248,7 @@ class StoreWriter:
             return
         b0, b1 = b * self.block, min((b + 1) * self.block, self.n)
         names = sorted(buffered, key=lambda n: n == "done")  # the markers last
+        fast: list[tuple[RowCodec, int, np.ndarray]] = []
         for name in names:
             arr, rows = self._a(name), buffered[name]
             if len(rows) == b1 - b0:  # every row of the block is new: no read needed
@@ -255,7 +257,19 @@ class StoreWriter:
                 block = np.asarray(arr[b0:b1]).copy()
             for i, row in rows.items():
                 block[i - b0] = row
-            arr[b0:b1] = block
+            codec = self._codec(name)
+            if codec is None or codec.chunk[0] != self.block:
+                arr[b0:b1] = block
+                continue
+            if b1 - b0 < self.block:  # the last block: zarr stores edge chunks whole, padded
+                pad = np.zeros((self.block - (b1 - b0), *arr.shape[1:]), dtype=arr.dtype)
+                block = np.concatenate([block, pad])
+            if name == "done":  # after every other chunk of the block is on disk
+                put_chunks(self.group.store, fast)
+                fast = []
+            fast.append((codec, b0, block))
+        if fast:
+            put_chunks(self.group.store, fast)
 
 
 class BackgroundWriter:
