@@ -62,15 +62,22 @@ def io_path(path: str | os.PathLike) -> Iterator[None]:
         raise
 
 
-def free_space(path: str | os.PathLike) -> str:
-    """Free bytes on the file system of ``path`` (its nearest existing ancestor), formatted."""
+def free_bytes(path: str | os.PathLike) -> int | None:
+    """Free bytes on the file system of ``path`` (its nearest existing ancestor); None when
+    it cannot be told."""
     p = Path(path).absolute()
     while not p.exists() and p != p.parent:
         p = p.parent
     try:
-        return format_bytes(shutil.disk_usage(p).free)
+        return int(shutil.disk_usage(p).free)
     except OSError:
-        return "unknown space"
+        return None
+
+
+def free_space(path: str | os.PathLike) -> str:
+    """:func:`free_bytes`, formatted."""
+    free = free_bytes(path)
+    return "unknown space" if free is None else format_bytes(free)
 
 
 def os_error_line(exc: OSError) -> str:

@@ -11,13 +11,15 @@
 #   cascade_mask_rcnn_x101_64x4d_fpn_20e_coco_20200512_161033-bdb5126a.pth
 # and the torchvision ImageNet ResNet-50 file in $TORCH_HOME/hub/checkpoints (student init).
 #
-# Disk (store = float16, Zstd level 3; levels 8,16,32,64 = the strides the student shares with
-# the teachers, stride 4 is skipped): a COCO image resized to 1333x800 pads to ~1088x800, i.e.
-# ~18k positions x 256 channels x 2 B = ~9.3 MB per view raw, ~8.6 MB stored (ratio 0.93
-# measured on real r50-class features, docs/store.md).
-#   cmr_r101, views orig+hflip     : ~17 MB/image -> ~2.0 TB for train2017 (118,287 images)
-#   cmr_x101, views orig+hflip+me  : ~26 MB/image -> ~3.1 TB
-#   --dtype uint8 halves both (~1.0 TB + ~1.5 TB) at ~0.5 % relative RMSE.
+# Disk (store = float16, blosc-zstd; levels 8,16,32,64 = the strides the student shares with
+# the teachers, stride 4 is skipped), projected for train2017 (118,287 images at 1333x800) by
+# `examples/coco_projection.py` (docs/store.md, "COCO projection"):
+#   cmr_r101, views orig+hflip     : 1.73 TB
+#   cmr_x101, views orig+hflip+me  : 2.60 TB          (the pair: 4.34 TB)
+#   --dtype uint8: 2.62 TB for the pair; --dtype bfloat16 --keepbits 3 --codec pcodec: 1.79 TB;
+#   --pca 32 (a per-level channel projection; its error is in `dfmsd cache info`): 0.68 TB.
+# precompute refuses to start a store projected beyond its disk's free space and names the
+# least lossy smaller encoding that fits (--no-space-check starts anyway).
 # `dfmsd precompute ... --dry-run` prints the projection for your data before writing anything;
 # `dfmsd bench precompute|store|distill` measures time per image/step on your hardware.
 # Time: precompute costs one teacher forward per image and view (the store adds <10 %, see

@@ -29,6 +29,10 @@ def pca_row(e: dict) -> str:
     return f"{fmt(got) if got == got else '-'} (fit: {fmt(fit) if fit is not None else '-'})"
 
 
+def _free(free: int | None) -> str:
+    return "- (object storage)" if free is None else format_bytes(free)
+
+
 @dataclass(kw_only=True)
 class PrecomputeCLI(DataOptions, GeometryOptions, BatchOptions, DeviceOptions, JsonOptions):
     teacher: str = opt(help="Teacher zoo name, e.g. cmr_r101.", short="-t")
@@ -86,6 +90,13 @@ class PrecomputeCLI(DataOptions, GeometryOptions, BatchOptions, DeviceOptions, J
     max_images: int | None = opt(None, "Only the first N images (quick runs).")
     strict: bool = opt(False, "Fail on unreadable images.")
     dry_run: bool = opt(False, "Print the projected store size and time; write nothing.")
+    space_check: bool = opt(
+        True,
+        "Start anyway when the projected store exceeds its disk's free space (by default a "
+        "one-line error names a smaller encoding that fits).",
+        flag="--no-space-check",
+        negate=True,
+    )
     json: Path | None = reuse(
         JsonOptions, "json", help="Also write the summary as JSON to this file ('-': stdout)."
     )
@@ -140,6 +151,7 @@ def precompute_cmd(o: PrecomputeCLI) -> None:
         seed=seed,
         max_images=o.max_images,
         strict=o.strict,
+        space_check=o.space_check,
     )
     summary = precompute(ann_file, image_dir, opts, dry_run=dry_run, warn=console.print)
     if not dry_run and "://" not in cache:
@@ -155,6 +167,7 @@ def precompute_cmd(o: PrecomputeCLI) -> None:
             ("raw bytes/image", format_bytes(summary["raw_bytes_per_image"])),
             ("projected size", format_bytes(summary["projected_bytes"])),
             ("  of which logits", format_bytes(summary["projected_logit_bytes"])),
+            ("free on its disk", _free(summary.get("free_bytes"))),
             (f"stored/raw features ({o.codec})", f"{summary['expected_compression']:.2f}"),
             ("s/image (probe)", f"{summary['seconds_per_image']:.3f}"),
             ("projected time", f"{summary['projected_seconds']:.0f} s"),

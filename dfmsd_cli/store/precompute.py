@@ -37,7 +37,7 @@ from dfmsd_cli.data.adversarial import AdvConfig
 from dfmsd_cli.data.coco import CocoDetection
 from dfmsd_cli.data.enhance import EnhanceConfig
 from dfmsd_cli.data.geometry import Geometry
-from dfmsd_cli.errors import UserError, io_path, suggest
+from dfmsd_cli.errors import UserError, free_bytes, io_path, suggest
 from dfmsd_cli.models.checkpoint import load_teacher
 from dfmsd_cli.store import schema
 from dfmsd_cli.store.inspect import pca_energy
@@ -47,6 +47,7 @@ from dfmsd_cli.store.projection import dry_run as _dry_run
 from dfmsd_cli.store.quantize import check_keepbits
 from dfmsd_cli.store.reader import TeacherStore
 from dfmsd_cli.store.schema import store_path
+from dfmsd_cli.store.space import check_space
 from dfmsd_cli.store.teacher_pass import (
     BatchLoad,
     adversarial_deltas,
@@ -100,6 +101,7 @@ class PrecomputeOptions:
     max_images: int | None = None
     strict: bool = False
     progress: bool = True
+    space_check: bool = True  # refuse a local store projected beyond its disk (store/space.py)
 
 
 def _check_options(o: PrecomputeOptions) -> list[str]:
@@ -274,12 +276,19 @@ def precompute(
         ratios, weak_done = _weaker_ratios(o, ds, ann_sha)
         enhance_cfg = {**o.enhance.to_dict(), "source": o.enhance_from}
 
-    if warn is not None and not (o.for_student or o.levels):
-        note = unused_levels_note(o.teacher, strides, pad_sizes[0])
-        if note:
-            warn(note)
+    note = None if o.for_student or o.levels else unused_levels_note(o.teacher, strides,
+                                                                      pad_sizes[0])  # fmt: skip
+    if warn is not None and note:
+        warn(note)
     if dry_run:
-        return _dry_run(ds, o, model, device, strides, views, start, stop, pad_sizes, path)
+        summary = _dry_run(ds, o, model, device, strides, views, start, stop, pad_sizes, path)
+        summary["free_bytes"] = None if "://" in path else free_bytes(path)
+        return summary
+    if o.space_check and "://" not in path:  # the whole store's remaining images (one disk)
+        done = TeacherStore.open(path).done() if store_exists(path) else np.zeros(n)
+        lc = int(model.logit_anchors) * int(model.num_classes) if o.store_logits else 0
+        todo = int((done == schema.DONE_PENDING).sum())
+        check_space(ds, o, strides, model.out_channels, views, lc, path, todo, bool(note))
 
     # one writer per (store, image range); an OSError without a file name names the store
     with io_path(path), store_lock(path, start, stop, f"{part}/{parts}"):

@@ -1,0 +1,106 @@
+"""Before a local store is written: will it fit its disk?
+
+A COCO-scale store takes days to write and terabytes to hold (docs/store.md, "COCO
+projection"); running out of space half-way loses nothing (precompute resumes) but wastes the
+days. :func:`check_space` projects the bytes still to be written with the same code as
+``precompute --dry-run`` (:func:`store.projection.projected_size`: image sizes × the
+encoding's measured stored/raw ratio) and, when they exceed the free space of the store's file
+system, stops with one line naming the least lossy smaller encoding that fits.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import TYPE_CHECKING
+
+from dfmsd_cli.errors import UserError, free_bytes
+from dfmsd_cli.store.chunks import pcodec_available
+from dfmsd_cli.store.projection import PlannedStore, projected_size
+from dfmsd_cli.utils.fmt import format_bytes
+
+if TYPE_CHECKING:
+    from dfmsd_cli.data.coco import CocoDetection
+
+# Smaller encodings, least feature error first: relative RMSE on real-image retina_r50
+# features (docs/store.md, "Smaller stores"; --pca: examples/measure_pca.py, random init —
+# a trained teacher's own error is in `cache info`). (flags, dtype, keepbits, codec, pca)
+SMALLER: list[tuple[str, str, int | None, str, int | None]] = [
+    ("--dtype bfloat16", "bfloat16", None, "blosc", None),  # 1.7e-3
+    ("--dtype uint8", "uint8", None, "blosc", None),  # 2.5e-3
+    ("--keepbits 5", "float16", 5, "blosc", None),  # 6.7e-3
+    ("--dtype bfloat16 --keepbits 3", "bfloat16", 3, "blosc", None),  # 2.7e-2
+    ("--dtype bfloat16 --keepbits 3 --codec pcodec", "bfloat16", 3, "pcodec", None),  # same
+    ("--dtype uint8 --pca 64", "uint8", None, "blosc", 64),  # 8.7e-2
+    ("--dtype uint8 --pca 32", "uint8", None, "blosc", 32),  # 0.11
+]
+
+
+def encoding_label(o: PlannedStore) -> str:
+    """``float16``, ``bfloat16 keepbits 3 pcodec``, ``uint8 pca 32``: what a store encodes."""
+    parts = [o.dtype]
+    if o.keepbits is not None:
+        parts.append(f"keepbits {o.keepbits}")
+    if o.codec != "blosc":
+        parts.append(o.codec)
+    if getattr(o, "pca", None):
+        parts.append(f"pca {o.pca}")
+    return " ".join(parts)
+
+
+def smaller_that_fits(
+    ds: CocoDetection,
+    o: PlannedStore,
+    strides: list[int],
+    channels: int,
+    views: list[str],
+    logit_channels: int,
+    todo: int,
+    free: float,
+) -> tuple[str, float] | None:
+    """The first of :data:`SMALLER` (least error first) whose projection for ``todo`` images
+    fits in ``free`` bytes and is smaller than ``o``'s: (flags, bytes), or None."""
+    n = max(1, len(ds.image_ids))
+    mine = projected_size(ds, o, strides, channels, views, logit_channels)["projected_bytes"]
+    for flags, dtype, keepbits, codec, pca in SMALLER:
+        if (pca and pca >= channels) or (codec == "pcodec" and not pcodec_available()):
+            continue
+        alt = dataclasses.replace(o, dtype=dtype, keepbits=keepbits, codec=codec, pca=pca)
+        size = projected_size(ds, alt, strides, channels, views, logit_channels)
+        need = size["projected_bytes"] * todo / n
+        if size["projected_bytes"] < mine and need <= free:
+            return flags, need
+    return None
+
+
+def check_space(
+    ds: CocoDetection,
+    o: PlannedStore,
+    strides: list[int],
+    channels: int,
+    views: list[str],
+    logit_channels: int,
+    path: str,
+    todo: int,
+    unused_levels: bool = False,
+) -> dict[str, float | None]:
+    """Raise a one-line :class:`UserError` when the ``todo`` images still to be written to the
+    local store ``path`` project to more bytes than its file system has free; return the
+    projection {needed_bytes, free_bytes} otherwise (object storage: free is None, no check).
+    ``unused_levels``: the store would keep levels no single-stage student reads (the error
+    then also names ``--for-student``)."""
+    size = projected_size(ds, o, strides, channels, views, logit_channels)
+    need = size["projected_bytes"] * todo / max(1, len(ds.image_ids))
+    free = None if "://" in str(path) else free_bytes(path)
+    if free is None or need <= free:
+        return {"needed_bytes": need, "free_bytes": free}
+    fix = ["free space or choose another --cache"]
+    alt = smaller_that_fits(ds, o, strides, channels, views, logit_channels, todo, free)
+    if alt is not None:
+        fix.append(f"store less: {alt[0]} projects to {format_bytes(alt[1])}")
+    if unused_levels:
+        fix.append("--for-student NAME skips the levels your student cannot read")
+    raise UserError(
+        f"store {path}: the {todo} images still to write project to {format_bytes(need)} "
+        f"({encoding_label(o)}; --dry-run shows the projection) but its disk has "
+        f"{format_bytes(free)} free: {'; '.join(fix)}; or pass --no-space-check"
+    )

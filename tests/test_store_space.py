@@ -1,0 +1,90 @@
+"""``precompute`` refuses a local store projected beyond its disk's free space, in one line
+that names the least lossy smaller encoding that fits (store/space.py)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+from conftest import _cli, train_files
+
+from dfmsd_cli.data.coco import CocoDetection
+from dfmsd_cli.data.geometry import Geometry
+from dfmsd_cli.store import space
+from dfmsd_cli.store.precompute import PrecomputeOptions
+from dfmsd_cli.store.projection import projected_size
+
+SCALE = (128, 96)
+STRIDES, CHANNELS, VIEWS = [8, 16, 32, 64, 128], 64, ["orig"]  # retina_tiny
+
+
+@pytest.fixture
+def planned(synthetic_root):
+    ds = CocoDetection(*train_files(synthetic_root), geometry=Geometry(img_scale=SCALE))
+    o = PrecomputeOptions(teacher="retina_tiny", geometry=Geometry(img_scale=SCALE))
+    return ds, o
+
+
+def _bytes(ds, o, **enc) -> float:
+    alt = dataclasses.replace(o, **enc)
+    return projected_size(ds, alt, STRIDES, CHANNELS, VIEWS)["projected_bytes"]
+
+
+def test_smaller_that_fits_is_the_least_lossy_that_fits(planned):
+    ds, o = planned
+    n = len(ds.image_ids)
+    f16 = _bytes(ds, o)
+    bf16 = _bytes(ds, o, dtype="bfloat16")
+    kb3 = _bytes(ds, o, dtype="bfloat16", keepbits=3)
+    assert kb3 < bf16 < f16
+    args = (ds, o, STRIDES, CHANNELS, VIEWS, 0)
+    # room for bfloat16: the first (least error) smaller encoding is named
+    flags, need = space.smaller_that_fits(*args, n, bf16 * 1.01)
+    assert flags == "--dtype bfloat16" and need == pytest.approx(bf16)
+    # half the images left: half the bytes
+    assert space.smaller_that_fits(*args, n // 2, bf16 * 0.51)[0] == "--dtype bfloat16"
+    # room for bfloat16 keepbits 3 only (not uint8, not keepbits 5)
+    got = space.smaller_that_fits(*args, n, kb3 * 1.001)
+    assert got is not None and got[0].startswith("--dtype bfloat16 --keepbits 3")
+    assert space.smaller_that_fits(*args, n, 1.0) is None  # nothing fits one byte
+
+
+def test_check_space_passes_remote_and_roomy_stores(planned):
+    ds, o = planned
+    args = (ds, o, STRIDES, CHANNELS, VIEWS, 0)
+    got = space.check_space(*args, "s3://bucket/cache/x.zarr", len(ds.image_ids))
+    assert got["free_bytes"] is None and got["needed_bytes"] > 0
+    assert space.check_space(*args, "cache/x.zarr", 0)["needed_bytes"] == 0
+
+
+def _argv(root, cache, *more) -> list[str]:
+    return ["precompute", "--teacher", "retina_tiny", "--data", str(root), "--cache",
+            str(cache), "--img-scale", "128,96", "--num-workers", "0", "--device", "cpu",
+            *more]  # fmt: skip
+
+
+def test_precompute_refuses_a_store_beyond_its_disk(synthetic_root, planned, tmp_path,
+                                                    monkeypatch, capsys):  # fmt: skip
+    ds, o = planned
+    kb3 = _bytes(ds, o, dtype="bfloat16", keepbits=3)
+    monkeypatch.setattr(space, "free_bytes", lambda path: int(kb3 * 1.001))
+    assert _cli(_argv(synthetic_root, tmp_path)) == 2
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    line = lines[0]
+    assert "project to" in line and "(float16;" in line and "--no-space-check" in line
+    assert "store less: --dtype bfloat16 --keepbits 3" in line and "--cache" in line
+    assert not (tmp_path / "retina_tiny").exists()  # nothing written
+    # the suggested encoding fits: it starts
+    assert _cli(_argv(synthetic_root, tmp_path, "--dtype", "bfloat16", "--keepbits", "3")) == 0
+    # and --no-space-check starts anyway
+    more = ["--max-images", "4", "--no-space-check"]
+    assert _cli(_argv(synthetic_root, tmp_path / "b", *more)) == 0
+
+
+def test_dry_run_prints_the_free_space(synthetic_root, tmp_path, capsys):
+    assert _cli(_argv(synthetic_root, tmp_path, "--dry-run", "--json", "-")) == 0
+    out = capsys.readouterr()
+    assert "free on its disk" in out.err
+    assert '"free_bytes": ' in out.out
