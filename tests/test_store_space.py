@@ -37,7 +37,7 @@ def test_smaller_that_fits_is_the_least_lossy_that_fits(planned):
     bf16 = _bytes(ds, o, dtype="bfloat16")
     kb3 = _bytes(ds, o, dtype="bfloat16", keepbits=3)
     assert kb3 < bf16 < f16
-    args = (ds, o, STRIDES, CHANNELS, VIEWS, 0)
+    args = (space.StorePlan(ds, o, STRIDES, CHANNELS, VIEWS),)
     # room for bfloat16: the first (least error) smaller encoding is named
     flags, need = space.smaller_that_fits(*args, n, bf16 * 1.01)
     assert flags == "--dtype bfloat16" and need == pytest.approx(bf16)
@@ -51,7 +51,7 @@ def test_smaller_that_fits_is_the_least_lossy_that_fits(planned):
 
 def test_check_space_passes_remote_and_roomy_stores(planned):
     ds, o = planned
-    args = (ds, o, STRIDES, CHANNELS, VIEWS, 0)
+    args = (space.StorePlan(ds, o, STRIDES, CHANNELS, VIEWS),)
     got = space.check_space(*args, "s3://bucket/cache/x.zarr", len(ds.image_ids))
     assert got["free_bytes"] is None and got["needed_bytes"] > 0
     assert space.check_space(*args, "cache/x.zarr", 0)["needed_bytes"] == 0

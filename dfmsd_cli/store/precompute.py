@@ -47,7 +47,7 @@ from dfmsd_cli.store.projection import dry_run as _dry_run
 from dfmsd_cli.store.quantize import check_keepbits
 from dfmsd_cli.store.reader import TeacherStore
 from dfmsd_cli.store.schema import store_path
-from dfmsd_cli.store.space import check_space
+from dfmsd_cli.store.space import StorePlan, check_space
 from dfmsd_cli.store.teacher_pass import (
     BatchLoad,
     adversarial_deltas,
@@ -288,7 +288,8 @@ def precompute(
         done = TeacherStore.open(path).done() if store_exists(path) else np.zeros(n)
         lc = int(model.logit_anchors) * int(model.num_classes) if o.store_logits else 0
         todo = int((done == schema.DONE_PENDING).sum())
-        check_space(ds, o, strides, model.out_channels, views, lc, path, todo, bool(note))
+        plan = StorePlan(ds, o, strides, model.out_channels, views, lc)
+        check_space(plan, path, todo, bool(note))
 
     # one writer per (store, image range); an OSError without a file name names the store
     with io_path(path), store_lock(path, start, stop, f"{part}/{parts}"):

@@ -47,60 +47,61 @@ def encoding_label(o: PlannedStore) -> str:
     return " ".join(parts)
 
 
-def smaller_that_fits(
-    ds: CocoDetection,
-    o: PlannedStore,
-    strides: list[int],
-    channels: int,
-    views: list[str],
-    logit_channels: int,
-    todo: int,
-    free: float,
-) -> tuple[str, float] | None:
+@dataclasses.dataclass(frozen=True)
+class StorePlan:
+    """What a store will hold: the images of ``ds``, ``strides`` × ``views`` maps of ``channels``
+    channels (``logit_channels`` float16 logits per position), encoded as ``o`` says."""
+
+    ds: CocoDetection
+    o: PlannedStore
+    strides: list[int]
+    channels: int
+    views: list[str]
+    logit_channels: int = 0
+
+    def projected_bytes(self, todo: int, **encoding) -> float:
+        """Projected bytes of ``todo`` of the images, in ``o``'s encoding with ``encoding``'s
+        fields (dtype, keepbits, codec, pca) replaced."""
+        o = dataclasses.replace(self.o, **encoding) if encoding else self.o
+        size = projected_size(self.ds, o, self.strides, self.channels, self.views,
+                              self.logit_channels)  # fmt: skip
+        return size["projected_bytes"] * todo / max(1, len(self.ds.image_ids))
+
+
+def smaller_that_fits(plan: StorePlan, todo: int, free: float) -> tuple[str, float] | None:
     """The first of :data:`SMALLER` (least error first) whose projection for ``todo`` images
-    fits in ``free`` bytes and is smaller than ``o``'s: (flags, bytes), or None."""
-    n = max(1, len(ds.image_ids))
-    mine = projected_size(ds, o, strides, channels, views, logit_channels)["projected_bytes"]
+    fits in ``free`` bytes and is smaller than the plan's own encoding: (flags, bytes), or
+    None."""
+    mine = plan.projected_bytes(todo)
     for flags, dtype, keepbits, codec, pca in SMALLER:
-        if (pca and pca >= channels) or (codec == "pcodec" and not pcodec_available()):
+        if (pca and pca >= plan.channels) or (codec == "pcodec" and not pcodec_available()):
             continue
-        alt = dataclasses.replace(o, dtype=dtype, keepbits=keepbits, codec=codec, pca=pca)
-        size = projected_size(ds, alt, strides, channels, views, logit_channels)
-        need = size["projected_bytes"] * todo / n
-        if size["projected_bytes"] < mine and need <= free:
+        need = plan.projected_bytes(todo, dtype=dtype, keepbits=keepbits, codec=codec, pca=pca)
+        if need < mine and need <= free:
             return flags, need
     return None
 
 
 def check_space(
-    ds: CocoDetection,
-    o: PlannedStore,
-    strides: list[int],
-    channels: int,
-    views: list[str],
-    logit_channels: int,
-    path: str,
-    todo: int,
-    unused_levels: bool = False,
+    plan: StorePlan, path: str, todo: int, unused_levels: bool = False
 ) -> dict[str, float | None]:
     """Raise a one-line :class:`UserError` when the ``todo`` images still to be written to the
     local store ``path`` project to more bytes than its file system has free; return the
     projection {needed_bytes, free_bytes} otherwise (object storage: free is None, no check).
     ``unused_levels``: the store would keep levels no single-stage student reads (the error
     then also names ``--for-student``)."""
-    size = projected_size(ds, o, strides, channels, views, logit_channels)
-    need = size["projected_bytes"] * todo / max(1, len(ds.image_ids))
+    need = plan.projected_bytes(todo)
     free = None if "://" in str(path) else free_bytes(path)
     if free is None or need <= free:
         return {"needed_bytes": need, "free_bytes": free}
     fix = ["free space or choose another --cache"]
-    alt = smaller_that_fits(ds, o, strides, channels, views, logit_channels, todo, free)
+    alt = smaller_that_fits(plan, todo, free)
     if alt is not None:
         fix.append(f"store less: {alt[0]} projects to {format_bytes(alt[1])}")
     if unused_levels:
         fix.append("--for-student NAME skips the levels your student cannot read")
     raise UserError(
         f"store {path}: the {todo} images still to write project to {format_bytes(need)} "
-        f"({encoding_label(o)}; --dry-run shows the projection) but its disk has "
+        f"({encoding_label(plan.o)}; --dry-run shows the projection) but its disk has "
         f"{format_bytes(free)} free: {'; '.join(fix)}; or pass --no-space-check"
     )
