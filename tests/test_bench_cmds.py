@@ -85,6 +85,8 @@ def test_bench_precompute_cli_json(data, tmp_path):
             str(tmp_path / "w"),
             "--json",
             str(out),
+            "--repeats",
+            "2",
         ],  # fmt: skip
     )
     assert res.exit_code == 0, res.output
@@ -93,5 +95,10 @@ def test_bench_precompute_cli_json(data, tmp_path):
     for dt in ("float16", "uint8", "float16-pcodec"):
         p = printed["precompute"][dt]
         assert p["ratio"] > 0 and p["bytes_per_image"] > 0 and p["teacher_only_s"] > 0
+        # --repeats 2: both rounds listed, the median reported
+        runs = p["ratio_cpu_runs"]
+        assert len(runs) == 2 and len(p["ratio_runs"]) == 2
+        assert p["ratio_cpu"] == pytest.approx(sum(runs) / 2)
+    assert "over 2 rounds" in res.stdout  # the table of the ratios' ranges
     assert printed["memory"]["peak_rss_mb"] > 0
     assert printed["images"] == 3

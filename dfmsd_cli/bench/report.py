@@ -36,7 +36,19 @@ def precompute_tables(r: dict[str, Any]) -> list[Table]:
             _f(p.get("compression_ratio"), "{:.2f}"),
             _f(h, "{:.1f}") if dt == "float16" else "",
         )
-    return [t, _memory_table(r)]
+    tables = [t]
+    rounds = {dt: p for dt, p in r.get("precompute", {}).items() if p.get("ratio_cpu_runs")}
+    if rounds:  # bench precompute --repeats N: the medians above, and their spread
+        n = len(next(iter(rounds.values()))["ratio_cpu_runs"])
+        t = Table(title=f"precompute ÷ teacher only over {n} rounds: median (min–max)")
+        for c in ("encoding", "loop ÷ teacher", "CPU ÷ teacher CPU"):
+            t.add_column(c, justify="right")
+        for dt, p in rounds.items():
+            spread = [f"{p[k]:.3f} ({min(p[k + '_runs']):.3f}–{max(p[k + '_runs']):.3f})"
+                      for k in ("ratio", "ratio_cpu")]  # fmt: skip
+            t.add_row(dt, *spread)
+        tables.append(t)
+    return [*tables, _memory_table(r)]
 
 
 def store_tables(r: dict[str, Any]) -> list[Table]:

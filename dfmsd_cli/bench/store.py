@@ -59,6 +59,7 @@ def bench_store_cmd(
     seed: int = 0,
     threads: int | None = None,
     quiet: bool = False,
+    repeats: int = 1,
 ) -> dict[str, Any]:
     """Run the ``what`` ("precompute" or "store") measurements; returns a JSON-able dict."""
     from dfmsd_cli.data.loader import resolve_data
@@ -79,6 +80,7 @@ def bench_store_cmd(
         parts=PARTS[what],
         threads=threads,
         quiet=quiet,
+        repeats=repeats,
     )
     res = run_isolated("dfmsd_cli.bench.store:store_measure", kwargs, isolate=isolate)
     out = {"bench": what, "data": str(data), "split": split, **res["result"]}

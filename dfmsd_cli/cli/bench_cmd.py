@@ -83,6 +83,11 @@ def _store_like(what: str, o: BenchOptions) -> None:
 @dataclass(kw_only=True)
 class BenchPrecomputeOptions(BenchOptions):
     teacher: str = opt("retina_r50", "Teacher zoo name (random init: timing and size only).")
+    repeats: int = opt(
+        1,
+        "Measure every encoding N times, in rounds; report the median ratio and its range "
+        "(this machine's noise).",
+    )
 
 
 @command(bench_app, "precompute", BenchPrecomputeOptions)

@@ -38,6 +38,7 @@ COUNTS: dict[str, tuple[int, str]] = {
     "steps": (1, "an epoch or step count"),
     "writer_threads": (1, "the number of store writer threads"),
     "threads": (1, "the number of torch threads"),
+    "repeats": (1, "the number of measurement rounds"),
     "warmup_iters": (0, "the number of warm-up iterations"),
     "save_interval": (0, "a step interval; 0 saves at each epoch only"),
     "max_steps": (1, "the number of optimizer steps before stopping"),

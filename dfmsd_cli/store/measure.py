@@ -192,6 +192,12 @@ def quantization_report(
     return out
 
 
+# What ``precompute_overhead`` times: medians over ``bench precompute --repeats`` rounds.
+_TIMINGS = ("teacher_only_s", "teacher_only_cpu_s", "precompute_cpu_s", "precompute_loop_cpu_s",
+            "ratio_cpu", "ratio_cpu_total", "precompute_s", "precompute_loop_s", "ratio_total",
+            "ratio")  # fmt: skip
+
+
 def _precompute_encodings() -> dict[str, tuple[str, str]]:
     """Whole stores measured by ``bench precompute``: name -> (dtype, codec); the PCodec row
     when pcodec is installed."""
@@ -382,8 +388,13 @@ def bench_store(
     seed: int = 0,
     parts: tuple[str, ...] = ("flip", "quant", "precompute", "read"),
     log=print,
+    repeats: int = 1,
 ) -> dict[str, Any]:
-    """Run the store measurements on the first ``images`` images; returns a JSON-able dict."""
+    """Run the store measurements on the first ``images`` images; returns a JSON-able dict.
+
+    ``repeats`` > 1 measures every precompute encoding that many times, in rounds (each round
+    every encoding once, so a load change on a shared machine hits them alike); its ratios are
+    then the medians, and ``ratio_runs`` / ``ratio_cpu_runs`` list every round's."""
     geometry = geometry or Geometry()
     ds = CocoDetection(ann_file, image_dir, geometry=geometry, train=False, max_images=images)
     idx = list(range(len(ds.image_ids)))
@@ -408,10 +419,11 @@ def bench_store(
     stores = {}
     if "precompute" in parts or "read" in parts:
         res["precompute"] = {}
-        for name, (dtype, codec) in _precompute_encodings().items():
+        rounds = [(k, e) for k in range(max(1, repeats)) for e in _precompute_encodings().items()]
+        for k, (name, (dtype, codec)) in rounds:
             opts = PrecomputeOptions(
                 teacher=teacher,
-                split=f"bench-{name}",
+                split=f"bench-{name}" + (f"-{k}" if k else ""),  # a fresh store every round
                 cache=str(work / "cache"),
                 dtype=dtype,
                 codec=codec,
@@ -429,9 +441,15 @@ def bench_store(
             info = store_info(r["store"])
             r["bytes_per_image"] = info["bytes_per_image"]
             r["compression_ratio"] = info["compression_ratio"]
-            res["precompute"][name] = r
-            stores[name] = r["store"]
             log(f"precompute {name}: {r}")
+            if k == 0:
+                res["precompute"][name] = r
+                stores[name] = r["store"]
+                continue
+            first = res["precompute"][name]  # every timing becomes the median of the rounds
+            for key in _TIMINGS:
+                first.setdefault(f"{key}_runs", [first[key]]).append(r[key])
+                first[key] = float(np.median(first[f"{key}_runs"]))
     if "read" in parts:
         res["read"] = {
             dt: read_throughput(p, num_workers=num_workers, batch_size=batch_size, epochs=3)
