@@ -4,6 +4,7 @@ that names the least lossy smaller encoding that fits (store/space.py)."""
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import pytest
 from conftest import _cli, train_files
@@ -83,8 +84,15 @@ def test_precompute_refuses_a_store_beyond_its_disk(synthetic_root, planned, tmp
     assert _cli(_argv(synthetic_root, tmp_path / "b", *more)) == 0
 
 
-def test_dry_run_prints_the_free_space(synthetic_root, tmp_path, capsys):
+def test_dry_run_prints_the_free_space_and_smaller_encodings(synthetic_root, tmp_path, capsys):
     assert _cli(_argv(synthetic_root, tmp_path, "--dry-run", "--json", "-")) == 0
     out = capsys.readouterr()
-    assert "free on its disk" in out.err
-    assert '"free_bytes": ' in out.out
+    assert "free on its disk" in out.err and "smaller encodings" in out.err
+    summary = json.loads(out.out)
+    assert summary["free_bytes"] > 0
+    flags = [e["flags"] for e in summary["smaller"]]
+    assert flags[:2] == ["--dtype bfloat16", "--dtype uint8"]  # least error first
+    errors = [e["relative_rmse"] for e in summary["smaller"]]
+    assert errors == sorted(errors)
+    assert all(e["bytes"] < summary["projected_bytes"] for e in summary["smaller"])
+    assert not (tmp_path / "retina_tiny").exists()  # a dry run writes nothing

@@ -33,6 +33,19 @@ def _free(free: int | None) -> str:
     return "- (object storage)" if free is None else format_bytes(free)
 
 
+def _smaller_table(rows: list[dict], free: int | None):
+    """--dry-run: the smaller encodings, their projected size and measured feature error."""
+    from rich.table import Table
+
+    t = Table(title="smaller encodings (projected; rel. RMSE on real-image r50 features)")
+    for c in ("add", "projected size", "rel. RMSE", "fits"):
+        t.add_column(c, justify="left" if c == "add" else "right")
+    for e in rows:
+        fits = "-" if free is None else ("yes" if e["bytes"] <= free else "no")
+        t.add_row(e["flags"], format_bytes(e["bytes"]), f"{e['relative_rmse']:.1e}", fits)
+    return t
+
+
 @dataclass(kw_only=True)
 class PrecomputeCLI(DataOptions, GeometryOptions, BatchOptions, DeviceOptions, JsonOptions):
     teacher: str = opt(help="Teacher zoo name, e.g. cmr_r101.", short="-t")
@@ -185,4 +198,6 @@ def precompute_cmd(o: PrecomputeCLI) -> None:
     for r in rows:
         table.add_row(*r)
     console.print(table)  # stderr: stdout stays clean for --json -
+    if dry_run and summary.get("smaller"):
+        console.print(_smaller_table(summary["smaller"], summary.get("free_bytes")))
     emit_json(summary, o.json)

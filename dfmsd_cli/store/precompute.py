@@ -47,7 +47,7 @@ from dfmsd_cli.store.projection import dry_run as _dry_run
 from dfmsd_cli.store.quantize import check_keepbits
 from dfmsd_cli.store.reader import TeacherStore
 from dfmsd_cli.store.schema import store_path
-from dfmsd_cli.store.space import StorePlan, check_space
+from dfmsd_cli.store.space import StorePlan, check_space, smaller
 from dfmsd_cli.store.teacher_pass import (
     BatchLoad,
     adversarial_deltas,
@@ -280,16 +280,16 @@ def precompute(
                                                                       pad_sizes[0])  # fmt: skip
     if warn is not None and note:
         warn(note)
+    lc = int(model.logit_anchors) * int(model.num_classes) if o.store_logits else 0
+    plan = StorePlan(ds, o, strides, model.out_channels, views, lc)
     if dry_run:
         summary = _dry_run(ds, o, model, device, strides, views, start, stop, pad_sizes, path)
         summary["free_bytes"] = None if "://" in path else free_bytes(path)
+        summary["smaller"] = smaller(plan, summary["todo"])
         return summary
     if o.space_check and "://" not in path:  # the whole store's remaining images (one disk)
         done = TeacherStore.open(path).done() if store_exists(path) else np.zeros(n)
-        lc = int(model.logit_anchors) * int(model.num_classes) if o.store_logits else 0
-        todo = int((done == schema.DONE_PENDING).sum())
-        plan = StorePlan(ds, o, strides, model.out_channels, views, lc)
-        check_space(plan, path, todo, bool(note))
+        check_space(plan, path, int((done == schema.DONE_PENDING).sum()), bool(note))
 
     # one writer per (store, image range); an OSError without a file name names the store
     with io_path(path), store_lock(path, start, stop, f"{part}/{parts}"):

@@ -11,7 +11,7 @@ system, stops with one line naming the least lossy smaller encoding that fits.
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from dfmsd_cli.errors import UserError, free_bytes
 from dfmsd_cli.store.chunks import pcodec_available
@@ -21,17 +21,28 @@ from dfmsd_cli.utils.fmt import format_bytes
 if TYPE_CHECKING:
     from dfmsd_cli.data.coco import CocoDetection
 
-# Smaller encodings, least feature error first: relative RMSE on real-image retina_r50
-# features (docs/store.md, "Smaller stores"; --pca: examples/measure_pca.py, random init —
-# a trained teacher's own error is in `cache info`). (flags, dtype, keepbits, codec, pca)
-SMALLER: list[tuple[str, str, int | None, str, int | None]] = [
-    ("--dtype bfloat16", "bfloat16", None, "blosc", None),  # 1.7e-3
-    ("--dtype uint8", "uint8", None, "blosc", None),  # 2.5e-3
-    ("--keepbits 5", "float16", 5, "blosc", None),  # 6.7e-3
-    ("--dtype bfloat16 --keepbits 3", "bfloat16", 3, "blosc", None),  # 2.7e-2
-    ("--dtype bfloat16 --keepbits 3 --codec pcodec", "bfloat16", 3, "pcodec", None),  # same
-    ("--dtype uint8 --pca 64", "uint8", None, "blosc", 64),  # 8.7e-2
-    ("--dtype uint8 --pca 32", "uint8", None, "blosc", 32),  # 0.11
+
+class Encoding(NamedTuple):
+    """A store encoding offered when a store must be smaller, with its measured error."""
+
+    flags: str
+    dtype: str
+    keepbits: int | None
+    codec: str
+    pca: int | None
+    relative_rmse: float  # on real-image retina_r50 features (docs/store.md, "Smaller stores")
+
+
+# Least feature error first (--pca: examples/measure_pca.py, random init; a trained teacher's
+# own energy kept is in `cache info`).
+SMALLER: list[Encoding] = [
+    Encoding("--dtype bfloat16", "bfloat16", None, "blosc", None, 1.7e-3),
+    Encoding("--dtype uint8", "uint8", None, "blosc", None, 2.5e-3),
+    Encoding("--dtype float16 --keepbits 5", "float16", 5, "blosc", None, 6.7e-3),
+    Encoding("--dtype bfloat16 --keepbits 3", "bfloat16", 3, "blosc", None, 2.7e-2),
+    Encoding("--dtype bfloat16 --keepbits 3 --codec pcodec", "bfloat16", 3, "pcodec", None, 2.7e-2),
+    Encoding("--dtype uint8 --pca 64", "uint8", None, "blosc", 64, 8.7e-2),
+    Encoding("--dtype uint8 --pca 32", "uint8", None, "blosc", 32, 0.11),
 ]
 
 
@@ -68,17 +79,27 @@ class StorePlan:
         return size["projected_bytes"] * todo / max(1, len(self.ds.image_ids))
 
 
-def smaller_that_fits(plan: StorePlan, todo: int, free: float) -> tuple[str, float] | None:
-    """The first of :data:`SMALLER` (least error first) whose projection for ``todo`` images
-    fits in ``free`` bytes and is smaller than the plan's own encoding: (flags, bytes), or
-    None."""
+def smaller(plan: StorePlan, todo: int) -> list[dict[str, Any]]:
+    """Every encoding of :data:`SMALLER` this machine can write whose projection for ``todo``
+    images is below the plan's own: {flags, bytes, relative_rmse}, least error first."""
     mine = plan.projected_bytes(todo)
-    for flags, dtype, keepbits, codec, pca in SMALLER:
-        if (pca and pca >= plan.channels) or (codec == "pcodec" and not pcodec_available()):
+    out = []
+    for e in SMALLER:
+        if (e.pca and e.pca >= plan.channels) or (e.codec == "pcodec" and not pcodec_available()):
             continue
-        need = plan.projected_bytes(todo, dtype=dtype, keepbits=keepbits, codec=codec, pca=pca)
-        if need < mine and need <= free:
-            return flags, need
+        need = plan.projected_bytes(todo, dtype=e.dtype, keepbits=e.keepbits, codec=e.codec,
+                                    pca=e.pca)  # fmt: skip
+        if need < mine:
+            out.append({"flags": e.flags, "bytes": need, "relative_rmse": e.relative_rmse})
+    return out
+
+
+def smaller_that_fits(plan: StorePlan, todo: int, free: float) -> tuple[str, float] | None:
+    """The first of :func:`smaller` (least error first) that fits in ``free`` bytes:
+    (flags, bytes), or None."""
+    for e in smaller(plan, todo):
+        if e["bytes"] <= free:
+            return e["flags"], e["bytes"]
     return None
 
 
