@@ -14,9 +14,9 @@
 # Disk (store = float16, blosc-zstd; levels 8,16,32,64 = the strides the student shares with
 # the teachers, stride 4 is skipped), projected for train2017 (118,287 images at 1333x800) by
 # `examples/coco_projection.py` (docs/store.md, "COCO projection"):
-#   cmr_r101, views orig+hflip     : 1.73 TB
-#   cmr_x101, views orig+hflip+me  : 2.60 TB          (the pair: 4.34 TB)
-#   --dtype uint8: 2.62 TB for the pair; --dtype bfloat16 --keepbits 3 --codec pcodec: 1.79 TB;
+#   cmr_r101, views orig+hflip     : 1.65 TB
+#   cmr_x101, views orig+hflip+me  : 2.48 TB          (the pair: 4.13 TB)
+#   --dtype uint8: 2.55 TB for the pair; --dtype bfloat16 --keepbits 3: 1.65 TB;
 #   --pca 32 (a per-level channel projection; its error is in `dfmsd cache info`): 0.68 TB.
 # precompute refuses to start a store projected beyond its disk's free space and names the
 # least lossy smaller encoding that fits (--no-space-check starts anyway).

@@ -30,6 +30,7 @@ from dfmsd_cli.data.coco import CocoDetection
 from dfmsd_cli.data.geometry import Geometry, apply_view_image, pad_batch
 from dfmsd_cli.models.checkpoint import load_teacher
 from dfmsd_cli.store.chunks import RowCodec, pcodec_available
+from dfmsd_cli.store.create import BLOSC_BLOCKSIZE
 from dfmsd_cli.store.dataset import StoreDataset
 from dfmsd_cli.store.precompute import PrecomputeOptions, precompute
 from dfmsd_cli.store.quantize import dequantize_uint8, quantize_uint8, relative_rmse
@@ -66,12 +67,13 @@ def flip_consistency(model, ds: CocoDetection, indices: list[int]) -> dict[str, 
 
 def _codecs() -> dict[str, Any]:
     out = {f"zstd-{lv}": numcodecs.Zstd(level=lv) for lv in (1, 3, 9)}
-    out["blosc-zstd3-shuffle"] = numcodecs.Blosc(
-        cname="zstd", clevel=3, shuffle=numcodecs.Blosc.SHUFFLE
-    )
-    out["blosc-zstd3-bitshuffle"] = numcodecs.Blosc(
-        cname="zstd", clevel=3, shuffle=numcodecs.Blosc.BITSHUFFLE
-    )
+    for shuffle, sname in ((numcodecs.Blosc.SHUFFLE, "shuffle"), (numcodecs.Blosc.BITSHUFFLE,
+                                                                  "bitshuffle")):  # fmt: skip
+        # the store's blocks (BLOSC_BLOCKSIZE), and Blosc's own choice: stores before it
+        for suffix, bs in (("", BLOSC_BLOCKSIZE), ("-autoblock", 0)):
+            out[f"blosc-zstd3-{sname}{suffix}"] = numcodecs.Blosc(
+                cname="zstd", clevel=3, shuffle=shuffle, blocksize=bs
+            )
     if pcodec_available():  # PCodec (a numerical-sequence codec): optional
         out["pcodec-8"] = numcodecs.get_codec({"id": "pcodec", "level": 8})
     return out

@@ -40,7 +40,6 @@ SMALLER: list[Encoding] = [
     Encoding("--dtype uint8", "uint8", None, "blosc", None, 2.5e-3),
     Encoding("--dtype float16 --keepbits 5", "float16", 5, "blosc", None, 6.7e-3),
     Encoding("--dtype bfloat16 --keepbits 3", "bfloat16", 3, "blosc", None, 2.7e-2),
-    Encoding("--dtype bfloat16 --keepbits 3 --codec pcodec", "bfloat16", 3, "pcodec", None, 2.7e-2),
     Encoding("--dtype uint8 --pca 64", "uint8", None, "blosc", 64, 8.7e-2),
     Encoding("--dtype uint8 --pca 32", "uint8", None, "blosc", 32, 0.11),
 ]
