@@ -233,6 +233,7 @@ def test_local_reads_skip_zarrs_per_key_thread_hop(env, monkeypatch):
         t.get(1, "orig")
 
 
+@pytest.mark.slow  # a resumed precompute end to end
 def test_torn_chunk_of_a_pending_image_is_replaced(env, clean, monkeypatch):
     """A new chunk is written in place (store/chunks.py ``_write_chunk``): a write killed
     half-way leaves a torn file of an image whose marker is not set. Resuming replaces it

@@ -64,6 +64,7 @@ def _argv(root, cache, *more) -> list[str]:
             *more]  # fmt: skip
 
 
+@pytest.mark.slow  # three precompute runs end to end
 def test_precompute_refuses_a_store_beyond_its_disk(synthetic_root, planned, tmp_path,
                                                     monkeypatch, capsys):  # fmt: skip
     ds, o = planned
