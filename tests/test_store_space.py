@@ -48,6 +48,9 @@ def test_smaller_that_fits_is_the_least_lossy_that_fits(planned):
     got = space.smaller_that_fits(*args, n, kb3 * 1.001)
     assert got is not None and got[0].startswith("--dtype bfloat16 --keepbits 3")
     assert space.smaller_that_fits(*args, n, 1.0) is None  # nothing fits one byte
+    zstd = space.StorePlan(ds, dataclasses.replace(o, codec="zstd"), STRIDES, CHANNELS, VIEWS)
+    alts = space.smaller(zstd, n)
+    assert alts and all(e["flags"].endswith("--codec blosc") for e in alts)
 
 
 def test_check_space_passes_remote_and_roomy_stores(planned):

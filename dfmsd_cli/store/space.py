@@ -88,8 +88,9 @@ def smaller(plan: StorePlan, todo: int) -> list[dict[str, Any]]:
             continue
         need = plan.projected_bytes(todo, dtype=e.dtype, keepbits=e.keepbits, codec=e.codec,
                                     pca=e.pca)  # fmt: skip
-        if need < mine:
-            out.append({"flags": e.flags, "bytes": need, "relative_rmse": e.relative_rmse})
+        if need < mine:  # the candidates are blosc stores: say so to a --codec zstd|pcodec user
+            flags = e.flags if plan.o.codec == e.codec else f"{e.flags} --codec {e.codec}"
+            out.append({"flags": flags, "bytes": need, "relative_rmse": e.relative_rmse})
     return out
 
 
