@@ -183,6 +183,18 @@ def _local_store(store: Any) -> zarr.storage.LocalStore | None:
     return store if isinstance(store, zarr.storage.LocalStore) else None
 
 
+def _in_folder(path: Path, create: Callable[[], Any], guard: Callable[[], None] | None) -> Any:
+    """``create()`` a file beside ``path``; when its folder is missing, ``guard()`` first (a
+    store deleted under its writer is never re-created), then make the folder and retry."""
+    try:
+        return create()
+    except FileNotFoundError:
+        if guard is not None:
+            guard()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return create()
+
+
 def _write_chunk(path: Path, data: bytes, guard: Callable[[], None] | None = None) -> None:
     """``data`` to a per-image chunk file: written in place when the file is new, through
     :func:`_write_atomic` when it exists.
@@ -195,13 +207,7 @@ def _write_chunk(path: Path, data: bytes, guard: Callable[[], None] | None = Non
     (docs/store.md, "Writes")."""
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
     try:
-        try:
-            fd = os.open(path, flags, 0o666)
-        except FileNotFoundError:
-            if guard is not None:
-                guard()
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(path, flags, 0o666)
+        fd = _in_folder(path, lambda: os.open(path, flags, 0o666), guard)
     except FileExistsError:
         _write_atomic(path, data, guard)
         return
@@ -223,14 +229,7 @@ def _write_atomic(path: Path, data: bytes, guard: Callable[[], None] | None = No
     folder at all. Measured against ``LocalStore.set`` in docs/store.md."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}-{threading.get_ident()}.partial")
     try:
-        try:
-            f = open(tmp, "wb")
-        except FileNotFoundError:
-            if guard is not None:
-                guard()
-            path.parent.mkdir(parents=True, exist_ok=True)
-            f = open(tmp, "wb")
-        with f:
+        with _in_folder(path, lambda: open(tmp, "wb"), guard) as f:
             f.write(data)
         os.replace(tmp, path)
     except BaseException:

@@ -440,11 +440,11 @@ def bench_store(
             r = precompute_overhead(ann_file, image_dir, opts, model, ds)
             from dfmsd_cli.store.inspect import store_info
 
-            info = store_info(r["store"])
-            r["bytes_per_image"] = info["bytes_per_image"]
-            r["compression_ratio"] = info["compression_ratio"]
             log(f"precompute {name}: {r}")
-            if k == 0:
+            if k == 0:  # sizes once: every round writes the same bytes
+                info = store_info(r["store"])
+                r["bytes_per_image"] = info["bytes_per_image"]
+                r["compression_ratio"] = info["compression_ratio"]
                 res["precompute"][name] = r
                 stores[name] = r["store"]
                 continue

@@ -14,7 +14,6 @@ import dataclasses
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from dfmsd_cli.errors import UserError, free_bytes
-from dfmsd_cli.store.chunks import pcodec_available
 from dfmsd_cli.store.projection import PlannedStore, projected_size
 from dfmsd_cli.utils.fmt import format_bytes
 
@@ -79,12 +78,12 @@ class StorePlan:
 
 
 def smaller(plan: StorePlan, todo: int) -> list[dict[str, Any]]:
-    """Every encoding of :data:`SMALLER` this machine can write whose projection for ``todo``
+    """Every encoding of :data:`SMALLER` the plan's channels allow whose projection for ``todo``
     images is below the plan's own: {flags, bytes, relative_rmse}, least error first."""
     mine = plan.projected_bytes(todo)
     out = []
     for e in SMALLER:
-        if (e.pca and e.pca >= plan.channels) or (e.codec == "pcodec" and not pcodec_available()):
+        if e.pca and e.pca >= plan.channels:
             continue
         need = plan.projected_bytes(todo, dtype=e.dtype, keepbits=e.keepbits, codec=e.codec,
                                     pca=e.pca)  # fmt: skip
