@@ -264,3 +264,24 @@ def test_torn_chunk_of_a_pending_image_is_replaced(env, clean, monkeypatch):
     got = zarr.open_group(str(store), mode="r")
     for name in ("feat/orig/8", "att_s/orig/16", "done"):
         assert np.array_equal(np.asarray(ref[name][:]), np.asarray(got[name][:])), name
+
+
+@pytest.mark.slow  # two precompute runs end to end
+def test_store_in_blosc_own_blocks_reads_the_same(synthetic_root, tmp_path, monkeypatch):
+    """Stores written before BLOSC_BLOCKSIZE (Blosc's own block size, 0 in the metadata) read
+    exactly as new ones: same decoded features through the fast path."""
+    from dfmsd_cli.store import create
+
+    new = _precompute(str(synthetic_root), tmp_path / "new")
+    monkeypatch.setattr(create, "BLOSC_BLOCKSIZE", 0)
+    old = _precompute(str(synthetic_root), tmp_path / "old")
+    monkeypatch.undo()
+    sizes = [zarr.open_array(str(p / "feat/orig/8"), mode="r").compressors[0].blocksize
+             for p in (new, old)]  # fmt: skip
+    assert sizes == [create.BLOSC_BLOCKSIZE, 0]
+    a, b = TeacherStore.open(new), TeacherStore.open(old)
+    for i in range(len(a)):
+        x, y = a.get(i, "orig"), b.get(i, "orig")
+        for s in x["features"]:
+            assert torch.equal(x["features"][s], y["features"][s])
+            assert torch.equal(x["att_spatial"][s], y["att_spatial"][s])
