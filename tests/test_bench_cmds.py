@@ -99,6 +99,8 @@ def test_bench_precompute_cli_json(data, tmp_path):
         runs = p["ratio_cpu_runs"]
         assert len(runs) == 2 and len(p["ratio_runs"]) == 2
         assert p["ratio_cpu"] == pytest.approx(sum(runs) / 2)
+        assert p["writer_cpu_s"] > 0 and len(p["writer_cpu_s_runs"]) == 2
     assert "over 2 rounds" in res.stdout  # the table of the ratios' ranges
+    assert "images/s per writer thread" in res.stdout
     assert printed["memory"]["peak_rss_mb"] > 0
     assert printed["images"] == 3

@@ -279,3 +279,25 @@ def test_cache_local_false_never_reads_through_a_local_copy(monkeypatch, tmp_pat
     assert local_copy_dir("/x", remote=True) == "/x"
     assert local_copy_dir(False, remote=True) is None
     assert local_copy_dir("/x", remote=False) is None  # a local store never gets a copy
+
+
+def test_teacher_pass_casts_float16_on_the_device_after_its_range_check():
+    from types import SimpleNamespace
+
+    from dfmsd_cli.store.teacher_pass import _features_and_statistics
+
+    g = torch.Generator().manual_seed(0)
+    feats = {8: torch.randn(4, 3, 5, 6, generator=g), 16: torch.randn(4, 3, 3, 3, generator=g)}
+    names = [f"image {i} view {v}" for i in (7, 8) for v in ("orig", "hflip")]
+    half = SimpleNamespace(dtype="float16", pca=None)
+    out, stats = _features_and_statistics(feats, [8, 16], names, half)
+    assert out[8].dtype == torch.float16 and torch.equal(out[8], feats[8].half())
+    assert torch.equal(stats[16][1], feats[16].abs().mean(dim=(2, 3)))  # of the float32 map
+    for o in (SimpleNamespace(dtype="uint8", pca=None), SimpleNamespace(dtype="float16", pca=4)):
+        assert _features_and_statistics(feats, [8], names, o)[0][8].dtype == torch.float32
+    feats[16][3, 0, 1, 1] = 1e5  # beyond float16's range, in row 3: image 8, view hflip
+    with pytest.raises(FeatureRangeError, match="image 8 view hflip stride 16.*--dtype uint8"):
+        _features_and_statistics(feats, [8, 16], names, half)
+    feats[16][3, 0, 1, 1] = float("nan")
+    with pytest.raises(FeatureRangeError, match="image 8 view hflip stride 16 contain NaN"):
+        _features_and_statistics(feats, [8, 16], names, half)

@@ -27,6 +27,7 @@ from dfmsd_cli.models.checkpoint import load_teacher
 from dfmsd_cli.store.inspect import store_info, verify_store
 from dfmsd_cli.store.precompute import PrecomputeOptions, precompute
 from dfmsd_cli.store.reader import TeacherStore
+from dfmsd_cli.store.statistics import raw_statistics
 
 GEOM = Geometry(img_scale=(128, 96))
 N_IMAGES = 8
@@ -122,6 +123,9 @@ def test_features_are_the_teacher_on_each_image_alone(data, baseline):
             for st in store.meta.strides:
                 assert t["features"][st].shape == ref[st][0].shape
                 torch.testing.assert_close(t["features"][st], ref[st][0], atol=2e-3, rtol=2e-3)
+                sp, ch = raw_statistics(ref[st])  # of the full-precision map
+                torch.testing.assert_close(t["att_spatial"][st], sp[0], atol=1e-4, rtol=1e-4)
+                torch.testing.assert_close(t["att_channel"][st], ch[0], atol=1e-4, rtol=1e-4)
     assert portrait > 0  # the transposed layout is exercised
     info = store_info(baseline)
     assert info["done"] == N_IMAGES and info["bytes_on_disk"] > 0

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from dfmsd_cli.distill.losses import common
-from dfmsd_cli.store.statistics import raw_statistics
+from dfmsd_cli.store.statistics import raw_statistics, teacher_statistics
 
 
 def test_raw_statistics_by_hand():
@@ -43,3 +43,18 @@ def test_gradient_reaches_the_feature():
     spatial, channel = raw_statistics(f, torch.rand(2, 4, 5) > 0.3)
     (spatial.sum() + channel.sum()).backward()
     assert f.grad is not None and bool(f.grad.abs().sum() > 0)
+
+
+def test_teacher_statistics_of_a_batch_equal_each_images_own_to_the_bit():
+    """precompute computes them once per teacher batch (store/teacher_pass.py); the writer
+    computed them per image before: the stored att_s/att_c must not change."""
+    f = torch.randn(3, 64, 13, 21, generator=torch.Generator().manual_seed(0)) * 5
+    f[1, 7, 2, 3] = -70000.0
+    spatial, channel, peak = teacher_statistics(f)
+    for b in range(3):
+        sp, ch = raw_statistics(f[b][None])
+        assert torch.equal(spatial[b], sp[0]) and torch.equal(channel[b], ch[0])
+    assert torch.equal(peak, f.abs().flatten(1).amax(dim=1)) and float(peak[1]) == 70000.0
+    f[0, 0, 0, 0], f[2, 1, 1, 1] = float("nan"), float("-inf")
+    peak = teacher_statistics(f)[2]
+    assert peak[0].isnan() and peak[2] == float("inf") and peak[1] == 70000.0

@@ -37,6 +37,15 @@ def precompute_tables(r: dict[str, Any]) -> list[Table]:
             _f(h, "{:.1f}") if dt == "float16" else "",
         )
     tables = [t]
+    writer = {dt: p for dt, p in r.get("precompute", {}).items() if p.get("writer_cpu_s")}
+    if writer:  # what one writer thread sustains: compare a GPU teacher's images/s with it
+        t = Table(title="store writer threads: CPU per image (compression, files, rows)")
+        for c in ("encoding", "writer CPU ms/image", "images/s per writer thread"):
+            t.add_column(c, justify="right")
+        for dt, p in writer.items():
+            per = p["writer_cpu_s"] / r["images"]
+            t.add_row(dt, f"{1000 * per:.1f}", f"{1 / per:.1f}")
+        tables.append(t)
     rounds = {dt: p for dt, p in r.get("precompute", {}).items() if p.get("ratio_cpu_runs")}
     if rounds:  # bench precompute --repeats N: the medians above, and their spread
         n = len(next(iter(rounds.values()))["ratio_cpu_runs"])

@@ -124,7 +124,7 @@ def precompute_cmd(o: PrecomputeCLI) -> None:
     from dfmsd_cli.data.adversarial import AdvConfig
     from dfmsd_cli.data.enhance import EnhanceConfig
     from dfmsd_cli.data.loader import resolve_data
-    from dfmsd_cli.store.precompute import PrecomputeOptions, precompute
+    from dfmsd_cli.store.precompute import PrecomputeOptions, pace_note, precompute
     from dfmsd_cli.store.schema import parse_shard
 
     teacher, split, cache, dry_run, seed = o.teacher, o.split, o.cache, o.dry_run, o.seed
@@ -192,12 +192,17 @@ def precompute_cmd(o: PrecomputeCLI) -> None:
             ("complete", f"{summary['done']}/{summary['images']}"),
             ("wall time", f"{summary['wall_s']:.1f} s"),
             ("teacher time", f"{summary['teacher_s']:.1f} s"),
+            ("loading images", f"{summary['data_s']:.1f} s"),
+            ("waiting for the writer", f"{summary['writer_wait_s']:.1f} s"),
         ]
         for s, e in ((summary.get("pca") or {}).get("levels") or {}).items():
             rows.append((f"energy kept, stride {s}", pca_row(e)))
     for r in rows:
         table.add_row(*r)
     console.print(table)  # stderr: stdout stays clean for --json -
+    note = None if dry_run else pace_note(summary, opts)
+    if note:
+        console.print(note)
     if dry_run and summary.get("smaller"):
         console.print(_smaller_table(summary["smaller"], summary.get("free_bytes")))
     emit_json(summary, o.json)

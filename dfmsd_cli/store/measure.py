@@ -197,7 +197,7 @@ def quantization_report(
 # What ``precompute_overhead`` times: medians over ``bench precompute --repeats`` rounds.
 _TIMINGS = ("teacher_only_s", "teacher_only_cpu_s", "precompute_cpu_s", "precompute_loop_cpu_s",
             "ratio_cpu", "ratio_cpu_total", "precompute_s", "precompute_loop_s", "ratio_total",
-            "ratio")  # fmt: skip
+            "ratio", "writer_cpu_s")  # fmt: skip
 
 
 def _precompute_encodings() -> dict[str, tuple[str, str]]:
@@ -264,6 +264,9 @@ def precompute_overhead(
         "teacher_only_cpu_s": c_teacher,
         "precompute_cpu_s": c_pre,
         "precompute_loop_cpu_s": summary["loop_cpu_s"],
+        # the writer threads' CPU (compression, files, rows): one thread keeps up with a teacher
+        # of up to len(sizes) / writer_cpu_s images per second
+        "writer_cpu_s": summary["writer_cpu_s"],
         "ratio_cpu": summary["loop_cpu_s"] / c_teacher,  # setup excluded, as in ``ratio``
         "ratio_cpu_total": c_pre / c_teacher,
         "precompute_s": t_pre,

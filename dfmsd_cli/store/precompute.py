@@ -389,11 +389,17 @@ def _write_store(
         on_written=on_written,
         threads=o.writer_threads,
     )
-    t_forward = 0.0
+    t_forward = t_data = 0.0
     t_loop, c_loop = time.perf_counter(), time.process_time()
     try:
         with progress:
-            for items in loader:
+            batches = iter(loader)
+            while True:
+                t0 = time.perf_counter()
+                items = next(batches, None)  # decoding (main thread) or waiting for workers
+                t_data += time.perf_counter() - t0
+                if items is None:
+                    break
                 pending = [(i, s) for i, s in items if done[i] == schema.DONE_PENDING]
                 for i, s in pending:
                     if s is None:
@@ -429,11 +435,38 @@ def _write_store(
         "pending": int((final == schema.DONE_PENDING).sum()),
         "wall_s": time.perf_counter() - t_start,
         "teacher_s": t_forward,
+        "data_s": t_data,
+        "writer_wait_s": bg.wait_s,
+        "writer_cpu_s": bg.cpu_s,  # the writer threads' own work (not the final flush)
         "loop_s": t_loop,
         "loop_cpu_s": c_loop,  # this process, all threads (writer threads included)
         "load_stats": dict(ds.stats),
         "pca": pca_energy(final_store) if o.pca else None,  # energy kept per level
     }
+
+
+# Our choice: a wait above this share of the loop is worth a line after the run.
+PACE_NOTE_SHARE = 0.2
+
+
+def pace_note(summary: dict[str, Any], o: PrecomputeOptions) -> str | None:
+    """One line naming what held the teacher back — image loading (``data_s``: decoding in the
+    main process or waiting for ``--num-workers``) or the store's writer threads
+    (``writer_wait_s``: a full queue, then the final drain) — when it took more than
+    ``PACE_NOTE_SHARE`` of the loop; None otherwise. On a GPU the teacher is fast and the CPU
+    side (decoding, compression) is what a user tunes."""
+    loop = float(summary.get("loop_s") or 0.0)
+    waits = {"writer": summary.get("writer_wait_s", 0.0), "data": summary.get("data_s", 0.0)}
+    kind, t = max(waits.items(), key=lambda kv: kv[1])
+    if loop <= 0 or t < PACE_NOTE_SHARE * loop:
+        return None
+    held = f"held the teacher back {t:.1f} s of the {loop:.1f} s loop ({t / loop:.0%})"
+    if kind == "writer":
+        return (
+            f"note: the store's writer threads (compression and files) {held}: raise "
+            f"--writer-threads (now {o.writer_threads}) where cores are idle"
+        )
+    return f"note: loading images {held}: raise --num-workers (now {o.num_workers})"
 
 
 def _pca_spec(ds, o, model, device, path, strides, pad_sizes) -> tuple[dict | None, dict | None]:

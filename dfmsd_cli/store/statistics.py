@@ -21,7 +21,21 @@ def raw_statistics(feature: Tensor, valid: Tensor | None = None) -> tuple[Tensor
     ``valid`` is (B, H, W) bool (None: every position). Differentiable (FGD's student attention
     needs the gradient); detach for teacher-side use. Computed in float32.
     """
-    a = feature.abs().float()
+    return _of_abs(feature.abs().float(), valid)
+
+
+def teacher_statistics(feature: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``raw_statistics(feature)`` of a teacher batch whose every position is valid (precompute
+    batches images of one padded shape), plus each image's peak ``max |F|`` (B,), all from one
+    ``|F|`` pass on the feature's device. The peak is NaN or inf when the image holds one
+    (``amax`` propagates both): the store's float16 range check reads it."""
+    a = feature.detach().abs().float()
+    spatial, channel = _of_abs(a, None)
+    return spatial, channel, a.flatten(1).amax(dim=1)
+
+
+def _of_abs(a: Tensor, valid: Tensor | None) -> tuple[Tensor, Tensor]:
+    """The statistics of ``a = |F|`` (float32)."""
     if valid is None:
         valid = torch.ones(a.shape[0], *a.shape[-2:], dtype=torch.bool, device=a.device)
     v = valid.to(a.dtype)

@@ -21,6 +21,8 @@ from dfmsd_cli.data.adversarial import AdvConfig
 from dfmsd_cli.data.coco import CocoDetection
 from dfmsd_cli.data.enhance import EnhanceConfig, apply_enhance, choose, input_checksum
 from dfmsd_cli.data.geometry import Geometry, apply_view_image, normalize, pad_batch
+from dfmsd_cli.store.quantize import FLOAT16_MAX, check_finite_range
+from dfmsd_cli.store.statistics import teacher_statistics
 from dfmsd_cli.store.writer import ImageResult, ViewResult
 
 
@@ -31,6 +33,8 @@ class PassOptions(Protocol):
     enhance: EnhanceConfig
     store_logits: bool
     adv: AdvConfig | None
+    dtype: str
+    pca: int | None
 
 
 def batch_plan(
@@ -126,7 +130,8 @@ def run_batch(
     x = pad_batch(inputs, o.geometry.pad_divisor).to(device)
     out = model(x, sizes, return_logits=o.store_logits)
     H, W = x.shape[-2:]
-    feats = {s: out.features[s].float().cpu() for s in strides}
+    names = [f"image {i} view {v}" for i, _ in items for v in views]  # one per batch row
+    feats, stats = _features_and_statistics(out.features, strides, names, o)
     results = []
     for k, (i, s) in enumerate(items):
         vr = {}
@@ -135,6 +140,7 @@ def run_batch(
             det = out.detections[b]
             vr[v] = ViewResult(
                 features={st: feats[st][b] for st in strides},
+                statistics={st: (stats[st][0][b], stats[st][1][b]) for st in strides},
                 boxes=det["boxes"].float().cpu(),
                 scores=det["scores"].float().cpu(),
                 labels=det["labels"].cpu(),
@@ -154,6 +160,29 @@ def run_batch(
         adv = advs[k] if advs else None
         results.append(ImageResult(i, tuple(s["size"]), own, vr, enh, adv))
     return results
+
+
+def _features_and_statistics(
+    features: dict[int, torch.Tensor], strides: list[int], names: list[str], o: PassOptions
+) -> tuple[dict[int, torch.Tensor], dict[int, tuple[torch.Tensor, torch.Tensor]]]:
+    """CPU copies of the teacher's maps and their attention statistics, computed on the
+    teacher's device for the whole batch (one ``|F|`` pass; on a GPU the writer threads are
+    left only compression and files). A float16 store without ``--pca`` gets its maps
+    range-checked and cast there too (half the bytes to copy; the rounding of a float32 →
+    float16 cast is IEEE round-to-nearest-even on every device); other encodings get float32."""
+    half = o.dtype == "float16" and not o.pca
+    feats, stats = {}, {}
+    for s in strides:
+        f = features[s]
+        spatial, channel, peak = teacher_statistics(f)
+        stats[s] = (spatial.cpu(), channel.cpu())
+        if not half:
+            feats[s] = f.float().cpu()
+            continue
+        for b in torch.nonzero(~(peak <= FLOAT16_MAX)).flatten().tolist():  # NaN fails <= too
+            check_finite_range(f[b], f"{names[b]} stride {s}")  # raises, naming the fix
+        feats[s] = f.to(torch.float16).cpu()
+    return feats, stats
 
 
 def adversarial_deltas(

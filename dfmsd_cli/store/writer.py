@@ -49,11 +49,16 @@ from dfmsd_cli.store.statistics import raw_statistics
 class ViewResult:
     """The teacher's output for one image and view, at the image's own padded size."""
 
-    features: dict[int, torch.Tensor]  # {stride: (C, h_s, w_s) float32}
+    # {stride: (C, h_s, w_s)} float32, or float16 range-checked by the teacher pass (a float16
+    # store without --pca: cast on the teacher's device, half the bytes to copy)
+    features: dict[int, torch.Tensor]
     boxes: torch.Tensor  # (n, 4) xyxy in resized + view coordinates
     scores: torch.Tensor  # (n,)
     labels: torch.Tensor  # (n,) 1..K
     logits: dict[int, torch.Tensor] | None = None  # {stride: (A·K, h_s, w_s)} --store-logits
+    # {stride: (spatial (h_s, w_s), channel (C,))} when the teacher pass computed them (on its
+    # device, before features were cast); None: the writer computes them
+    statistics: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None
 
 
 @dataclass
@@ -160,7 +165,8 @@ class StoreWriter:
                     data, rows[f"qparams/{v}/{s}"] = quantize_uint8(kept, what)
                 chunks.append((f"feat/{v}/{s}", _place(data, hc, wc, transposed)))
                 # attention statistics of the FULL features, projected or not
-                sp, ch = (x[0] for x in raw_statistics(f[None]))
+                got = r.views[v].statistics
+                sp, ch = got[s] if got else (x[0] for x in raw_statistics(f[None]))
                 chunks.append((f"att_s/{v}/{s}", _place(sp.numpy(), hc, wc, transposed)))
                 rows[f"att_c/{v}/{s}"] = ch.numpy()
                 if a.get("logits"):
@@ -290,6 +296,9 @@ class BackgroundWriter:
         self._fin: queue.Queue = queue.Queue(maxsize=maxsize)
         self._error: BaseException | None = None
         self._raised = False
+        self.wait_s = 0.0  # caller's seconds blocked: a full queue in submit, the drain in close
+        self.cpu_s = 0.0  # CPU seconds of the writer threads' work (``time.thread_time``)
+        self._cpu_lock = threading.Lock()
         self._workers = [
             threading.Thread(target=self._chunks, name=f"dfmsd-store-chunks-{k}", daemon=True)
             for k in range(max(1, threads))
@@ -304,12 +313,18 @@ class BackgroundWriter:
             if item is None:
                 return
             rows = None
+            c0 = time.thread_time()
             try:
                 if self._error is None and not isinstance(item, int):
                     rows = self.writer.write_chunks(item)
             except BaseException as exc:  # noqa: BLE001 - handed to the caller
                 self._error = exc
+            self._count_cpu(time.thread_time() - c0)
             self._fin.put((item, rows))
+
+    def _count_cpu(self, seconds: float) -> None:
+        with self._cpu_lock:
+            self.cpu_s += seconds
 
     def _finish(self) -> None:
         while True:
@@ -317,6 +332,7 @@ class BackgroundWriter:
             if got is None:
                 return
             item, rows = got
+            c0 = time.thread_time()
             try:
                 if self._error is None:
                     if isinstance(item, int):
@@ -327,6 +343,7 @@ class BackgroundWriter:
                         self.on_written(item)
             except BaseException as exc:  # noqa: BLE001 - handed to the caller
                 self._error = exc
+            self._count_cpu(time.thread_time() - c0)
 
     def _raise(self) -> None:
         if self._error is not None and not self._raised:
@@ -336,10 +353,13 @@ class BackgroundWriter:
     def submit(self, item: ImageResult | int) -> None:
         """Queue an ImageResult, or an int index to mark as an unreadable image."""
         self._raise()
+        t0 = time.perf_counter()
         self._q.put(item)
+        self.wait_s += time.perf_counter() - t0
 
     def close(self) -> None:
         """Wait for every queued write, stop the threads, re-raise a writer error."""
+        t0 = time.perf_counter()
         for _ in self._workers:
             self._q.put(None)
         for t in self._workers:
@@ -351,4 +371,5 @@ class BackgroundWriter:
         except BaseException as exc:  # noqa: BLE001 - the first error is the one to report
             if self._error is None:
                 self._error = exc
+        self.wait_s += time.perf_counter() - t0
         self._raise()
