@@ -414,6 +414,9 @@ def _write_store(
                 for r in results:
                     if done[r.index] == schema.DONE_PENDING:
                         bg.submit(r)
+                el = time.perf_counter() - t_loop  # the pace so far: what a user would tune
+                progress.update(task, info=f"loading {t_data / el:.0%} · writer wait "
+                                f"{bg.wait_s / el:.0%}")  # fmt: skip
                 if on_batch is not None:
                     on_batch()
             bg.close()
