@@ -288,16 +288,16 @@ def test_teacher_pass_casts_float16_on_the_device_after_its_range_check():
 
     g = torch.Generator().manual_seed(0)
     feats = {8: torch.randn(4, 3, 5, 6, generator=g), 16: torch.randn(4, 3, 3, 3, generator=g)}
-    names = [f"image {i} view {v}" for i in (7, 8) for v in ("orig", "hflip")]
+    items, views = [(7, {}), (8, {})], ["orig", "hflip"]  # rows: 7 orig, 7 hflip, 8 orig, 8 hflip
     half = SimpleNamespace(dtype="float16", pca=None)
-    out, stats = _features_and_statistics(feats, [8, 16], names, half)
+    out, stats = _features_and_statistics(feats, [8, 16], items, views, half)
     assert out[8].dtype == torch.float16 and torch.equal(out[8], feats[8].half())
     assert torch.equal(stats[16][1], feats[16].abs().mean(dim=(2, 3)))  # of the float32 map
     for o in (SimpleNamespace(dtype="uint8", pca=None), SimpleNamespace(dtype="float16", pca=4)):
-        assert _features_and_statistics(feats, [8], names, o)[0][8].dtype == torch.float32
+        assert _features_and_statistics(feats, [8], items, views, o)[0][8].dtype == torch.float32
     feats[16][3, 0, 1, 1] = 1e5  # beyond float16's range, in row 3: image 8, view hflip
     with pytest.raises(FeatureRangeError, match="image 8 view hflip stride 16.*--dtype uint8"):
-        _features_and_statistics(feats, [8, 16], names, half)
+        _features_and_statistics(feats, [8, 16], items, views, half)
     feats[16][3, 0, 1, 1] = float("nan")
     with pytest.raises(FeatureRangeError, match="image 8 view hflip stride 16 contain NaN"):
-        _features_and_statistics(feats, [8, 16], names, half)
+        _features_and_statistics(feats, [8, 16], items, views, half)

@@ -130,8 +130,7 @@ def run_batch(
     x = pad_batch(inputs, o.geometry.pad_divisor).to(device)
     out = model(x, sizes, return_logits=o.store_logits)
     H, W = x.shape[-2:]
-    names = [f"image {i} view {v}" for i, _ in items for v in views]  # one per batch row
-    feats, stats = _features_and_statistics(out.features, strides, names, o)
+    feats, stats = _features_and_statistics(out.features, strides, items, views, o)
     results = []
     for k, (i, s) in enumerate(items):
         vr = {}
@@ -163,7 +162,11 @@ def run_batch(
 
 
 def _features_and_statistics(
-    features: dict[int, torch.Tensor], strides: list[int], names: list[str], o: PassOptions
+    features: dict[int, torch.Tensor],
+    strides: list[int],
+    items: list[tuple[int, dict]],
+    views: list[str],
+    o: PassOptions,
 ) -> tuple[dict[int, torch.Tensor], dict[int, tuple[torch.Tensor, torch.Tensor]]]:
     """CPU copies of the teacher's maps and their attention statistics, computed on the
     teacher's device for the whole batch (one ``|F|`` pass; on a GPU the writer threads are
@@ -180,7 +183,8 @@ def _features_and_statistics(
             feats[s] = f.float().cpu()
             continue
         for b in torch.nonzero(~(peak <= FLOAT16_MAX)).flatten().tolist():  # NaN fails <= too
-            check_finite_range(f[b], f"{names[b]} stride {s}")  # raises, naming the fix
+            i, v = items[b // len(views)][0], views[b % len(views)]  # row b = (image, view)
+            check_finite_range(f[b], f"image {i} view {v} stride {s}")  # raises, naming the fix
         feats[s] = f.to(torch.float16).cpu()
     return feats, stats
 
