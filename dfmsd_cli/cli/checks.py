@@ -48,6 +48,7 @@ COUNTS: dict[str, tuple[int, str]] = {
     "num_classes": (1, "the number of classes"),
     "keepbits": (1, "a number of mantissa bits kept"),
     "pca": (1, "a number of principal components kept per level"),
+    "probe_images": (0, "the number of images --dry-run measures the encodings on; 0: none"),
     "kd_warmup": (0, "the number of distillation warm-up iterations; 0 is off"),
     "adv_eps": (0, "the perturbation bound in grey levels; 0 stores no adv view"),
     "adv_steps": (1, "the number of attack steps (1 = FGSM)"),

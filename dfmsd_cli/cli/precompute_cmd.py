@@ -33,16 +33,40 @@ def _free(free: int | None) -> str:
     return "- (object storage)" if free is None else format_bytes(free)
 
 
-def _smaller_table(rows: list[dict], free: int | None):
-    """--dry-run: the smaller encodings, their projected size and measured feature error."""
+def _probed(probe: dict | None) -> str:
+    """Where the dry run's ratio and errors come from: this teacher's images or the constants."""
+    if not probe or not probe["images"]:
+        return "retina_r50 constants (no image probed)"
+    return f"this teacher, {probe['images']} images"
+
+
+def _rmse(x: float | None) -> str:
+    return "-" if x is None else f"{x:.1e}"
+
+
+def _energy(kept: dict | None) -> str:
+    """--pca energy kept over the probe's held-out images: lowest-highest over the levels."""
+    if not kept:
+        return "-"
+    lo, hi = min(kept.values()), max(kept.values())
+    return f"{lo:.3f}" if round(lo, 3) == round(hi, 3) else f"{lo:.3f}-{hi:.3f}"
+
+
+def _smaller_table(rows: list[dict], free: int | None, probe: dict | None):
+    """--dry-run: the smaller encodings, their projected size and feature error (measured on
+    this teacher when the dry run probed it, else the retina_r50 constants)."""
     from rich.table import Table
 
-    t = Table(title="smaller encodings (projected; rel. RMSE on real-image r50 features)")
-    for c in ("add", "projected size", "rel. RMSE", "fits"):
+    where = f"this teacher's first {probe['images']} images" if probe and probe["images"] else (
+        "rel. RMSE on real-image r50 features"
+    )  # fmt: skip
+    t = Table(title=f"smaller encodings (projected; {where})")
+    for c in ("add", "projected size", "rel. RMSE", "energy kept (--pca)", "fits"):
         t.add_column(c, justify="left" if c == "add" else "right")
     for e in rows:
         fits = "-" if free is None else ("yes" if e["bytes"] <= free else "no")
-        t.add_row(e["flags"], format_bytes(e["bytes"]), f"{e['relative_rmse']:.1e}", fits)
+        t.add_row(e["flags"], format_bytes(e["bytes"]), _rmse(e["relative_rmse"]),
+                  _energy(e.get("energy_kept")), fits)  # fmt: skip
     return t
 
 
@@ -103,6 +127,11 @@ class PrecomputeCLI(DataOptions, GeometryOptions, BatchOptions, DeviceOptions, J
     max_images: int | None = opt(None, "Only the first N images (quick runs).")
     strict: bool = opt(False, "Fail on unreadable images.")
     dry_run: bool = opt(False, "Print the projected store size and time; write nothing.")
+    probe_images: int = opt(
+        8,
+        "--dry-run: measure the store's encodings (size, error, --pca energy kept) on this "
+        "teacher's features of the first N images (0: the constants measured on retina_r50).",
+    )
     space_check: bool = opt(
         True,
         "Start anyway when the projected store exceeds its disk's free space (by default a "
@@ -165,6 +194,7 @@ def precompute_cmd(o: PrecomputeCLI) -> None:
         max_images=o.max_images,
         strict=o.strict,
         space_check=o.space_check,
+        probe_images=o.probe_images,
     )
     summary = precompute(ann_file, image_dir, opts, dry_run=dry_run, warn=console.print)
     if not dry_run and "://" not in cache:
@@ -182,6 +212,8 @@ def precompute_cmd(o: PrecomputeCLI) -> None:
             ("  of which logits", format_bytes(summary["projected_logit_bytes"])),
             ("free on its disk", _free(summary.get("free_bytes"))),
             (f"stored/raw features ({o.codec})", f"{summary['expected_compression']:.2f}"),
+            ("  measured on", _probed(summary.get("probe"))),
+            ("features' rel. RMSE", _rmse(summary.get("relative_rmse"))),
             ("s/image (probe)", f"{summary['seconds_per_image']:.3f}"),
             ("projected time", f"{summary['projected_seconds']:.0f} s"),
         ]
@@ -204,5 +236,7 @@ def precompute_cmd(o: PrecomputeCLI) -> None:
     if note:
         console.print(note)
     if dry_run and summary.get("smaller"):
-        console.print(_smaller_table(summary["smaller"], summary.get("free_bytes")))
+        console.print(
+            _smaller_table(summary["smaller"], summary.get("free_bytes"), summary.get("probe"))
+        )
     emit_json(summary, o.json)

@@ -27,22 +27,17 @@ import torch
 from torch.utils.data import DataLoader
 
 from dfmsd_cli.data.coco import CocoDetection
-from dfmsd_cli.data.geometry import Geometry, apply_view_image, pad_batch
+from dfmsd_cli.data.geometry import Geometry, pad_batch
 from dfmsd_cli.models.checkpoint import load_teacher
 from dfmsd_cli.store.chunks import RowCodec, pcodec_available
 from dfmsd_cli.store.create import BLOSC_BLOCKSIZE
 from dfmsd_cli.store.dataset import StoreDataset
 from dfmsd_cli.store.precompute import PrecomputeOptions, precompute
+from dfmsd_cli.store.probe import own_input
 from dfmsd_cli.store.quantize import dequantize_uint8, quantize_uint8, relative_rmse
 from dfmsd_cli.store.schema import level_shape
 from dfmsd_cli.store.teacher_pass import BatchLoad, batch_plan, identity_collate
 from dfmsd_cli.store.writer import _place
-
-
-def _own_input(ds: CocoDetection, i: int, view: str = "orig") -> tuple[torch.Tensor, tuple]:
-    s = ds.get(i, "orig")
-    img = apply_view_image(s["image"], view)
-    return pad_batch([img], ds.geometry.pad_divisor), tuple(s["size"])
 
 
 @torch.inference_mode()
@@ -54,8 +49,8 @@ def flip_consistency(model, ds: CocoDetection, indices: list[int]) -> dict[str, 
     """
     per: dict[int, list[float]] = {s: [] for s in model.strides}
     for i in indices:
-        x, size = _own_input(ds, i, "orig")
-        xf, _ = _own_input(ds, i, "hflip")
+        x, size = own_input(ds, i, "orig")
+        xf, _ = own_input(ds, i, "hflip")
         fa = model(x, [size]).features
         fb = model(xf, [size]).features
         for s in model.strides:
@@ -129,7 +124,7 @@ def quantization_report(
     err: dict[str, list[float]] = {e: [] for e in encodings}
     loss_change: dict[str, list[float]] = {e: [] for e in encodings}
     for i in indices:
-        x, size = _own_input(ds, i)
+        x, size = own_input(ds, i)
         feats = model(x, [size]).features
         sfeats = student(x, [size]).features if student is not None else None
         hp, wp = x.shape[-2:]

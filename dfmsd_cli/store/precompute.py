@@ -43,11 +43,12 @@ from dfmsd_cli.store import schema
 from dfmsd_cli.store.inspect import pca_energy
 from dfmsd_cli.store.lock import store_lock
 from dfmsd_cli.store.pca import FIT_IMAGES, check_components, fit_basis
+from dfmsd_cli.store.probe import PROBE_IMAGES
 from dfmsd_cli.store.projection import dry_run as _dry_run
 from dfmsd_cli.store.quantize import check_keepbits
 from dfmsd_cli.store.reader import TeacherStore
 from dfmsd_cli.store.schema import store_path
-from dfmsd_cli.store.space import StorePlan, check_space, smaller
+from dfmsd_cli.store.space import StorePlan, check_space, measured_size, probe_plan, smaller
 from dfmsd_cli.store.teacher_pass import (
     BatchLoad,
     adversarial_deltas,
@@ -102,6 +103,7 @@ class PrecomputeOptions:
     strict: bool = False
     progress: bool = True
     space_check: bool = True  # refuse a local store projected beyond its disk (store/space.py)
+    probe_images: int = PROBE_IMAGES  # --dry-run: encodings measured on this many (store/probe.py)
 
 
 def _check_options(o: PrecomputeOptions) -> list[str]:
@@ -285,7 +287,12 @@ def precompute(
     if dry_run:
         summary = _dry_run(ds, o, model, device, strides, views, start, stop, pad_sizes, path)
         summary["free_bytes"] = None if "://" in path else free_bytes(path)
-        summary["smaller"] = smaller(plan, summary["todo"])
+        k = min(stop, start + o.probe_images)  # this teacher's own ratios and errors
+        probe = probe_plan(plan, model, range(start, k), device) if o.probe_images else None
+        summary.update(probe=probe, **measured_size(plan, probe))
+        if warn is not None and probe and probe["encodings"][0]["error"]:  # the plan's own
+            warn(f"note: the real run would stop: {probe['encodings'][0]['error']}")
+        summary["smaller"] = smaller(plan, summary["todo"], probe)
         return summary
     if o.space_check and "://" not in path:  # the whole store's remaining images (one disk)
         done = TeacherStore.open(path).done() if store_exists(path) else np.zeros(n)

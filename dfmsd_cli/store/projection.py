@@ -124,13 +124,16 @@ def projected_size(
     channels: int,
     views: list[str],
     logit_channels: int = 0,
+    ratio: float | None = None,
 ) -> dict[str, float]:
     """The size part of ``--dry-run`` (no teacher needed): raw bytes from the images' sizes
-    times the encoding's measured stored/raw ratio; features and logits separately."""
+    times the encoding's stored/raw ratio — ``ratio`` when given (measured on this teacher by
+    ``store.probe``), else the constant measured on retina_r50; features and logits apart."""
     est = plan_summary(ds, o, strides, channels, views, logit_channels)
-    ratio = expected_ratio(o.codec, o.dtype, o.keepbits)
-    if getattr(o, "pca", None):  # components compress less than features (measured, PCA_RATIO)
-        ratio = PCA_RATIO.get(o.dtype, ratio) * ratio / expected_ratio(o.codec, o.dtype, None)
+    if ratio is None:
+        ratio = expected_ratio(o.codec, o.dtype, o.keepbits)
+        if getattr(o, "pca", None):  # components compress less than features (PCA_RATIO)
+            ratio = PCA_RATIO.get(o.dtype, ratio) * ratio / expected_ratio(o.codec, o.dtype, None)
     feat_bytes = est["raw_feature_bytes"] * ratio
     logit_bytes = est["raw_logit_bytes"] * LOGITS_RATIO
     n = max(1, len(ds.image_ids))

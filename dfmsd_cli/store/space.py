@@ -11,9 +11,11 @@ system, stops with one line naming the least lossy smaller encoding that fits.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from dfmsd_cli.errors import UserError, free_bytes
+from dfmsd_cli.store.probe import Candidate, probe_encodings
 from dfmsd_cli.store.projection import PlannedStore, projected_size
 from dfmsd_cli.utils.fmt import format_bytes
 
@@ -68,29 +70,86 @@ class StorePlan:
     views: list[str]
     logit_channels: int = 0
 
-    def projected_bytes(self, todo: int, **encoding) -> float:
+    def projected_bytes(self, todo: int, ratio: float | None = None, **encoding) -> float:
         """Projected bytes of ``todo`` of the images, in ``o``'s encoding with ``encoding``'s
-        fields (dtype, keepbits, codec, pca) replaced."""
+        fields (dtype, keepbits, codec, pca) replaced; ``ratio``: a measured stored/raw."""
         o = dataclasses.replace(self.o, **encoding) if encoding else self.o
         size = projected_size(self.ds, o, self.strides, self.channels, self.views,
-                              self.logit_channels)  # fmt: skip
+                              self.logit_channels, ratio)  # fmt: skip
         return size["projected_bytes"] * todo / max(1, len(self.ds.image_ids))
 
 
-def smaller(plan: StorePlan, todo: int) -> list[dict[str, Any]]:
-    """Every encoding of :data:`SMALLER` the plan's channels allow whose projection for ``todo``
-    images is below the plan's own: {flags, bytes, relative_rmse}, least error first."""
-    mine = plan.projected_bytes(todo)
+def candidates(plan: StorePlan) -> list[Encoding]:
+    """The encodings of :data:`SMALLER` the plan's channels allow (``--pca K`` needs K < C)."""
+    return [e for e in SMALLER if not (e.pca and e.pca >= plan.channels)]
+
+
+def probe_plan(plan: StorePlan, model: Any, indices: Iterable[int], device: Any) -> dict[str, Any]:
+    """``store.probe.probe_encodings`` on images ``indices`` over the plan's own encoding
+    (first) and its :func:`candidates`: what ``--dry-run`` reports for this teacher."""
+    o = plan.o
+    own = Candidate(encoding_label(o), o.dtype, o.keepbits, o.codec, getattr(o, "pca", None))
+    cands = [own] + [
+        Candidate(e.flags, e.dtype, e.keepbits, e.codec, e.pca)
+        for e in candidates(plan)
+        if encoding_key(e) != encoding_key(o)
+    ]
+    return probe_encodings(model, plan.ds, list(indices), plan.strides, cands, device)
+
+
+def measured_size(plan: StorePlan, probe: dict[str, Any] | None) -> dict[str, Any]:
+    """The plan's projection with the stored/raw its probe measured, and the measured feature
+    error ({} without a probe or a measurement: the r50 constants stand)."""
+    rows = {encoding_key(r): r for r in (probe or {}).get("encodings", [])}
+    mine = rows.get(encoding_key(plan.o))
+    if _measured(mine) is None:
+        return {}
+    size = projected_size(plan.ds, plan.o, plan.strides, plan.channels, plan.views,
+                          plan.logit_channels, mine["stored_raw"])  # fmt: skip
+    return {**size, "relative_rmse": mine["relative_rmse"], "energy_kept": mine["energy_kept"]}
+
+
+def smaller(
+    plan: StorePlan, todo: int, probe: dict[str, Any] | None = None
+) -> list[dict[str, Any]]:
+    """Every encoding of :func:`candidates` whose projection for ``todo`` images is below the
+    plan's own: {flags, bytes, relative_rmse, energy_kept, measured}, least error first.
+
+    ``probe`` (``store.probe.probe_encodings`` over the plan's encoding, first, and these
+    candidates) replaces the r50 constants with this teacher's own stored/raw and error, and
+    drops a candidate the teacher's values cannot be stored in."""
+    rows = {encoding_key(r): r for r in (probe or {}).get("encodings", [])}
+    mine = plan.projected_bytes(todo, _measured(rows.get(encoding_key(plan.o))))
     out = []
-    for e in SMALLER:
-        if e.pca and e.pca >= plan.channels:
+    for e in candidates(plan):
+        got = rows.get(encoding_key(e))
+        if got is not None and got.get("error"):
             continue
-        need = plan.projected_bytes(todo, dtype=e.dtype, keepbits=e.keepbits, codec=e.codec,
-                                    pca=e.pca)  # fmt: skip
+        ratio = _measured(got)
+        need = plan.projected_bytes(todo, ratio, dtype=e.dtype, keepbits=e.keepbits,
+                                    codec=e.codec, pca=e.pca)  # fmt: skip
         if need < mine:  # the candidates are blosc stores: say so to a --codec zstd|pcodec user
             flags = e.flags if plan.o.codec == e.codec else f"{e.flags} --codec {e.codec}"
-            out.append({"flags": flags, "bytes": need, "relative_rmse": e.relative_rmse})
+            out.append({
+                "flags": flags, "bytes": need,
+                "relative_rmse": got["relative_rmse"] if ratio is not None else e.relative_rmse,
+                "energy_kept": got.get("energy_kept") if ratio is not None else None,
+                "measured": ratio is not None,
+            })  # fmt: skip
+    if probe:  # least error first on this teacher (its order may differ from r50's)
+        out.sort(key=lambda e: e["relative_rmse"])
     return out
+
+
+def encoding_key(e: Any) -> tuple:
+    """(dtype, keepbits, codec, pca) of options, an :class:`Encoding` or a probe row."""
+    get = e.get if isinstance(e, dict) else lambda k: getattr(e, k, None)
+    return (get("dtype"), get("keepbits"), get("codec"), get("pca"))
+
+
+def _measured(row: dict[str, Any] | None) -> float | None:
+    """The stored/raw a probe measured for one encoding, or None (not probed, or no image)."""
+    return None if row is None else row.get("stored_raw")
 
 
 def smaller_that_fits(plan: StorePlan, todo: int, free: float) -> tuple[str, float] | None:
