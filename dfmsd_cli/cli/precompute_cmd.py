@@ -33,11 +33,14 @@ def _free(free: int | None) -> str:
     return "- (object storage)" if free is None else format_bytes(free)
 
 
-def _probed(probe: dict | None) -> str:
-    """Where the dry run's ratio and errors come from: this teacher's images or the constants."""
-    if not probe or not probe["images"]:
-        return "retina_r50 constants (no image probed)"
-    return f"this teacher, {probe['images']} images"
+def _probed(summary: dict) -> str:
+    """Where the dry run's ratio comes from: this teacher's images or the r50 constants."""
+    probe = summary.get("probe")
+    if "relative_rmse" in summary:  # measured (store.space.measured_size)
+        return f"this teacher, {probe['images']} images"
+    if probe and probe["encodings"][0]["error"]:
+        return "retina_r50 constants (the teacher's values do not fit)"
+    return "retina_r50 constants" + (" (no image read)" if probe else "")
 
 
 def _rmse(x: float | None) -> str:
@@ -212,7 +215,7 @@ def precompute_cmd(o: PrecomputeCLI) -> None:
             ("  of which logits", format_bytes(summary["projected_logit_bytes"])),
             ("free on its disk", _free(summary.get("free_bytes"))),
             (f"stored/raw features ({o.codec})", f"{summary['expected_compression']:.2f}"),
-            ("  measured on", _probed(summary.get("probe"))),
+            ("  measured on", _probed(summary)),
             ("features' rel. RMSE", _rmse(summary.get("relative_rmse"))),
             ("s/image (probe)", f"{summary['seconds_per_image']:.3f}"),
             ("projected time", f"{summary['projected_seconds']:.0f} s"),

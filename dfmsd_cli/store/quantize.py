@@ -48,7 +48,8 @@ def check_finite_range(x: torch.Tensor, what: str, limit: float | None = FLOAT16
         if peak > limit:
             raise FeatureRangeError(
                 f"teacher features of {what} reach |x| = {peak:.4g}, beyond float16's {limit:g}: "
-                "use --dtype uint8 (per-channel affine scales) for this teacher"
+                "use --dtype bfloat16 (float32's range) or --dtype uint8 (per-channel affine "
+                "scales) for this teacher"
             )
 
 
