@@ -81,6 +81,7 @@ def _png(path: Path, size: tuple[float, float]) -> None:
     assert len(np.unique(np.asarray(img.convert("L")))) > 10
 
 
+@pytest.mark.slow  # three figures end to end; test_store_written_by_an_earlier_schema draws one
 def test_store_figure_every_view(env, tmp_path):
     from dfmsd_cli.store.reader import TeacherStore
 
