@@ -100,3 +100,49 @@ def test_dry_run_prints_the_free_space_and_smaller_encodings(synthetic_root, tmp
     assert errors == sorted(errors)
     assert all(e["bytes"] < summary["projected_bytes"] for e in summary["smaller"])
     assert not (tmp_path / "retina_tiny").exists()  # a dry run writes nothing
+
+
+def test_space_watch_checks_once_after_the_first_block(monkeypatch):
+    o = PrecomputeOptions(teacher="retina_tiny", block=4)
+    monkeypatch.setattr(space, "free_bytes", lambda path: 1000)
+    watch = space.SpaceWatch("cache/x.zarr", todo=10, o=o)
+    watch.check(3, 3000)  # before a block: no check, even at 1000 B/image
+    assert not watch.checked
+    with pytest.raises(space.UserError) as exc:  # 4 images of 300 B: 6 left need 1.8 kB
+        watch.check(4, 1200)
+    msg = str(exc.value)
+    assert "first 4 images took 300.0 B each (float16)" in msg and "6 left need" in msg
+    assert "re-running resumes" in msg and "--no-space-check" in msg
+    watch.check(5, 10**9)  # once only
+    roomy = space.SpaceWatch("cache/y.zarr", todo=10, o=o)
+    roomy.check(4, 400)  # 6 x 100 B fit in 1000 B
+    assert roomy.checked
+    space.SpaceWatch("s3://b/x.zarr", todo=10, o=o).check(4, 10**9)  # no free space to read
+
+
+def test_a_store_whose_first_block_will_not_fit_stops_and_resumes(synthetic_root, tmp_path,
+                                                                 monkeypatch, capsys):  # fmt: skip
+    """The check before the run passes (plenty free); after the first block the disk is
+    nearly full: one line, exit 2, the block's images kept, and the re-run resumes."""
+    from dfmsd_cli.store.reader import TeacherStore
+    from dfmsd_cli.store.schema import DONE_OK
+
+    calls = []
+
+    def free(path):
+        calls.append(path)
+        return 10**12 if len(calls) == 1 else 10
+
+    monkeypatch.setattr(space, "free_bytes", free)
+    argv = _argv(synthetic_root, tmp_path, "--block", "4", "--batch-size", "2")
+    assert _cli(argv) == 2
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert "its first 4 images took" in lines[0] and "re-running resumes" in lines[0]
+    path = tmp_path / "retina_tiny" / "train2017.zarr"
+    done = TeacherStore.open(str(path)).done()
+    assert 4 <= int((done == DONE_OK).sum()) < len(done)  # the first block is kept
+    monkeypatch.setattr(space, "free_bytes", lambda path: 10**12)
+    assert _cli(argv) == 0
+    assert int((TeacherStore.open(str(path)).done() == DONE_OK).sum()) == len(done)

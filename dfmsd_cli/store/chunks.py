@@ -149,8 +149,9 @@ def pcodec_config(codec: Any) -> dict:
 
 def put_chunks(
     store: Any, chunks: list[tuple[RowCodec, int, np.ndarray]], *, pending_only: bool = False
-) -> None:
-    """Write whole chunks ``(codec, row, data)`` (the chunk holding ``row``) in one round trip.
+) -> int:
+    """Write whole chunks ``(codec, row, data)`` (the chunk holding ``row``) in one round trip;
+    returns the bytes written.
 
     Each chunk is a separate key: one PUT on object storage; locally a temporary file + rename,
     so concurrent writers of other chunks are safe and no reader sees a torn chunk. With
@@ -162,16 +163,21 @@ def put_chunks(
         root = Path(local.root)
         guard = getattr(local, "guard", None)  # store.guard.GuardedLocalStore: never re-create
         write = _write_chunk if pending_only else _write_atomic
+        nbytes = 0
         for c, row, x in chunks:
-            write(root / c.key(row), c.encode_chunk(x), guard)
-        return
+            data = c.encode_chunk(x)
+            write(root / c.key(row), data, guard)
+            nbytes += len(data)
+        return nbytes
     proto = default_buffer_prototype()
-    items = [(c.key(row), proto.buffer.from_bytes(c.encode_chunk(x))) for c, row, x in chunks]
+    encoded = [(c.key(row), c.encode_chunk(x)) for c, row, x in chunks]
+    items = [(k, proto.buffer.from_bytes(d)) for k, d in encoded]
 
     async def _set_all() -> None:
         await asyncio.gather(*(store.set(k, b) for k, b in items))
 
     zarr_sync(_set_all())
+    return sum(len(d) for _, d in encoded)
 
 
 def _local_store(store: Any) -> zarr.storage.LocalStore | None:

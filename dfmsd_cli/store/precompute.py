@@ -48,7 +48,7 @@ from dfmsd_cli.store.projection import dry_run as _dry_run
 from dfmsd_cli.store.quantize import check_keepbits
 from dfmsd_cli.store.reader import TeacherStore
 from dfmsd_cli.store.schema import store_path
-from dfmsd_cli.store.space import StorePlan, check_space, measured_size, probe_plan, smaller
+from dfmsd_cli.store.space import SpaceWatch, StorePlan, check_space, on_teacher
 from dfmsd_cli.store.teacher_pass import (
     BatchLoad,
     adversarial_deltas,
@@ -287,12 +287,11 @@ def precompute(
     if dry_run:
         summary = _dry_run(ds, o, model, device, strides, views, start, stop, pad_sizes, path)
         summary["free_bytes"] = None if "://" in path else free_bytes(path)
-        k = min(stop, start + o.probe_images)  # this teacher's own ratios and errors
-        probe = probe_plan(plan, model, range(start, k), device) if o.probe_images else None
-        summary.update(probe=probe, **measured_size(plan, probe))
-        if warn is not None and probe and probe["encodings"][0]["error"]:  # the plan's own
-            warn(f"note: the real run would stop: {probe['encodings'][0]['error']}")
-        summary["smaller"] = smaller(plan, summary["todo"], probe)
+        images = range(start, min(stop, start + o.probe_images))  # this teacher's own figures
+        summary.update(on_teacher(plan, model, device, images, summary["todo"]))
+        error = summary["probe"] and summary["probe"]["encodings"][0]["error"]  # the plan's own
+        if warn is not None and error:
+            warn(f"note: the real run would stop: {error}")
         return summary
     if o.space_check and "://" not in path:  # the whole store's remaining images (one disk)
         done = TeacherStore.open(path).done() if store_exists(path) else np.zeros(n)
@@ -370,6 +369,7 @@ def _write_store(
     ]
     todo = sum(int(done[i] == schema.DONE_PENDING) for b in plan for i in b)
     writer.expect(i for b in plan for i in b if done[i] == schema.DONE_PENDING)
+    watch = SpaceWatch(path, todo, o) if o.space_check else None
     stats = {"written": 0, "unreadable": 0}
 
     from dfmsd_cli.utils.console import make_progress
@@ -424,6 +424,8 @@ def _write_store(
                 el = time.perf_counter() - t_loop  # the pace so far: what a user would tune
                 progress.update(task, info=f"loading {t_data / el:.0%} · writer wait "
                                 f"{bg.wait_s / el:.0%}")  # fmt: skip
+                if watch is not None:  # the first block's real bytes, against the free space
+                    watch.check(writer.chunked_images, writer.chunk_bytes)
                 if on_batch is not None:
                     on_batch()
             bg.close()

@@ -30,6 +30,7 @@ class PlannedStore(Protocol):
     batch_size: int
     pca: int | None
     store_logits: bool
+    block: int
 
 
 # Stored / raw bytes (raw = the encoding's own item size) measured on real-image retina_r50

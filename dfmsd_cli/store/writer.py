@@ -107,6 +107,9 @@ class StoreWriter:
         self._expected: dict[int, int] = {}
         self._finished: dict[int, int] = {}
         self._last_flush = time.monotonic()
+        # per-image chunks written by this writer: images and compressed bytes (space.SpaceWatch)
+        self.chunked_images = self.chunk_bytes = 0
+        self._count_lock = threading.Lock()
         # --pca: {stride: (μ, W)} read from the store (the one basis of every image)
         self._pca = (
             {int(s): split_basis(group[f"pca/{s}"][:]) for s in self.attrs["strides"]}
@@ -182,8 +185,12 @@ class StoreWriter:
             delta = np.asarray(r.adv["delta"], dtype=np.int8)
             chunks.append(("adv/delta", _place(delta, hi, wi, transposed)))
         fast = [(self._codec(n), i, x[None]) for n, x in chunks if self._codec(n) is not None]
+        nbytes = 0
         if fast:  # image i is pending until finish(): a new chunk may be written in place
-            put_chunks(self.group.store, fast, pending_only=True)
+            nbytes = put_chunks(self.group.store, fast, pending_only=True)
+        with self._count_lock:  # writer threads run this for several images at once
+            self.chunked_images += 1
+            self.chunk_bytes += nbytes
         for n, x in chunks:
             if self._codec(n) is None:
                 self._a(n)[i] = x
