@@ -114,13 +114,14 @@ def _measure(
 ) -> None:
     """Add one map ``x`` (C, h, w float32) of level ``s`` encoded as ``c`` to ``t`` (a portrait
     image's maps are stored ``transposed`` on the landscape canvas, as the writer does)."""
-    target = x
+    target = x.double()
+    energy = float(target.pow(2).sum())
     if c.pca:
         mu, w = basis[s]
         x = pca_mod.project(x, mu, w)
-        residual = float((pca_mod.reconstruct(x, mu, w).double() - target.double()).pow(2).sum())
+        residual = float((pca_mod.reconstruct(x, mu, w).double() - target).pow(2).sum())
         t.pca_err[s] = t.pca_err.get(s, 0.0) + residual
-        t.pca_ref[s] = t.pca_ref.get(s, 0.0) + float(target.double().pow(2).sum())
+        t.pca_ref[s] = t.pca_ref.get(s, 0.0) + energy
     stored, back, side = _encode(x, c)
     if c.pca:
         back = pca_mod.reconstruct(back, mu, w)
@@ -128,8 +129,8 @@ def _measure(
     chunk = np.ascontiguousarray(_place(stored, hc, wc, transposed))[None]
     t.stored += len(bytes(comp.encode(chunk))) + side
     t.raw += stored.size * stored.itemsize
-    t.err += float((back.double() - target.double()).pow(2).sum())
-    t.ref += float(target.double().pow(2).sum())
+    t.err += float((back.double() - target).pow(2).sum())
+    t.ref += energy
 
 
 @torch.inference_mode()
