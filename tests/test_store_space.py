@@ -111,7 +111,7 @@ def test_space_watch_checks_once_after_the_first_block(monkeypatch):
     with pytest.raises(space.UserError) as exc:  # 4 images of 300 B: 6 left need 1.8 kB
         watch.check(4, 1200)
     msg = str(exc.value)
-    assert "first 4 images took 300.0 B each (float16)" in msg and "6 left need" in msg
+    assert "first 4 images took 300.0 B each (float16)" in msg and "6 left in this run" in msg
     assert "re-running resumes" in msg and "--no-space-check" in msg
     watch.check(5, 10**9)  # once only
     roomy = space.SpaceWatch("cache/y.zarr", todo=10, o=o)

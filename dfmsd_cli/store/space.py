@@ -202,7 +202,8 @@ class SpaceWatch:
     bytes their chunks took instead of the constants (a trained teacher may compress worse than
     the random-init r50 they were measured on: 21 % on the demo's teachers, docs/store.md), so
     a store that will not fit stops minutes in, not at a full disk days later. The completed
-    images stay; re-running resumes."""
+    images stay; re-running resumes. It projects this run's own images (shards sharing a disk
+    each check their range; :func:`check_space` before the run counts the whole store's)."""
 
     path: str
     todo: int  # images this run writes
@@ -221,7 +222,7 @@ class SpaceWatch:
             raise UserError(
                 f"store {self.path}: its first {images} images took "
                 f"{format_bytes(nbytes / max(1, images))} each ({encoding_label(self.o)}), so the "
-                f"{self.todo - images} left need {format_bytes(need)} but the disk has "
+                f"{self.todo - images} left in this run need {format_bytes(need)} but the disk has "
                 f"{format_bytes(free)} free: free space, choose a smaller encoding "
                 "(--dry-run measures them on this teacher) or pass --no-space-check; re-running "
                 "resumes"
