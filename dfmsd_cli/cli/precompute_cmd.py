@@ -217,6 +217,11 @@ def precompute_cmd(o: PrecomputeCLI) -> None:
             (f"stored/raw features ({o.codec})", f"{summary['expected_compression']:.2f}"),
             ("  measured on", _probed(summary)),
             ("features' rel. RMSE", _rmse(summary.get("relative_rmse"))),
+            *(
+                [("--pca energy kept (held out)", _energy(summary.get("energy_kept")))]
+                if o.pca
+                else []
+            ),  # fmt: skip
             ("s/image (probe)", f"{summary['seconds_per_image']:.3f}"),
             ("projected time", f"{summary['projected_seconds']:.0f} s"),
         ]
