@@ -37,10 +37,17 @@ def _probed(summary: dict) -> str:
     """Where the dry run's ratio comes from: this teacher's images or the r50 constants."""
     probe = summary.get("probe")
     if "relative_rmse" in summary:  # measured (store.space.measured_size)
-        return f"this teacher, {probe['images']} images"
+        n = probe["images"]
+        return f"this teacher, {n} image{'s' if n != 1 else ''}"
     if probe and probe["encodings"][0]["error"]:
         return "retina_r50 constants (the teacher's values do not fit)"
     return "retina_r50 constants" + (" (no image read)" if probe else "")
+
+
+def _held(summary: dict) -> str:
+    """Whether the probe's --pca energy was measured on held-out images or on its fit image."""
+    probe = summary.get("probe") or {}
+    return "held out" if probe.get("held_out_images") else "on the fit images"
 
 
 def _rmse(x: float | None) -> str:
@@ -218,10 +225,10 @@ def precompute_cmd(o: PrecomputeCLI) -> None:
             ("  measured on", _probed(summary)),
             ("features' rel. RMSE", _rmse(summary.get("relative_rmse"))),
             *(
-                [("--pca energy kept (held out)", _energy(summary.get("energy_kept")))]
+                [(f"--pca energy kept ({_held(summary)})", _energy(summary.get("energy_kept")))]
                 if o.pca
                 else []
-            ),  # fmt: skip
+            ),
             ("s/image (probe)", f"{summary['seconds_per_image']:.3f}"),
             ("projected time", f"{summary['projected_seconds']:.0f} s"),
         ]
