@@ -39,10 +39,9 @@ from dfmsd_cli.store.quantize import (
     to_bfloat16,
     to_float16,
 )
-from dfmsd_cli.store.schema import level_shape
+from dfmsd_cli.store.schema import level_shape, place_on_canvas
 from dfmsd_cli.store.statistics import raw_statistics
 from dfmsd_cli.store.teacher_pass import run_batch
-from dfmsd_cli.store.writer import _place
 
 
 def stored_bytes(x: np.ndarray, dtype: str) -> int:
@@ -102,9 +101,9 @@ def main() -> None:
                 else:
                     q, params = quantize_uint8(z)
                     back = dequantize_uint8(q, params)
-                b += stored_bytes(_place(q, hc, wc, pad[0] > pad[1]), storage_dtype(dtype))
+                b += stored_bytes(place_on_canvas(q, hc, wc, pad[0] > pad[1]), storage_dtype(dtype))
                 sp = raw_statistics(x[None])[0][0].numpy()
-                a_b = stored_bytes(_place(sp, hc, wc, pad[0] > pad[1]), "float32")
+                a_b = stored_bytes(place_on_canvas(sp, hc, wc, pad[0] > pad[1]), "float32")
                 b, ab = b + a_b, ab + a_b
                 back = reconstruct(back, mu, wt) if k else back
                 err[part] += float((back.double() - x.double()).pow(2).sum())

@@ -35,9 +35,8 @@ from dfmsd_cli.store.dataset import StoreDataset
 from dfmsd_cli.store.precompute import PrecomputeOptions, precompute
 from dfmsd_cli.store.probe import own_input
 from dfmsd_cli.store.quantize import dequantize_uint8, quantize_uint8, relative_rmse
-from dfmsd_cli.store.schema import level_shape
+from dfmsd_cli.store.schema import level_shape, place_on_canvas
 from dfmsd_cli.store.teacher_pass import BatchLoad, batch_plan, identity_collate
-from dfmsd_cli.store.writer import _place
 
 
 @torch.inference_mode()
@@ -142,7 +141,7 @@ def quantization_report(
                 ref += float((st - f).pow(2).sum())
             for e, (encode, decode) in encodings.items():
                 stored, side = encode(f)
-                chunk = np.ascontiguousarray(_place(stored, hc, wc, transposed))
+                chunk = np.ascontiguousarray(place_on_canvas(stored, hc, wc, transposed))
                 for cname, codec in codecs.items():
                     key = f"{e}/{cname}"
                     t0 = time.perf_counter()

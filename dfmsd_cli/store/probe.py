@@ -42,8 +42,7 @@ from dfmsd_cli.store.quantize import (
     from_bfloat16,
     quantize_uint8,
 )
-from dfmsd_cli.store.schema import level_shape
-from dfmsd_cli.store.writer import _place
+from dfmsd_cli.store.schema import level_shape, place_on_canvas
 
 if TYPE_CHECKING:
     from dfmsd_cli.data.coco import CocoDetection
@@ -126,7 +125,7 @@ def _measure(
     if c.pca:
         back = pca_mod.reconstruct(back, mu, w)
     hc, wc = level_shape(canvas, s)
-    chunk = np.ascontiguousarray(_place(stored, hc, wc, transposed))[None]
+    chunk = np.ascontiguousarray(place_on_canvas(stored, hc, wc, transposed))[None]
     t.stored += len(bytes(comp.encode(chunk))) + side
     t.raw += stored.size * stored.itemsize
     t.err += float((back.double() - target).pow(2).sum())

@@ -141,6 +141,18 @@ def level_shape(canvas: tuple[int, int], stride: int) -> tuple[int, int]:
     return math.ceil(short / stride), math.ceil(long / stride)
 
 
+def place_on_canvas(x: np.ndarray, hc: int, wc: int, transposed: bool) -> np.ndarray:
+    """Put a (..., h, w) map (transposed if asked) into the top-left of a zero (..., hc, wc)."""
+    if transposed:
+        x = np.swapaxes(x, -1, -2)
+    h, w = x.shape[-2:]
+    if h > hc or w > wc:
+        raise ValueError(f"map {h}x{w} does not fit the store canvas {hc}x{wc}")
+    out = np.zeros(x.shape[:-2] + (hc, wc), dtype=x.dtype)
+    out[..., :h, :w] = x
+    return out
+
+
 def shard_range(n: int, shard: int, num_shards: int, block: int) -> tuple[int, int]:
     """Index range [start, stop) of shard ``shard`` of ``num_shards``, aligned to ``block``.
 

@@ -40,6 +40,7 @@ from dfmsd_cli.store.create import (  # noqa: F401  re-exported: the store's wri
 )
 from dfmsd_cli.store.pca import image_stat, project, split_basis
 from dfmsd_cli.store.quantize import FLOAT_ENCODERS, quantize_uint8, to_float16
+from dfmsd_cli.store.schema import place_on_canvas
 from dfmsd_cli.store.statistics import raw_statistics
 
 # ---------------------------------------------------------------------------------- per image
@@ -69,18 +70,6 @@ class ImageResult:
     views: dict[str, ViewResult]
     enhance: dict | None = None  # {"params": float64 (7,), "checksum": int}
     adv: dict | None = None  # {"delta": int8 (3, h, w), "checksum": int}
-
-
-def _place(x: np.ndarray, hc: int, wc: int, transposed: bool) -> np.ndarray:
-    """Put a (..., h, w) map (transposed if asked) into the top-left of a zero (..., hc, wc)."""
-    if transposed:
-        x = np.swapaxes(x, -1, -2)
-    h, w = x.shape[-2:]
-    if h > hc or w > wc:
-        raise ValueError(f"map {h}x{w} does not fit the store canvas {hc}x{wc}")
-    out = np.zeros(x.shape[:-2] + (hc, wc), dtype=x.dtype)
-    out[..., :h, :w] = x
-    return out
 
 
 class StoreWriter:
@@ -166,24 +155,24 @@ class StoreWriter:
                     data = FLOAT_ENCODERS[a["dtype"]](kept, what, keep)
                 else:
                     data, rows[f"qparams/{v}/{s}"] = quantize_uint8(kept, what)
-                chunks.append((f"feat/{v}/{s}", _place(data, hc, wc, transposed)))
+                chunks.append((f"feat/{v}/{s}", place_on_canvas(data, hc, wc, transposed)))
                 # attention statistics of the FULL features, projected or not
                 got = r.views[v].statistics
                 sp, ch = got[s] if got else (x[0] for x in raw_statistics(f[None]))
-                chunks.append((f"att_s/{v}/{s}", _place(sp.numpy(), hc, wc, transposed)))
+                chunks.append((f"att_s/{v}/{s}", place_on_canvas(sp.numpy(), hc, wc, transposed)))
                 rows[f"att_c/{v}/{s}"] = ch.numpy()
                 if a.get("logits"):
                     lg = r.views[v].logits
                     if lg is None:
                         raise ValueError(f"{what}: the store keeps logits but none were given")
                     z = to_float16(lg[s].float(), f"{what} (logits)")
-                    chunks.append((f"logits/{v}/{s}", _place(z, hc, wc, transposed)))
+                    chunks.append((f"logits/{v}/{s}", place_on_canvas(z, hc, wc, transposed)))
         if "adv" in a["views"]:
             if r.adv is None:
                 raise ValueError(f"image {i}: the store has an 'adv' view but no perturbation")
             hi, wi = schema.level_shape(tuple(a["canvas"]), 1)
             delta = np.asarray(r.adv["delta"], dtype=np.int8)
-            chunks.append(("adv/delta", _place(delta, hi, wi, transposed)))
+            chunks.append(("adv/delta", place_on_canvas(delta, hi, wi, transposed)))
         fast = [(self._codec(n), i, x[None]) for n, x in chunks if self._codec(n) is not None]
         nbytes = 0
         if fast:  # image i is pending until finish(): a new chunk may be written in place
