@@ -31,6 +31,7 @@ def test_run_isolated_reports_child_memory_and_errors():
         run_isolated("dfmsd_cli.models.checkpoint:read_checkpoint", {"path": "/nonexistent.pth"})
 
 
+@pytest.mark.slow  # a whole bench distill run
 def test_bench_distill_keys(data, tmp_path):
     r = bench_distill(
         data,
@@ -63,6 +64,7 @@ def test_bench_distill_keys(data, tmp_path):
         bench_distill(data, clock="gpu", log=lambda *a: None)
 
 
+@pytest.mark.slow  # a whole bench precompute run from the CLI
 def test_bench_precompute_cli_json(data, tmp_path):
     out = tmp_path / "pre.json"
     res = CliRunner().invoke(

@@ -52,7 +52,9 @@ def test_train_writes_run_files_and_evaluates(synthetic_root, tmp_path):
     assert config["command"] == "train" and config["options"]["model"] == "retina_tiny"
 
 
-@pytest.mark.parametrize("model", ["retina_tiny", "frcnn_tiny"])
+@pytest.mark.parametrize(
+    "model", ["retina_tiny", pytest.param("frcnn_tiny", marks=pytest.mark.slow)]
+)  # the two-stage run end to end in the slow tier: the fast tier keeps the one-stage one
 def test_resume_mid_epoch_is_bit_exact(synthetic_root, tmp_path, model):
     full = tmp_path / "full"
     train(_opts(synthetic_root, full, model=model))
