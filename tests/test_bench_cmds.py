@@ -64,7 +64,6 @@ def test_bench_distill_keys(data, tmp_path):
         bench_distill(data, clock="gpu", log=lambda *a: None)
 
 
-@pytest.mark.slow  # a whole bench precompute run from the CLI
 def test_bench_precompute_cli_json(data, tmp_path):
     out = tmp_path / "pre.json"
     res = CliRunner().invoke(
