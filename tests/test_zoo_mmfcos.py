@@ -126,6 +126,7 @@ def test_extra_convs_relu_only_before_p7():
     assert extra([p5], [p5], ["p5"])[0][2].tolist() == [[[[-3.5]]]]
 
 
+@pytest.mark.slow  # builds five full-size R50/R101 detectors
 def test_caffe_mean_follows_the_mmdetection_config():
     """MMDetection's caffe configs subtract two different means: FCOS the Detectron one
     [102.9801, 115.9465, 122.7717], RetinaNet / Faster / Cascade R-CNN [103.53, 116.28,
