@@ -198,7 +198,7 @@ def check_space(
 
 @dataclasses.dataclass
 class SpaceWatch:
-    """The space check again, once, after the first ``after`` images a run writes: with the
+    """The space check again, once, after the first ``o.block`` images a run writes: with the
     bytes their chunks took instead of the constants (a trained teacher may compress worse than
     the random-init r50 they were measured on: 21 % on the demo's teachers, docs/store.md), so
     a store that will not fit stops minutes in, not at a full disk days later. The completed
